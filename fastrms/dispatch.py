@@ -1,0 +1,316 @@
+"""Backends, their availability, and which one runs an update.
+
+- ``numpy``: the in-place NumPy reference (:mod:`fastrms.reference`); always available.
+- ``cpu``: the Numba ``prange`` kernels (:mod:`fastrms.kernels.cpu`).
+- ``cuda``: the Numba CUDA kernels (:mod:`fastrms.kernels.cuda`), for device arrays.
+
+``backend="auto"`` picks ``cuda`` for device arrays and ``cpu`` for NumPy arrays; the
+``FASTRMS_BACKEND`` environment variable overrides ``auto``. If the CPU kernels cannot be
+imported or compiled, ``auto`` falls back to ``numpy`` with one :class:`FallbackWarning`. A
+backend named explicitly that cannot run raises :class:`BackendUnavailableError` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import reference
+from .arrays import DEVICE, HOST
+from .errors import BackendUnavailableError, FallbackWarning
+
+BACKENDS = ("cuda", "cpu", "numpy")
+CHOICES = ("auto", *BACKENDS)
+ENV_VAR = "FASTRMS_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Availability of one backend, as :func:`fastrms.backends` reports it."""
+
+    name: str
+    available: bool
+    detail: str  # device or thread count when available, the reason when not
+
+
+def _is_simulator() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+
+
+class _Backend:
+    name: str
+    kind: str
+    _reason: str | None = None  # set once the backend is found unusable
+
+    def launch(self, rule: str, flags: tuple, arrays: tuple, hyper: tuple) -> None:
+        raise NotImplementedError
+
+    def view(self, a: Any) -> Any:
+        """A 1-D view of ``a`` that the kernels index (no copy)."""
+        raise NotImplementedError
+
+    def zeros_like(self, a: Any) -> Any:
+        raise NotImplementedError
+
+    def to_host(self, a: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def probe(self) -> BackendInfo:
+        raise NotImplementedError
+
+
+class _NumpyBackend(_Backend):
+    name, kind = "numpy", HOST
+
+    def launch(self, rule, flags, arrays, hyper):
+        reference.RULES[rule](arrays, hyper, flags)
+
+    def view(self, a):
+        return a.reshape(-1)
+
+    def zeros_like(self, a):
+        return np.zeros_like(a)
+
+    def to_host(self, a):
+        return np.array(a, copy=True)
+
+    def copy_from_host(self, dst, src):
+        np.copyto(dst, src.reshape(dst.shape), casting="no")
+
+    def probe(self):
+        return BackendInfo(self.name, True, f"NumPy {np.__version__}, one thread")
+
+
+class _CpuBackend(_NumpyBackend):
+    name, kind = "cpu", HOST
+    _kernels: Callable | None = None
+
+    def _launcher(self):
+        if self._kernels is None:
+            if self._reason is not None:
+                raise BackendUnavailableError(f"the cpu backend is unavailable: {self._reason}")
+            try:
+                from .kernels import cpu, rules
+            except ImportError as exc:
+                self._reason = f"numba cannot be imported ({exc})"
+                raise BackendUnavailableError(
+                    f"the cpu backend is unavailable: {self._reason}"
+                ) from exc
+            self._rules = rules.RULES
+            self._kernels = cpu.launch
+        return self._kernels
+
+    def launch(self, rule, flags, arrays, hyper):
+        self._launcher()(self._rules[rule], flags, arrays, hyper)
+
+    def compile_error(self, exc: Exception) -> None:
+        """Record that a kernel failed to compile here, so ``auto`` stops trying."""
+        self._reason = f"a kernel failed to compile on this platform ({type(exc).__name__}: {exc})"
+
+    def probe(self):
+        try:
+            self._launcher()
+        except BackendUnavailableError:
+            return BackendInfo(self.name, False, self._reason)
+        import numba
+
+        return BackendInfo(
+            self.name,
+            True,
+            f"numba {numba.__version__}, {numba.get_num_threads()} threads "
+            f"(threading layer: {numba.config.THREADING_LAYER})",
+        )
+
+
+class _CudaBackend(_Backend):
+    name, kind = "cuda", DEVICE
+    _cuda: Any = None
+
+    def _module(self):
+        """numba.cuda, imported on first use; raises BackendUnavailableError with the reason."""
+        if self._cuda is None:
+            try:
+                from numba import cuda
+            except ImportError as exc:
+                raise BackendUnavailableError(
+                    "the cuda backend is unavailable: numba-cuda is not installed "
+                    "(pip install 'fastrms[cuda]')"
+                ) from exc
+            if not _is_simulator() and not cuda.is_available():
+                raise BackendUnavailableError(
+                    f"the cuda backend is unavailable: {_cuda_unavailable_reason(cuda)}"
+                )
+            from .kernels import cuda as kernels
+            from .kernels import rules
+
+            self._cuda, self._kernels, self._rules = cuda, kernels, rules.RULES
+        return self._cuda
+
+    def launch(self, rule, flags, arrays, hyper):
+        self._module()
+        self._kernels.launch(self._rules[rule], flags, arrays, hyper, _stream_of(self, arrays))
+
+    def view(self, a):
+        cuda = self._module()
+        if hasattr(a, "__cuda_ndarray__") or _is_numba_device_array(a):
+            d = a
+        else:  # CuPy, PyTorch: a zero-copy Numba view; we launch on the array's own stream
+            d = cuda.as_cuda_array(a, sync=False)
+        return d.reshape(d.size)
+
+    def zeros_like(self, a):
+        cuda = self._module()
+        shape, dtype = _shape_dtype(a)
+        device = _device_ordinal(a)
+        if device is None or _is_simulator():
+            return cuda.to_device(np.zeros(shape, dtype))
+        with cuda.gpus[device]:
+            return cuda.to_device(np.zeros(shape, dtype))
+
+    def to_host(self, a):
+        self._module()
+        if hasattr(a, "copy_to_host"):
+            return a.copy_to_host()
+        return self._module().as_cuda_array(a).copy_to_host()
+
+    def copy_from_host(self, dst, src):
+        self.view(dst).copy_to_device(np.ascontiguousarray(src).reshape(-1))
+
+    def probe(self):
+        try:
+            cuda = self._module()
+        except BackendUnavailableError as exc:
+            return BackendInfo(self.name, False, str(exc).split(": ", 1)[1])
+        if _is_simulator():
+            return BackendInfo(
+                self.name, True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1): correct but slow"
+            )
+        dev = cuda.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+        return BackendInfo(
+            self.name,
+            True,
+            f"{name}, compute capability {dev.compute_capability}, "
+            f"{dev.MULTIPROCESSOR_COUNT} multiprocessors",
+        )
+
+
+def _cuda_unavailable_reason(cuda) -> str:
+    try:
+        cuda.get_current_device()
+    except Exception as exc:  # the driver's own words: no driver, no device, ...
+        return f"no usable CUDA driver or device ({exc})"
+    return "no usable CUDA driver or device"
+
+
+def _is_numba_device_array(a) -> bool:
+    return type(a).__module__.startswith("numba")
+
+
+def _shape_dtype(a) -> tuple[tuple, np.dtype]:
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is not None:
+        return tuple(cai["shape"]), np.dtype(cai["typestr"])
+    return tuple(a.shape), np.dtype(a.dtype)
+
+
+def _device_ordinal(a) -> int | None:
+    from .arrays import _device_of
+
+    return _device_of(a)
+
+
+def _stream_of(backend: _CudaBackend, arrays: tuple):
+    """The stream the parameter's ``__cuda_array_interface__`` named, else the default one.
+
+    ``numba.cuda.as_cuda_array`` keeps that stream on the view it returns.
+    """
+    return getattr(arrays[0], "stream", 0) or 0
+
+
+_INSTANCES = {b.name: b for b in (_CudaBackend(), _CpuBackend(), _NumpyBackend())}
+_warned: set[str] = set()
+
+
+def get(name: str) -> _Backend:
+    return _INSTANCES[name]
+
+
+def resolve(backend: str, kind: str) -> tuple[_Backend, bool]:
+    """The backend that runs an update of arrays of ``kind`` (HOST or DEVICE).
+
+    Returns the backend and whether it was picked automatically (and so may fall back).
+    """
+    if backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR) or "auto"
+        if backend not in CHOICES:
+            raise ValueError(f"{ENV_VAR} must be one of {CHOICES}, got {backend!r}")
+    auto = backend == "auto"
+    if auto:
+        backend = "cuda" if kind == DEVICE else "cpu"
+    chosen = _INSTANCES[backend]
+    if chosen.kind != kind:
+        if kind == HOST:
+            raise TypeError(
+                f"backend {backend!r} needs CUDA arrays but got NumPy arrays; fastrms does not "
+                "copy silently: move them with numba.cuda.to_device(a), cupy.asarray(a) or "
+                "torch.as_tensor(a, device='cuda'), or use backend='cpu'"
+            )
+        raise TypeError(
+            f"backend {backend!r} needs NumPy arrays but got CUDA arrays; use backend='cuda', "
+            "or copy them to the host first"
+        )
+    if auto and chosen._reason is not None and chosen.name == "cpu":
+        return _fall_back(chosen._reason), True
+    return chosen, auto
+
+
+def _fall_back(reason: str) -> _Backend:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"fastrms falls back to the NumPy reference backend: {reason}",
+            FallbackWarning,
+            stacklevel=4,
+        )
+    return _INSTANCES["numpy"]
+
+
+def launch(backend: _Backend, auto: bool, rule: str, flags: tuple, arrays: tuple, hyper: tuple):
+    """Run one update; under ``auto``, a CPU kernel that cannot load or compile falls back."""
+    if backend.name != "cpu" or not auto:
+        backend.launch(rule, flags, arrays, hyper)
+        return
+    try:
+        backend.launch(rule, flags, arrays, hyper)
+    except BackendUnavailableError:
+        _fall_back(backend._reason).launch(rule, flags, arrays, hyper)
+    except Exception as exc:
+        from numba.core.errors import NumbaError
+
+        if not isinstance(exc, NumbaError):
+            raise
+        backend.compile_error(exc)
+        _fall_back(backend._reason).launch(rule, flags, arrays, hyper)
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Report, for each backend, whether it can run here and on what.
+
+    Returns
+    -------
+    dict
+        ``{"cuda": BackendInfo, "cpu": BackendInfo, "numpy": BackendInfo}``; ``detail`` holds
+        the device or thread count when the backend is available, the reason when it is not.
+    """
+    return {name: _INSTANCES[name].probe() for name in BACKENDS}

@@ -1,0 +1,9 @@
+"""Exceptions and warnings raised by fastrms."""
+
+
+class FallbackWarning(RuntimeWarning):
+    """``backend="auto"`` could not use the compiled CPU kernels and fell back to NumPy."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name (``backend=`` or ``FASTRMS_BACKEND``) but cannot run."""

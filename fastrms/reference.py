@@ -1,0 +1,209 @@
+"""NumPy versions of every update: the in-place reference backend and the naive textbook ones.
+
+The reference functions (``rmsprop``, ``adagrad``, ``adam``, ``sgd``) take the same
+``(arrays, hyper, flags)`` as the rules in :mod:`fastrms.kernels.rules` and update the arrays in
+place with ``out=`` ufuncs, a chunk at a time, so their scratch space is bounded
+(:data:`CHUNK` elements) whatever the size. They are written independently of the rules, with
+the same operation order, so the compiled kernels must match them bit for bit. They are the
+``numpy`` backend and the oracle every fast path is tested against.
+
+The ``naive_*`` functions are what a tutorial writes: whole-array expressions with temporaries.
+They are what the benchmarks call "naive NumPy".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Elements per pass of the reference backend; its scratch space is a few chunks.
+CHUNK = 1 << 14
+
+
+def _passes(n: int, dtype: np.dtype, scratch: int):
+    """Yield ``(slice, scratch arrays)`` covering ``range(n)`` a chunk at a time."""
+    buf = np.empty((scratch, min(n, CHUNK)), dtype)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        yield slice(start, stop), [row[: stop - start] for row in buf]
+
+
+def _gradient(g, grad, p, sign, weight_decay, tmp):
+    """g = sign*grad (+ weight_decay*p)."""
+    np.multiply(grad, sign, out=g)
+    if weight_decay != 0:
+        np.multiply(p, weight_decay, out=tmp)
+        np.add(g, tmp, out=g)
+
+
+def _denominator(d, v, eps, eps_in_sqrt):
+    """d = sqrt(v) + eps, or sqrt(v + eps)."""
+    if eps_in_sqrt:
+        np.add(v, eps, out=d)
+        np.sqrt(d, out=d)
+    else:
+        np.sqrt(v, out=d)
+        np.add(d, eps, out=d)
+
+
+def rmsprop(arrays, hyper, flags):
+    param, grad, square_avg, momentum_buffer, grad_avg = arrays
+    lr, alpha, one_minus_alpha, eps, weight_decay, sign, momentum = hyper
+    centered, use_momentum, eps_in_sqrt = flags
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, v = param[s], square_avg[s]
+        _gradient(g, grad[s], p, sign, weight_decay, t)
+        np.multiply(g, one_minus_alpha, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, alpha, out=v)
+        np.add(v, t, out=v)
+        if centered:
+            m = grad_avg[s]
+            np.multiply(g, one_minus_alpha, out=t)
+            np.multiply(m, alpha, out=m)
+            np.add(m, t, out=m)
+            np.multiply(m, m, out=t)
+            np.subtract(v, t, out=t)
+            _denominator(d, t, eps, eps_in_sqrt)
+        else:
+            _denominator(d, v, eps, eps_in_sqrt)
+        if use_momentum:
+            b = momentum_buffer[s]
+            np.divide(g, d, out=d)
+            np.multiply(b, momentum, out=b)
+            np.add(b, d, out=b)
+            np.multiply(b, lr, out=t)
+        else:
+            np.multiply(g, lr, out=t)
+            np.divide(t, d, out=t)
+        np.subtract(p, t, out=p)
+
+
+def adagrad(arrays, hyper, flags):
+    param, grad, state_sum = arrays
+    clr, eps, weight_decay, sign = hyper
+    (eps_in_sqrt,) = flags
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, acc = param[s], state_sum[s]
+        _gradient(g, grad[s], p, sign, weight_decay, t)
+        np.multiply(g, g, out=t)
+        np.add(acc, t, out=acc)
+        _denominator(d, acc, eps, eps_in_sqrt)
+        np.multiply(g, clr, out=t)
+        np.divide(t, d, out=t)
+        np.subtract(p, t, out=p)
+
+
+def adam(arrays, hyper, flags):
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = arrays
+    (
+        step_size,
+        bias_correction2_sqrt,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        weight_decay,
+        decay,
+        sign,
+    ) = hyper
+    (amsgrad,) = flags
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, m, v = param[s], exp_avg[s], exp_avg_sq[s]
+        np.multiply(p, decay, out=p)
+        _gradient(g, grad[s], p, sign, weight_decay, t)
+        np.multiply(g, one_minus_beta1, out=t)
+        np.multiply(m, beta1, out=m)
+        np.add(m, t, out=m)
+        np.multiply(g, one_minus_beta2, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, beta2, out=v)
+        np.add(v, t, out=v)
+        if amsgrad:
+            vmax = max_exp_avg_sq[s]
+            np.maximum(vmax, v, out=vmax)
+            v = vmax
+        np.sqrt(v, out=d)
+        np.divide(d, bias_correction2_sqrt, out=d)
+        np.add(d, eps, out=d)
+        np.multiply(m, step_size, out=t)
+        np.divide(t, d, out=t)
+        np.subtract(p, t, out=p)
+
+
+def sgd(arrays, hyper, flags):
+    param, grad, momentum_buffer = arrays
+    lr, weight_decay, sign, momentum, grad_scale, nesterov_momentum = hyper
+    use_momentum, nesterov = flags
+    for s, (g, t) in _passes(param.size, param.dtype, 2):
+        p = param[s]
+        _gradient(g, grad[s], p, sign, weight_decay, t)
+        if use_momentum:
+            b = momentum_buffer[s]
+            np.multiply(g, grad_scale, out=t)
+            np.multiply(b, momentum, out=b)
+            np.add(b, t, out=b)
+            if nesterov:
+                np.multiply(b, nesterov_momentum, out=t)
+                np.add(g, t, out=g)
+            else:
+                np.copyto(g, b)
+        np.multiply(g, lr, out=t)
+        np.subtract(p, t, out=p)
+
+
+RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd}
+
+
+# --- Naive textbook versions (for the benchmarks: what users write by hand) ---------------
+
+
+def naive_rmsprop(param, grad, square_avg, lr=1e-2, alpha=0.99, eps=1e-8):
+    """Textbook RMSProp with temporaries: v = a*v + (1-a)*g^2; p -= lr*g/(sqrt(v)+eps)."""
+    square_avg[:] = alpha * square_avg + (1 - alpha) * grad**2
+    param[:] = param - lr * grad / (np.sqrt(square_avg) + eps)
+
+
+def naive_rmsprop_centered_momentum(
+    param, grad, square_avg, grad_avg, momentum_buffer, lr=1e-2, alpha=0.99, eps=1e-8, mu=0.9
+):
+    """Textbook centered RMSProp with momentum (PyTorch's form), with temporaries."""
+    square_avg[:] = alpha * square_avg + (1 - alpha) * grad**2
+    grad_avg[:] = alpha * grad_avg + (1 - alpha) * grad
+    momentum_buffer[:] = mu * momentum_buffer + grad / (np.sqrt(square_avg - grad_avg**2) + eps)
+    param[:] = param - lr * momentum_buffer
+
+
+def naive_adagrad(param, grad, state_sum, lr=1e-2, eps=1e-10):
+    """Textbook AdaGrad: s += g^2; p -= lr*g/(sqrt(s)+eps)."""
+    state_sum[:] = state_sum + grad**2
+    param[:] = param - lr * grad / (np.sqrt(state_sum) + eps)
+
+
+def naive_adam(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    """Textbook Adam with bias-corrected moments m_hat, v_hat."""
+    b1, b2 = betas
+    exp_avg[:] = b1 * exp_avg + (1 - b1) * grad
+    exp_avg_sq[:] = b2 * exp_avg_sq + (1 - b2) * grad**2
+    m_hat = exp_avg / (1 - b1**step)
+    v_hat = exp_avg_sq / (1 - b2**step)
+    param[:] = param - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def naive_amsgrad(
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8
+):
+    """Textbook AMSGrad: Adam with the running maximum of v."""
+    b1, b2 = betas
+    exp_avg[:] = b1 * exp_avg + (1 - b1) * grad
+    exp_avg_sq[:] = b2 * exp_avg_sq + (1 - b2) * grad**2
+    max_exp_avg_sq[:] = np.maximum(max_exp_avg_sq, exp_avg_sq)
+    m_hat = exp_avg / (1 - b1**step)
+    v_hat = max_exp_avg_sq / (1 - b2**step)
+    param[:] = param - lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def naive_sgd_momentum(param, grad, momentum_buffer, lr=1e-3, mu=0.9):
+    """Textbook SGD with momentum: buf = mu*buf + g; p -= lr*buf."""
+    momentum_buffer[:] = mu * momentum_buffer + grad
+    param[:] = param - lr * momentum_buffer

@@ -1,0 +1,42 @@
+"""CPU kernels: a ``prange`` loop (and a serial twin for small arrays) around a rule."""
+
+from functools import cache
+
+from numba import njit, prange
+
+from ._options import FASTMATH, RULES_TOKEN
+
+#: Below this many elements a step runs on one thread: starting the thread team costs more
+#: than the work (measured by ``bench/``; see README, "Threads").
+PARALLEL_THRESHOLD = 1 << 16
+
+
+@cache
+def loops(rule, flags):
+    """Return ``(parallel, serial)`` kernels ``kernel(n, arrays, hyper)`` for ``rule``.
+
+    ``flags`` is bound as a closure constant, so Numba compiles one specialization per flag
+    combination and LLVM folds the rule's branches on it.
+    """
+    token = RULES_TOKEN  # read below only so that it is part of the closure, hence the cache key
+
+    @njit(parallel=True, cache=True, fastmath=FASTMATH)
+    def parallel(n, arrays, hyper):
+        token  # noqa: B018
+        for i in prange(n):
+            rule(i, arrays, hyper, flags)
+
+    @njit(cache=True, fastmath=FASTMATH)
+    def serial(n, arrays, hyper):
+        token  # noqa: B018
+        for i in range(n):
+            rule(i, arrays, hyper, flags)
+
+    return parallel, serial
+
+
+def launch(rule, flags, arrays, hyper):
+    """Run one step of ``rule`` over the 1-D arrays ``arrays`` (parameter first)."""
+    n = arrays[0].size
+    parallel, serial = loops(rule, flags)
+    (parallel if n >= PARALLEL_THRESHOLD else serial)(n, arrays, hyper)
