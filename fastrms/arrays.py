@@ -22,8 +22,6 @@ class ArrayInfo(NamedTuple):
     dtype: np.dtype
     c_contiguous: bool
     writeable: bool
-    start: int  # address of the first byte, for overlap checks
-    nbytes: int
     device: int | None  # CUDA device ordinal where known
 
 
@@ -34,43 +32,49 @@ def is_device_array(a: Any) -> bool:
 def describe(a: Any, name: str) -> ArrayInfo:
     """Describe ``a``; raise ``TypeError`` naming ``name`` if it is no array fastrms knows."""
     if isinstance(a, np.ndarray):
-        return _describe_numpy(a, HOST, None)
+        flags = a.flags
+        return ArrayInfo(HOST, a.shape, a.dtype, flags.c_contiguous, flags.writeable, None)
     if hasattr(a, "__cuda_ndarray__"):  # CUDA simulator: device memory is a NumPy array
-        return _describe_numpy(a._ary, DEVICE, 0)
+        flags = a._ary.flags
+        return ArrayInfo(DEVICE, a.shape, a.dtype, flags.c_contiguous, flags.writeable, 0)
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is not None:
-        return _describe_cai(a, cai)
+        shape = tuple(cai["shape"])
+        dtype = np.dtype(cai["typestr"])
+        strides = cai.get("strides")
+        contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
+        return ArrayInfo(DEVICE, shape, dtype, contiguous, not cai["data"][1], _device_of(a))
     raise TypeError(
         f"{name} must be a NumPy array or a CUDA array (CuPy, PyTorch CUDA tensor, Numba device "
         f"array), got {type(a).__module__}.{type(a).__qualname__}"
     )
 
 
-def _describe_numpy(a: np.ndarray, kind: str, device: int | None) -> ArrayInfo:
-    flags = a.flags
-    start = a.__array_interface__["data"][0]
-    return ArrayInfo(
-        kind, a.shape, a.dtype, flags.c_contiguous, flags.writeable, start, a.nbytes, device
-    )
+def extent(a: Any) -> tuple[int, int]:
+    """``(address of the first byte, size in bytes)`` of a C-contiguous array."""
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0], a.nbytes
+    if hasattr(a, "__cuda_ndarray__"):
+        return extent(a._ary)
+    cai = a.__cuda_array_interface__
+    return cai["data"][0], int(np.prod(cai["shape"], dtype=np.int64)) * np.dtype(
+        cai["typestr"]
+    ).itemsize
 
 
-def _describe_cai(a: Any, cai: dict) -> ArrayInfo:
-    shape = tuple(cai["shape"])
-    dtype = np.dtype(cai["typestr"])
-    strides = cai.get("strides")
-    contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
-    ptr, readonly = cai["data"]
-    size = int(np.prod(shape, dtype=np.int64))
-    return ArrayInfo(
-        DEVICE, shape, dtype, contiguous, not readonly, ptr, size * dtype.itemsize, _device_of(a)
-    )
+def overlap(a: Any, b: Any) -> bool:
+    """Whether two C-contiguous arrays share memory."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b)  # exact for contiguous arrays, and fast
+    (sa, na), (sb, nb) = extent(a), extent(b)
+    return na > 0 and nb > 0 and sa < sb + nb and sb < sa + na
 
 
 def _c_strides(shape: tuple, itemsize: int) -> tuple:
     strides, step = [], itemsize
-    for extent in reversed(shape):
+    for n in reversed(shape):
         strides.append(step)
-        step *= extent
+        step *= n
     return tuple(reversed(strides))
 
 
@@ -84,24 +88,52 @@ def _device_of(a: Any) -> int | None:
     return getattr(getattr(context, "device", None), "id", None)
 
 
-def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> tuple[ArrayInfo, ...]:
-    """Check the arrays of one update; the first is the parameter.
+def _host_arrays_ok(items: list, writes: tuple) -> bool:
+    """The common case, NumPy arrays that pass every check, verified quickly.
 
-    Every array must be a float32/float64 array of the parameter's kind (host or device),
-    device, dtype and shape, C-contiguous; the arrays in ``writes`` must be writeable and must
-    not overlap any other array. Raises ``TypeError``/``ValueError`` naming the argument.
+    Any failure returns False, and :func:`check_arrays` then finds and explains it.
     """
-    infos = {name: describe(a, name) for name, a in named.items()}
-    names = list(infos)
-    pname = names[0]
-    ref = infos[pname]
+    p = items[0][1]
+    if type(p) is not np.ndarray or p.dtype not in FLOAT_DTYPES:
+        return False
+    dtype, shape = p.dtype, p.shape
+    for name, a in items:
+        if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape:
+            return False
+        flags = a.flags
+        if not flags.c_contiguous or (name in writes and not flags.writeable):
+            return False
+    for i, (name, a) in enumerate(items):
+        for other, b in items[i + 1 :]:
+            if (name in writes or other in writes) and np.may_share_memory(a, b):
+                return False
+    return True
+
+
+_WHERE = {HOST: "in host memory (NumPy)", DEVICE: "on a CUDA device"}
+
+
+def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
+    """Check the arrays of one update and return the parameter's description.
+
+    The first array is the parameter. Every array must be a float32/float64 array of the
+    parameter's kind (host or device), device, dtype and shape, and C-contiguous; the arrays in
+    ``writes`` must be writeable and must not overlap any other array. Raises
+    ``TypeError``/``ValueError`` naming the offending argument.
+    """
+    items = list(named.items())
+    if _host_arrays_ok(items, writes):
+        p = items[0][1]
+        return ArrayInfo(HOST, p.shape, p.dtype, True, True, None)
+    pname, param = items[0]
+    ref = describe(param, pname)
     if ref.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{pname} must have dtype float32 or float64, got {ref.dtype}")
-    for name, info in infos.items():
+    for name, a in items:
+        info = ref if a is param else describe(a, name)
         if info.kind != ref.kind:
-            where = {HOST: "in host memory (NumPy)", DEVICE: "on a CUDA device"}
             raise TypeError(
-                f"{name} is {where[info.kind]} but {pname} is {where[ref.kind]}: "
+                f"{name} is {_WHERE[info.kind]} but {pname} is {_WHERE[ref.kind]}: "
                 "keep every array of an update on the same side"
             )
         if info.device != ref.device and None not in (info.device, ref.device):
@@ -120,20 +152,10 @@ def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> tuple[ArrayI
                 f"{name} is not C-contiguous: pass a contiguous array "
                 "(numpy.ascontiguousarray makes a copy; the update would not reach your original)"
             )
-    for name in writes:
-        if not infos[name].writeable:
+        if name in writes and not info.writeable:
             raise ValueError(f"{name} is read-only; fastrms updates it in place")
-    for i, name in enumerate(writes):
-        a = infos[name]
-        for other in names:
-            if other == name or (other in writes and names.index(other) < i):
-                continue
-            b = infos[other]
-            if (
-                a.nbytes
-                and b.nbytes
-                and a.start < b.start + b.nbytes
-                and b.start < a.start + a.nbytes
-            ):
+    for i, (name, a) in enumerate(items):
+        for other, b in items[i + 1 :]:
+            if (name in writes or other in writes) and overlap(a, b):
                 raise ValueError(f"{other} overlaps {name} in memory; pass separate arrays")
-    return tuple(infos.values())
+    return ref

@@ -74,7 +74,7 @@ class _NumpyBackend(_Backend):
         reference.RULES[rule](arrays, hyper, flags)
 
     def view(self, a):
-        return a.reshape(-1)
+        return a if a.ndim == 1 else a.reshape(-1)
 
     def zeros_like(self, a):
         return np.zeros_like(a)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import dispatch, hyper
-from .arrays import ArrayInfo, check_arrays
+from .arrays import check_arrays
 
 Array = Any  # a NumPy array, or a CUDA array (Numba device array, CuPy, PyTorch CUDA tensor)
 
@@ -50,7 +52,6 @@ class Plan(NamedTuple):
     setup: Setup
     arrays: tuple
     hyper: tuple
-    infos: tuple[ArrayInfo, ...]
 
     def run(self) -> None:
         s = self.setup
@@ -64,16 +65,15 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
         if state.get(name) is None:
             raise ValueError(f"{name} is required by these options of {setup.rule}")
         named[name] = state[name]
-    infos = check_arrays(named, ("param", *setup.state))
-    chosen, auto = dispatch.resolve(backend, infos[0].kind)
-    cast = infos[0].dtype.type
+    info = check_arrays(named, ("param", *setup.state))
+    chosen, auto = dispatch.resolve(backend, info.kind)
     p = chosen.view(param)
     # A state array that the options leave unused is passed as the parameter: the rule never
     # reads it, and the tuple keeps one type, so each option combination compiles once.
     arrays = (p, chosen.view(grad)) + tuple(
         chosen.view(named[s]) if s in named else p for s in SLOTS[setup.rule]
     )
-    return Plan(chosen, auto, setup, arrays, tuple(cast(x) for x in setup.scalars), infos)
+    return Plan(chosen, auto, setup, arrays, tuple(np.array(setup.scalars, info.dtype)))
 
 
 def _sign(maximize) -> float:

@@ -10,9 +10,10 @@ def real(
     name: str, x, lo: float = -math.inf, hi: float = math.inf, *, open_lo=False, open_hi=False
 ):
     """Return ``float(x)``, checking that it is a finite real in the given range."""
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
+    if type(x) is not float:  # the common case skips the (slow) abstract-class check
+        if isinstance(x, bool) or not isinstance(x, Real):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+        x = float(x)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
     below = x <= lo if open_lo else x < lo

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import dispatch, functional
-from .arrays import DEVICE, FLOAT_DTYPES, describe
+from .arrays import DEVICE, FLOAT_DTYPES, describe, extent
 
 Params = Any  # an array, a list/tuple of arrays, or a dict of str -> array
 
@@ -59,16 +59,18 @@ class Optimizer:
         structure, keys, grads = _flatten(grads, "grads")
         self._match(structure, keys)
         setup = self._setup(self.step_count + 1)
-        gnames = self._names("grads")
-        plans = []
-        for i, (p, g) in enumerate(zip(self._params, grads, strict=False)):
+        gnames, pnames = self._names("grads"), self._names("params")
+        plans, arrays = [], []
+        for i, (p, g) in enumerate(zip(self._params, grads)):
             state = {name: self._state(name, i) for name in setup.state}
             try:
                 plans.append(functional.plan(setup, p, g, state, self.backend))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{gnames[i]}: {exc}") from None
+            arrays += [(pnames[i], p, True), (gnames[i], g, False)]
+            arrays += [(f"{name} of {pnames[i]}", a, True) for name, a in state.items()]
         if len(plans) > 1:
-            _check_no_overlap(plans, self._names("params"))
+            _check_no_overlap(arrays)
         for plan in plans:
             plan.run()
         self.step_count += 1
@@ -426,8 +428,7 @@ def _flatten(params: Params, what: str) -> tuple[str, list, list]:
 
 
 def _check_params(params: list, names: list[str]) -> None:
-    extents = []
-    for p, name in zip(params, names, strict=False):
+    for p, name in zip(params, names):
         info = describe(p, name)
         if info.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have dtype float32 or float64, got {info.dtype}")
@@ -435,32 +436,30 @@ def _check_params(params: list, names: list[str]) -> None:
             raise ValueError(f"{name} is not C-contiguous")
         if not info.writeable:
             raise ValueError(f"{name} is read-only; fastrms updates it in place")
-        extents.append((info.start, info.nbytes, name, True))
-    _sweep(extents)
+    _check_no_overlap([(name, p, True) for p, name in zip(params, names)])
 
 
-def _check_no_overlap(plans: list, names: list[str]) -> None:
-    """No array written by one parameter's update may overlap an array of another's."""
-    extents = []
-    for plan, pname in zip(plans, names, strict=False):
-        slots = ("param", "grad", *plan.setup.state)
-        for slot, info in zip(slots, plan.infos, strict=False):
-            label = pname if slot == "param" else f"{slot} of {pname}"
-            extents.append((info.start, info.nbytes, label, slot != "grad"))
-    _sweep(extents)
+def _check_no_overlap(arrays: list[tuple[str, Any, bool]]) -> None:
+    """Raise ValueError if an array that is written overlaps any other array.
 
-
-def _sweep(extents: list) -> None:
-    """Raise ValueError if a written extent overlaps any other (gradients may share memory)."""
-    end_any = end_written = (-1, None)
-    for start, nbytes, label, written in sorted(e for e in extents if e[1]):
-        other = end_any if written else end_written
-        if start < other[0]:
-            raise ValueError(f"{label} overlaps {other[1]} in memory; pass separate arrays")
-        end = (start + nbytes, label)
-        end_any = max(end_any, end, key=lambda e: e[0])
-        if written:
-            end_written = max(end_written, end, key=lambda e: e[0])
+    ``arrays`` holds ``(label, array, written)``; gradients (not written) may share memory.
+    One sweep over the arrays sorted by address, so many small tensors stay cheap.
+    """
+    spans = []
+    for label, a, written in arrays:
+        start, nbytes = extent(a)
+        if nbytes:
+            spans.append((start, start + nbytes, label, written))
+    spans.sort(key=lambda s: s[0])
+    reach_any = reach_written = (-1, "")  # furthest end so far, and whose
+    for start, end, label, written in spans:
+        reach, other = reach_any if written else reach_written
+        if start < reach:
+            raise ValueError(f"{label} overlaps {other} in memory; pass separate arrays")
+        if end > reach_any[0]:
+            reach_any = (end, label)
+        if written and end > reach_written[0]:
+            reach_written = (end, label)
 
 
 def _backend_of(a):
