@@ -21,9 +21,13 @@ BLOCKS_PER_SM = 8
 def grid_stride(rule, flags):
     """Return a kernel ``kernel[blocks, threads, stream](n, arrays, hyper)`` for ``rule``.
 
-    ``flags`` is bound as a closure constant, as in :func:`fastrms.kernels.cpu.loops`.
+    ``flags`` is bound as a closure constant, as in :func:`fastrms.kernels.cpu.loops`. The rule
+    is compiled as a device function of its own: numba-cuda 0.30 cannot type a
+    ``register_jitable(inline="always")`` function called directly from a kernel, and NVVM
+    inlines the device function anyway.
     """
     token = RULES_TOKEN  # read below only so that it is part of the closure
+    device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
 
     @cuda.jit(fastmath=FASTMATH)
     def kernel(n, arrays, hyper):
@@ -31,7 +35,7 @@ def grid_stride(rule, flags):
         i = cuda.grid(1)
         stride = cuda.gridsize(1)
         while i < n:
-            rule(i, arrays, hyper, flags)
+            device_rule(i, arrays, hyper, flags)
             i += stride
 
     return kernel

@@ -20,9 +20,11 @@ The rules index their tuples (``arrays[0]``) rather than unpack them: under
 The rules are ``register_jitable(inline="always")`` functions: Numba inlines them into the loop
 in its own IR, where it can drop the reference counting of the unpacked arrays (a plain ``@njit``
 callee is not inlined, so the loop does not vectorize; an LLVM-inlined one keeps an atomic
-incref/decref per element, 20x slower in a serial loop). For CUDA they compile as device
-functions. The NumPy reference in :mod:`fastrms.reference` implements the same
-updates independently with array operations; it is the oracle these rules are tested against.
+incref/decref per element, 20x slower in a serial loop). :mod:`fastrms.kernels.cuda` compiles
+the same functions as CUDA device functions.
+
+The NumPy reference in :mod:`fastrms.reference` implements the same updates independently with
+array operations; it is the oracle these rules are tested against.
 """
 
 import math

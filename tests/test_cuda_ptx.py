@@ -1,0 +1,73 @@
+"""The float32 CUDA kernels compute in float32: no float64 instruction in their PTX.
+
+Compiling to PTX needs numba-cuda and NVVM/NVRTC (the ``test`` extra installs them from PyPI),
+not a GPU, so this runs in CI. It cannot run under the simulator, which has no compiler.
+"""
+
+import itertools
+import os
+import re
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("the CUDA simulator compiles no PTX", allow_module_level=True)
+
+cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+from fastrms.kernels import cuda as cuda_kernels  # noqa: E402
+from fastrms.kernels import rules  # noqa: E402
+from numba import types  # noqa: E402
+
+from fastrms import functional  # noqa: E402
+
+N_FLAGS = {"rmsprop": 3, "adagrad": 1, "adam": 1, "sgd": 2}
+N_HYPER = {"rmsprop": 7, "adagrad": 4, "adam": 10, "sgd": 6}
+F64 = re.compile(r"^\s*[a-z]+(\.[a-z0-9]+)*\.f64\b", re.M)  # any instruction typed .f64
+
+
+class _Sm90:
+    compute_capability = (9, 0)
+
+
+@pytest.fixture(autouse=True)
+def _no_driver_needed(monkeypatch):
+    # numba-cuda asks the driver for the compute capability when it compiles a rule as a
+    # device function; CI has no driver, so name the Hopper target the PTX is built for.
+    import numba.cuda.dispatcher
+
+    monkeypatch.setattr(numba.cuda.dispatcher, "get_current_device", _Sm90)
+
+
+def _ptx(rule, flags, dtype):
+    kernel = cuda_kernels.grid_stride(rules.RULES[rule], flags)
+    arrays = types.UniTuple(types.Array(dtype, 1, "C"), 2 + len(functional.SLOTS[rule]))
+    sig = (types.int64, arrays, types.UniTuple(dtype, N_HYPER[rule]))
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0))
+    return ptx
+
+
+CASES = [
+    (rule, flags)
+    for rule, n in N_FLAGS.items()
+    for flags in itertools.product([False, True], repeat=n)
+    if not (rule == "sgd" and flags == (False, True))  # nesterov needs momentum
+]
+
+
+@pytest.mark.parametrize(("rule", "flags"), CASES, ids=str)
+def test_float32_kernel_has_no_float64_arithmetic(rule, flags):
+    try:
+        ptx = _ptx(rule, flags, types.float32)
+    except Exception as exc:  # noqa: BLE001 - name what is missing instead of a traceback
+        pytest.fail(f"cannot compile PTX here ({type(exc).__name__}: {exc}); "
+                    "install the test extra, which brings NVRTC and NVVM")  # fmt: skip
+    assert not F64.findall(ptx), "float64 instruction in a float32 kernel"
+    assert re.search(r"\b(mul|fma\.rn)\.f32\b", ptx), "no float32 arithmetic found at all"
+    if rule != "sgd":  # precise (not fastmath) float32 division and square root
+        assert re.search(r"\bdiv\.rn\.f32\b", ptx)
+        assert re.search(r"\bsqrt\.rn\.f32\b", ptx)
+
+
+def test_float64_kernel_is_float64():
+    # The check above would pass vacuously if the pattern never matched: it does match here.
+    assert F64.search(_ptx("rmsprop", (True, True, False), types.float64))
