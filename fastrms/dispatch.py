@@ -119,6 +119,8 @@ class _CpuBackend(_NumpyBackend):
         try:
             self._launcher()
         except BackendUnavailableError:
+            pass
+        if self._reason is not None:
             return BackendInfo(self.name, False, self._reason)
         import numba
 
@@ -287,21 +289,29 @@ def _fall_back(reason: str) -> _Backend:
 
 
 def launch(backend: _Backend, auto: bool, rule: str, flags: tuple, arrays: tuple, hyper: tuple):
-    """Run one update; under ``auto``, a CPU kernel that cannot load or compile falls back."""
-    if backend.name != "cpu" or not auto:
+    """Run one update. If the CPU kernels cannot load or compile (which happens before anything
+    is written), ``auto`` falls back to NumPy; a forced ``cpu`` raises BackendUnavailableError.
+    """
+    if backend.name != "cpu":
         backend.launch(rule, flags, arrays, hyper)
         return
     try:
         backend.launch(rule, flags, arrays, hyper)
+        return
     except BackendUnavailableError:
-        _fall_back(backend._reason).launch(rule, flags, arrays, hyper)
+        if not auto:
+            raise
     except Exception as exc:
         from numba.core.errors import NumbaError
 
         if not isinstance(exc, NumbaError):
             raise
         backend.compile_error(exc)
-        _fall_back(backend._reason).launch(rule, flags, arrays, hyper)
+        if not auto:
+            raise BackendUnavailableError(
+                f"the cpu backend is unavailable: {backend._reason}"
+            ) from exc
+    _fall_back(backend._reason).launch(rule, flags, arrays, hyper)
 
 
 def backends() -> dict[str, BackendInfo]:

@@ -16,17 +16,18 @@ def loops(rule, flags):
     """Return ``(parallel, serial)`` kernels ``kernel(n, arrays, hyper)`` for ``rule``.
 
     ``flags`` is bound as a closure constant, so Numba compiles one specialization per flag
-    combination and LLVM folds the rule's branches on it.
+    combination and LLVM folds the rule's branches on it. ``error_model="numpy"`` gives IEEE
+    division (as NumPy and PyTorch do) instead of a zero check that keeps the loop scalar.
     """
     token = RULES_TOKEN  # read below only so that it is part of the closure, hence the cache key
 
-    @njit(parallel=True, cache=True, fastmath=FASTMATH)
+    @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
     def parallel(n, arrays, hyper):
         token  # noqa: B018
         for i in prange(n):
             rule(i, arrays, hyper, flags)
 
-    @njit(cache=True, fastmath=FASTMATH)
+    @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
     def serial(n, arrays, hyper):
         token  # noqa: B018
         for i in range(n):
