@@ -14,11 +14,11 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("the CUDA simulator compiles no PTX", allow_module_level=True)
 
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-from fastrms.kernels import cuda as cuda_kernels  # noqa: E402
-from fastrms.kernels import rules  # noqa: E402
 from numba import types  # noqa: E402
 
 from fastrms import functional  # noqa: E402
+from fastrms.kernels import cuda as cuda_kernels  # noqa: E402
+from fastrms.kernels import rules  # noqa: E402
 
 N_FLAGS = {"rmsprop": 3, "adagrad": 1, "adam": 1, "sgd": 2}
 N_HYPER = {"rmsprop": 7, "adagrad": 4, "adam": 10, "sgd": 6}
