@@ -117,6 +117,16 @@ def test_import_is_cheap():
     assert result["s"] < 2.0
 
 
+def test_a_cpu_step_never_imports_cuda():
+    result = _python("""
+        import json, sys, numpy as np, fastrms
+        fastrms.Adam(np.ones(4)).step(np.ones(4))
+        target = ("numba.cuda", "numba_cuda.", "cuda.", "cupy")  # not numba-cuda's import hook
+        print(json.dumps({"cuda": sorted(m for m in sys.modules if m.startswith(target))}))
+    """)
+    assert result["cuda"] == []
+
+
 def test_kernels_compile_lazily_and_load_from_the_disk_cache(tmp_path):
     code = """
         import json, numpy as np, fastrms
