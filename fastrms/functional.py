@@ -35,6 +35,20 @@ SLOTS = {
 }
 
 
+#: What each rule's host scalars are, in the order the kernels take them.
+SCALARS = {
+    "rmsprop": ("lr", "alpha", "1 - alpha", "eps", "weight_decay", "sign", "momentum"),
+    "adagrad": ("lr / (1 + (step - 1) * lr_decay)", "eps", "weight_decay", "sign"),
+    "adam": (
+        "lr / (1 - beta1**step)", "sqrt(1 - beta2**step)", "beta1", "1 - beta1", "beta2",
+        "1 - beta2", "eps", "weight_decay", "1 - lr * weight_decay", "sign",
+    ),
+    "sgd": ("lr", "weight_decay", "sign", "momentum", "1 - dampening", "momentum"),
+}  # fmt: skip
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
 class Setup(NamedTuple):
     """A rule's checked hyperparameters for one step."""
 
@@ -67,6 +81,8 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
         named[name] = state[name]
     info = check_arrays(named, ("param", *setup.state))
     chosen, auto = dispatch.resolve(backend, info.kind)
+    if info.dtype == np.float32:
+        _check_fits_float32(setup)
     p = chosen.view(param)
     # A state array that the options leave unused is passed as the parameter: the rule never
     # reads it, and the tuple keeps one type, so each option combination compiles once.
@@ -74,6 +90,21 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
         chosen.view(named[s]) if s in named else p for s in SLOTS[setup.rule]
     )
     return Plan(chosen, auto, setup, arrays, tuple(np.array(setup.scalars, info.dtype)))
+
+
+def _check_fits_float32(setup: Setup) -> None:
+    """Hyperparameters valid in float64 can still overflow float32, or eps underflow to 0."""
+    scalars = setup.scalars
+    if max(map(abs, scalars)) <= _F32_MAX and not 0 < _eps(setup) < _F32_TINY:
+        return
+    for name, x in zip(SCALARS[setup.rule], scalars):
+        if abs(x) > _F32_MAX or (name == "eps" and np.float32(x) == 0):
+            raise ValueError(f"{name} = {x!r} does not fit in float32, the arrays' dtype")
+
+
+def _eps(setup: Setup) -> float:
+    names = SCALARS[setup.rule]
+    return setup.scalars[names.index("eps")] if "eps" in names else 1.0
 
 
 def _sign(maximize) -> float:
@@ -297,11 +328,21 @@ def adamw(
     weight_decay: float = 1e-2,
     **options,
 ) -> None:
-    """One AdamW step: :func:`adam` with ``decoupled_weight_decay=True``, weight decay 1e-2.
+    """One AdamW step, in place: :func:`adam` with ``decoupled_weight_decay=True`` and
+    weight decay 1e-2 (PyTorch's ``torch.optim.AdamW``).
 
     ::
 
         p = (1 - lr * weight_decay) * p, then the Adam update with g = grad (no L2 term)
+
+    Parameters
+    ----------
+    param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq
+        As in :func:`adam`.
+    weight_decay : float
+        Decoupled decay rate, default 1e-2 (PyTorch's AdamW default).
+    lr, betas, eps, amsgrad, maximize, backend
+        As in :func:`adam`.
     """
     adam(
         param,

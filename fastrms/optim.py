@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import dispatch, functional
+from . import hyper as checks
 from .arrays import DEVICE, FLOAT_DTYPES, describe, extent
 
 Params = Any  # an array, a list/tuple of arrays, or a dict of str -> array
@@ -30,7 +31,8 @@ class Optimizer:
         self._structure, self._keys, self._params = _flatten(params, "params")
         if not self._params:
             raise ValueError("params is empty")
-        _check_params(self._params, self._names("params"))
+        self._pnames, self._gnames = self._names("params"), self._names("grads")
+        _check_params(self._params, self._pnames)
         if backend not in dispatch.CHOICES:
             raise ValueError(f"backend must be one of {dispatch.CHOICES}, got {backend!r}")
         self.backend = backend
@@ -38,13 +40,16 @@ class Optimizer:
             setattr(self, name, value)
         self.step_count = 0
         self.state: dict[str, list] = {}
-        self._setup(1)  # check the hyperparameters now rather than at the first step
+        self._setup(1, self._hyper())  # check the hyperparameters now, not at the first step
 
     # -- what each optimizer defines -----------------------------------------------------
 
-    def _setup(self, step: int) -> functional.Setup:
-        """Check the hyperparameters and compute the scalars of step ``step``."""
+    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
+        """Check the hyperparameters ``hyper`` and compute the scalars of step ``step``."""
         raise NotImplementedError
+
+    def _hyper(self) -> dict[str, Any]:
+        return {h: getattr(self, h) for h in self.hyperparameters}
 
     def _initial_value(self, state_name: str) -> float:
         return 0.0
@@ -58,22 +63,43 @@ class Optimizer:
         """
         structure, keys, grads = _flatten(grads, "grads")
         self._match(structure, keys)
-        setup = self._setup(self.step_count + 1)
-        gnames, pnames = self._names("grads"), self._names("params")
-        plans, arrays = [], []
-        for i, (p, g) in enumerate(zip(self._params, grads)):
-            state = {name: self._state(name, i) for name in setup.state}
-            try:
-                plans.append(functional.plan(setup, p, g, state, self.backend))
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{gnames[i]}: {exc}") from None
-            arrays += [(pnames[i], p, True), (gnames[i], g, False)]
-            arrays += [(f"{name} of {pnames[i]}", a, True) for name, a in state.items()]
-        if len(plans) > 1:
-            _check_no_overlap(arrays)
+        if structure == "dict":  # pair by key, whatever the order of the grads dict
+            by_key = dict(zip(keys, grads))
+            grads = [by_key[k] for k in self._keys]
+        setup = self._setup(self.step_count + 1, self._hyper())
+        created: list[tuple[str, int]] = []
+        try:
+            plans = [self._plan(setup, i, g, created) for i, g in enumerate(grads)]
+            if len(plans) > 1:
+                _check_no_overlap(self._arrays_of(setup, grads))
+        except (TypeError, ValueError):
+            for name, i in created:  # a refused step leaves no trace, new buffers included
+                self.state[name][i] = None
+                if not any(a is not None for a in self.state[name]):
+                    del self.state[name]
+            raise
         for plan in plans:
             plan.run()
         self.step_count += 1
+
+    def _plan(self, setup: functional.Setup, i: int, grad, created: list) -> functional.Plan:
+        state = {}
+        for name in setup.state:
+            if self.state.get(name, [None])[i] is None:
+                created.append((name, i))
+            state[name] = self._state(name, i)
+        try:
+            return functional.plan(setup, self._params[i], grad, state, self.backend)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{self._gnames[i]}: {exc}") from None
+
+    def _arrays_of(self, setup: functional.Setup, grads: list) -> list[tuple[str, Any, bool]]:
+        """``(label, array, written)`` for every array of the step, for the overlap check."""
+        arrays = []
+        for i, (p, g) in enumerate(zip(self._params, grads)):
+            arrays += [(self._pnames[i], p, True), (self._gnames[i], g, False)]
+            arrays += [(f"{s} of {self._pnames[i]}", self.state[s][i], True) for s in setup.state]
+        return arrays
 
     def _state(self, name: str, i: int):
         arrays = self.state.setdefault(name, [None] * len(self._params))
@@ -114,6 +140,13 @@ class Optimizer:
         hyperparameter, and ``"state.<buffer>[.<param key>]"`` for each state array (host
         copies). It round-trips through ``np.savez(f, **sd)`` and ``dict(np.load(f))``.
         """
+        try:  # create the state these options need, so that the dict loads back as it is
+            needed = self._setup(self.step_count + 1, self._hyper()).state
+        except (TypeError, ValueError):  # bad hyperparameters: load_state_dict will say so
+            needed = ()
+        for name in needed:
+            for i in range(len(self._params)):
+                self._state(name, i)
         sd: dict[str, Any] = {"optimizer": type(self).__name__, "step": self.step_count}
         for name in self.hyperparameters:
             value = getattr(self, name)
@@ -142,14 +175,16 @@ class Optimizer:
             if f"hyper.{h}" not in sd:
                 raise ValueError(f"state_dict lacks hyperparameter {h!r}")
             hyper[h] = _plain(sd.pop(f"hyper.{h}"))
-        probe = object.__new__(type(self))
-        probe.__dict__.update(self.__dict__, **hyper)
-        setup = probe._setup(int(step) + 1)
+        setup = self._setup(int(step) + 1, hyper)
         arrays = {}
-        for s in setup.state:
+        # Every buffer these options use must be there; the others of the rule (kept from
+        # options switched off since) may be.
+        for s in functional.SLOTS[self.rule]:
             for i, p in enumerate(self._params):
                 key = self._state_key(s, i)
                 if key not in sd:
+                    if s not in setup.state:
+                        continue
                     raise ValueError(f"state_dict lacks {key!r} (for these params and options)")
                 a = np.asarray(sd.pop(key))
                 info = describe(p, "param")
@@ -256,8 +291,8 @@ class RMSProp(Optimizer):
             eps_in_sqrt=True, **options,
         )  # fmt: skip
 
-    def _setup(self, step: int) -> functional.Setup:
-        return functional.rmsprop_setup(**{h: getattr(self, h) for h in self.hyperparameters})
+    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
+        return functional.rmsprop_setup(**hyper)
 
 
 class AdaGrad(Optimizer):
@@ -298,12 +333,9 @@ class AdaGrad(Optimizer):
             eps_in_sqrt=eps_in_sqrt, maximize=maximize,
         )  # fmt: skip
 
-    def _setup(self, step: int) -> functional.Setup:
-        from . import hyper
-
-        hyper.nonneg("initial_accumulator_value", self.initial_accumulator_value)
-        options = {h: getattr(self, h) for h in self.hyperparameters}
-        del options["initial_accumulator_value"]
+    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
+        options = dict(hyper)
+        checks.nonneg("initial_accumulator_value", options.pop("initial_accumulator_value"))
         return functional.adagrad_setup(step=step, **options)
 
     def _initial_value(self, state_name: str) -> float:
@@ -341,11 +373,9 @@ class Adam(Optimizer):
             amsgrad=amsgrad, maximize=maximize,
         )  # fmt: skip
 
-    def _setup(self, step: int) -> functional.Setup:
+    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
         return functional.adam_setup(
-            step=step,
-            decoupled_weight_decay=self.decoupled_weight_decay,
-            **{h: getattr(self, h) for h in self.hyperparameters},
+            step=step, decoupled_weight_decay=self.decoupled_weight_decay, **hyper
         )
 
 
@@ -406,10 +436,8 @@ class SGD(Optimizer):
             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
         )  # fmt: skip
 
-    def _setup(self, step: int) -> functional.Setup:
-        return functional.sgd_setup(
-            step=step, **{h: getattr(self, h) for h in self.hyperparameters}
-        )
+    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
+        return functional.sgd_setup(step=step, **hyper)
 
 
 # -- helpers -------------------------------------------------------------------------------------

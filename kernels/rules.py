@@ -140,8 +140,8 @@ def adam(i, arrays, hyper, flags):
     exp_avg_sq[i] = v
     if amsgrad:
         vmax = max_exp_avg_sq[i]
-        # Written so that a NaN in v propagates, as torch.maximum does.
-        if not vmax >= v:
+        # max() that keeps a NaN from either side, as np.maximum and torch.maximum do.
+        if v != v or vmax < v:
             vmax = v
         max_exp_avg_sq[i] = vmax
         v = vmax

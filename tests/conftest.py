@@ -1,0 +1,167 @@
+"""Shared helpers for the core tests: the optimizers, their option grids, random data, and
+bit-for-bit snapshots. Test modules import them with ``from conftest import ...``."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fastrms
+from fastrms import functional
+
+DTYPES = (np.float32, np.float64)
+
+
+@dataclass(frozen=True)
+class Algo:
+    """One optimizer: its class, its one-step function, and a learning rate for the tests."""
+
+    name: str
+    cls: type
+    step_fn: Any  # fastrms.functional.<name>
+    lr: float  # large enough that the parameters move visibly in a few steps
+    counts_steps: bool  # whether the functional form takes ``step=``
+
+
+ALGOS = {
+    a.name: a
+    for a in (
+        Algo("rmsprop", fastrms.RMSProp, functional.rmsprop, 1e-2, False),
+        Algo("adagrad", fastrms.AdaGrad, functional.adagrad, 1e-1, True),
+        Algo("adam", fastrms.Adam, functional.adam, 1e-2, True),
+        Algo("adamw", fastrms.AdamW, functional.adamw, 1e-2, True),
+        Algo("sgd", fastrms.SGD, functional.sgd, 5e-2, True),
+    )
+}
+
+
+def _grid(**axes) -> list[dict]:
+    """Every combination of the given option values, as keyword dicts."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+_FLAG = (False, True)
+_SGD_MOMENTUM = (  # (momentum, dampening, nesterov): every valid kind of SGD
+    dict(momentum=0.0),
+    dict(momentum=0.9),
+    dict(momentum=0.9, dampening=0.5),
+    dict(momentum=0.9, nesterov=True),
+)
+
+#: Every option combination of each optimizer. ``eps_in_sqrt`` has no PyTorch equivalent;
+#: the parity tests leave it out (``option_cases(torch_only=True)``), the others use it all.
+OPTION_GRIDS = {
+    "rmsprop": _grid(
+        centered=_FLAG, momentum=(0.0, 0.9), weight_decay=(0.0, 0.1), maximize=_FLAG,
+        eps_in_sqrt=_FLAG,
+    ),
+    "adagrad": _grid(
+        lr_decay=(0.0, 0.01), weight_decay=(0.0, 0.1), initial_accumulator_value=(0.0, 0.1),
+        maximize=_FLAG, eps_in_sqrt=_FLAG,
+    ),
+    "adam": _grid(amsgrad=_FLAG, weight_decay=(0.0, 0.1), maximize=_FLAG),
+    "adamw": _grid(amsgrad=_FLAG, weight_decay=(0.0, 0.1), maximize=_FLAG),
+    "sgd": [
+        {**m, **o} for m in _SGD_MOMENTUM for o in _grid(weight_decay=(0.0, 0.1), maximize=_FLAG)
+    ],
+}  # fmt: skip
+
+
+#: For each optimizer, options under which it keeps every state array it has (and that
+#: PyTorch has too): the shape, NaN, validation and state-dict tests use these.
+FULL_STATE = {
+    "rmsprop": dict(centered=True, momentum=0.9, weight_decay=0.1),
+    "adagrad": dict(initial_accumulator_value=0.1, lr_decay=0.01, weight_decay=0.1),
+    "adam": dict(amsgrad=True, weight_decay=0.1),
+    "adamw": dict(amsgrad=True),
+    "sgd": dict(momentum=0.9, dampening=0.5, weight_decay=0.1),
+}
+
+
+def options_id(options: dict) -> str:
+    """A short test id: the options that are switched on, e.g. ``centered-momentum=0.9``."""
+    parts = [k if v is True else f"{k}={v:g}" for k, v in options.items() if v not in (0, False)]
+    return "-".join(parts) or "plain"
+
+
+def option_cases(torch_only: bool = False) -> list:
+    """``pytest.param(algo_name, options)`` for every optimizer and option combination."""
+    cases = []
+    for name, grid in OPTION_GRIDS.items():
+        for options in grid:
+            if torch_only:  # PyTorch knows no eps_in_sqrt: keep the cases without it
+                if options.get("eps_in_sqrt"):
+                    continue
+                options = {k: v for k, v in options.items() if k != "eps_in_sqrt"}
+            cases.append(pytest.param(name, options, id=f"{name}-{options_id(options)}"))
+    return cases
+
+
+def randn(rng: np.random.Generator, shape, dtype) -> np.ndarray:
+    """Standard normal data in ``dtype``. Never all zeros: a zero gradient or parameter would
+    hide most of an update rule, so the tests always step on random values."""
+    a = np.asarray(rng.standard_normal(shape, dtype=dtype))
+    a[a == 0] = 1
+    return a
+
+
+def all_arrays(opt: fastrms.Optimizer) -> dict[str, np.ndarray]:
+    """Every array an optimizer owns or updates: its parameters and each state array."""
+    arrays = {f"param{i}": p for i, p in enumerate(opt._params)}
+    for name, per_param in opt.state.items():
+        for i, a in enumerate(per_param):
+            if a is not None:
+                arrays[f"{name}{i}"] = a
+    return arrays
+
+
+def assert_same_bits(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
+    """Equal shape, dtype and bytes (stricter than ``assert_array_equal``: tells -0.0 from
+    0.0 and compares NaN payloads)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    if actual.tobytes() != expected.tobytes():
+        np.testing.assert_array_equal(actual, expected, err_msg=what, strict=True)
+        raise AssertionError(f"{what}: equal values but different bits (signed zero or NaN)")
+
+
+class Snapshot:
+    """Copies of arrays, to check later that not one bit of them changed."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+        self.copies = {k: np.array(a, copy=True) for k, a in arrays.items()}
+
+    def assert_unchanged(self) -> None:
+        for k, a in self.arrays.items():
+            assert_same_bits(a, self.copies[k], k)
+
+
+#: Tolerance of the comparisons with other implementations (PyTorch, the formulas written out
+#: in the tests), in units of the dtype's machine epsilon: 16 ulps is rtol 1.9e-6 in float32,
+#: 3.6e-15 in float64. PyTorch evaluates some expressions in another order (``lerp`` for the
+#: running means, ``addcmul``/``addcdiv`` fold the scalar differently), which costs an ulp or
+#: two per step; the running averages forget old errors, so they do not pile up. Measured as
+#: |ours - torch| / (max|torch| + |torch|): at most 2.2 ulps over the parity tests (float32,
+#: centered RMSprop's grad_avg), and 7.2 ulps in a harsher trial (60 steps, 3000 elements,
+#: 3 seeds). 16 leaves room for another CPU's vector code (FMA), while every semantic slip
+#: we tried is off by more than 1e11 ulps (test_torch_parity.py::test_tolerance_rejects_...).
+ULPS = 16
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
+    """Equal to within ``ULPS`` ulps of ``expected``'s largest magnitude (atol) or of each
+    element (rtol). The absolute part is needed: where a running average nears zero through
+    cancellation (grad_avg, momentum buffers), an error of one ulp of its scale is a large
+    relative error of that element."""
+    tol = ULPS * np.finfo(expected.dtype).eps
+    finite = expected[np.isfinite(expected)]  # NaN and Inf must match exactly (see NaN tests)
+    scale = float(np.max(np.abs(finite), initial=0.0)) or 1.0
+    assert actual.dtype == expected.dtype, what
+    with np.errstate(invalid="ignore"):  # inf - inf: such elements are compared below
+        within = np.abs(actual - expected) <= tol * (scale + np.abs(expected))
+    if not within.all():  # also where NaN or Inf are: let NumPy compare and explain
+        np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
