@@ -16,6 +16,7 @@ these to check every parameter of a step before updating any.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -45,6 +46,7 @@ SCALARS = {
     ),
     "sgd": ("lr", "weight_decay", "sign", "momentum", "1 - dampening", "momentum"),
 }  # fmt: skip
+_EPS_SLOT = {rule: names.index("eps") for rule, names in SCALARS.items() if "eps" in names}
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
@@ -81,30 +83,48 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
         named[name] = state[name]
     info = check_arrays(named, ("param", *setup.state))
     chosen, auto = dispatch.resolve(backend, info.kind)
-    if info.dtype == np.float32:
+    if info.dtype.type is np.float32:
         _check_fits_float32(setup)
-    p = chosen.view(param)
+    view = chosen.view
+    p = view(param)
     # A state array that the options leave unused is passed as the parameter: the rule never
     # reads it, and the tuple keeps one type, so each option combination compiles once.
-    arrays = (p, chosen.view(grad)) + tuple(
-        chosen.view(named[s]) if s in named else p for s in SLOTS[setup.rule]
-    )
-    return Plan(chosen, auto, setup, arrays, tuple(np.array(setup.scalars, info.dtype)))
+    arrays = (p, view(grad), *[view(named[s]) if s in named else p for s in SLOTS[setup.rule]])
+    return Plan(chosen, auto, setup, arrays, _cast(setup.scalars, info.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _cast(scalars: tuple, dtype: np.dtype) -> tuple:
+    """The scalars as NumPy scalars of the arrays' dtype (cached: a loop reuses them)."""
+    return tuple(np.array(scalars, dtype))
+
+
+def _by_value(check):
+    """Cache a hyperparameter check by its arguments' values and types (1, 1.0 and True are
+    different keys), so a training loop pays for the checks once. Unhashable arguments (a
+    list, an array) are checked every time."""
+    cached = functools.lru_cache(maxsize=1024, typed=True)(check)
+
+    @functools.wraps(check)
+    def checked(*args):
+        try:
+            hash(args)
+        except TypeError:
+            return check(*args)
+        return cached(*args)
+
+    return checked
 
 
 def _check_fits_float32(setup: Setup) -> None:
     """Hyperparameters valid in float64 can still overflow float32, or eps underflow to 0."""
     scalars = setup.scalars
-    if max(map(abs, scalars)) <= _F32_MAX and not 0 < _eps(setup) < _F32_TINY:
+    eps = scalars[_EPS_SLOT[setup.rule]] if setup.rule in _EPS_SLOT else 1.0
+    if max(map(abs, scalars)) <= _F32_MAX and not 0 < eps < _F32_TINY:
         return
     for name, x in zip(SCALARS[setup.rule], scalars):
         if abs(x) > _F32_MAX or (name == "eps" and np.float32(x) == 0):
             raise ValueError(f"{name} = {x!r} does not fit in float32, the arrays' dtype")
-
-
-def _eps(setup: Setup) -> float:
-    names = SCALARS[setup.rule]
-    return setup.scalars[names.index("eps")] if "eps" in names else 1.0
 
 
 def _sign(maximize) -> float:
@@ -123,6 +143,11 @@ def rmsprop_setup(
     maximize: bool = False,
 ) -> Setup:
     """Check RMSProp's hyperparameters (see :func:`rmsprop`)."""
+    return _rmsprop_setup(lr, alpha, eps, weight_decay, momentum, centered, eps_in_sqrt, maximize)
+
+
+@_by_value
+def _rmsprop_setup(lr, alpha, eps, weight_decay, momentum, centered, eps_in_sqrt, maximize):
     lr = hyper.nonneg("lr", lr)
     alpha = hyper.real("alpha", alpha, 0.0, 1.0)
     eps = hyper.positive("eps", eps)
@@ -200,14 +225,22 @@ def adagrad_setup(
 ) -> Setup:
     """Check AdaGrad's hyperparameters (see :func:`adagrad`)."""
     step = hyper.step("step", step)
-    lr = hyper.nonneg("lr", lr)
-    lr_decay = hyper.nonneg("lr_decay", lr_decay)
-    weight_decay = hyper.nonneg("weight_decay", weight_decay)
-    eps = hyper.positive("eps", eps)
-    eps_in_sqrt = hyper.flag("eps_in_sqrt", eps_in_sqrt)
+    lr, lr_decay, weight_decay, eps, eps_in_sqrt, sign = _adagrad_checked(
+        lr, lr_decay, weight_decay, eps, eps_in_sqrt, maximize
+    )
     clr = lr / (1 + (step - 1) * lr_decay)
-    return Setup(
-        "adagrad", (eps_in_sqrt,), (clr, eps, weight_decay, _sign(maximize)), ("state_sum",)
+    return Setup("adagrad", (eps_in_sqrt,), (clr, eps, weight_decay, sign), ("state_sum",))
+
+
+@_by_value
+def _adagrad_checked(lr, lr_decay, weight_decay, eps, eps_in_sqrt, maximize):
+    return (
+        hyper.nonneg("lr", lr),
+        hyper.nonneg("lr_decay", lr_decay),
+        hyper.nonneg("weight_decay", weight_decay),
+        hyper.positive("eps", eps),
+        hyper.flag("eps_in_sqrt", eps_in_sqrt),
+        _sign(maximize),
     )
 
 
@@ -252,12 +285,9 @@ def adam_setup(
 ) -> Setup:
     """Check Adam's hyperparameters (see :func:`adam`)."""
     step = hyper.step("step", step)
-    lr = hyper.nonneg("lr", lr)
-    beta1, beta2 = hyper.betas("betas", betas)
-    eps = hyper.positive("eps", eps)
-    weight_decay = hyper.nonneg("weight_decay", weight_decay)
-    amsgrad = hyper.flag("amsgrad", amsgrad)
-    decoupled = hyper.flag("decoupled_weight_decay", decoupled_weight_decay)
+    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, sign = _adam_checked(
+        lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize
+    )
     scalars = (
         lr / (1 - beta1**step),
         math.sqrt(1 - beta2**step),
@@ -268,10 +298,23 @@ def adam_setup(
         eps,
         0.0 if decoupled else weight_decay,
         1 - lr * weight_decay if decoupled else 1.0,
-        _sign(maximize),
+        sign,
     )
     state = ("exp_avg", "exp_avg_sq") + ("max_exp_avg_sq",) * amsgrad
     return Setup("adam", (amsgrad,), scalars, state)
+
+
+@_by_value
+def _adam_checked(lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize):
+    return (
+        hyper.nonneg("lr", lr),
+        *hyper.betas("betas", betas),
+        hyper.positive("eps", eps),
+        hyper.nonneg("weight_decay", weight_decay),
+        hyper.flag("amsgrad", amsgrad),
+        hyper.flag("decoupled_weight_decay", decoupled_weight_decay),
+        _sign(maximize),
+    )
 
 
 def adam(
@@ -368,25 +411,38 @@ def sgd_setup(
 ) -> Setup:
     """Check SGD's hyperparameters (see :func:`sgd`)."""
     step = hyper.step("step", step)
-    lr = hyper.nonneg("lr", lr)
-    momentum = hyper.nonneg("momentum", momentum)
-    dampening = hyper.real("dampening", dampening, 0.0, 1.0)
-    weight_decay = hyper.nonneg("weight_decay", weight_decay)
-    nesterov = hyper.flag("nesterov", nesterov)
-    if nesterov and (momentum == 0 or dampening != 0):
-        raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+    lr, momentum, dampening, weight_decay, nesterov, sign = _sgd_checked(
+        lr, momentum, dampening, weight_decay, nesterov, maximize
+    )
     use_momentum = momentum > 0
     first = step == 1  # PyTorch starts the buffer at the gradient itself: b = 0*b + 1*g
     scalars = (
         lr,
         weight_decay,
-        _sign(maximize),
+        sign,
         0.0 if first else momentum,
         1.0 if first else 1 - dampening,
         momentum,
     )
     state = ("momentum_buffer",) * use_momentum
     return Setup("sgd", (use_momentum, nesterov), scalars, state)
+
+
+@_by_value
+def _sgd_checked(lr, momentum, dampening, weight_decay, nesterov, maximize):
+    momentum = hyper.nonneg("momentum", momentum)
+    dampening = hyper.real("dampening", dampening, 0.0, 1.0)
+    nesterov = hyper.flag("nesterov", nesterov)
+    if nesterov and (momentum == 0 or dampening != 0):
+        raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+    return (
+        hyper.nonneg("lr", lr),
+        momentum,
+        dampening,
+        hyper.nonneg("weight_decay", weight_decay),
+        nesterov,
+        _sign(maximize),
+    )
 
 
 def sgd(
