@@ -104,7 +104,8 @@ class Optimizer:
     def _state(self, name: str, i: int):
         arrays = self.state.setdefault(name, [None] * len(self._params))
         if arrays[i] is None:
-            arrays[i] = _full_like(self._params[i], self._initial_value(name))
+            slot = functional.SLOTS[self.rule].index(name) + 1
+            arrays[i] = _full_like(self._params[i], self._initial_value(name), slot)
         return arrays[i]
 
     # -- structure -------------------------------------------------------------------------
@@ -494,10 +495,10 @@ def _backend_of(a):
     return dispatch.get("cuda" if describe(a, "array").kind == DEVICE else "numpy")
 
 
-def _full_like(p, value: float):
+def _full_like(p, value: float, slot: int):
     """A state array like ``p`` on ``p``'s side (host or device), filled with ``value``."""
     backend = _backend_of(p)
-    a = backend.zeros_like(p)
+    a = backend.zeros_like(p, slot)
     if value:
         info = describe(p, "param")
         backend.copy_from_host(a, np.full(info.shape, value, info.dtype))
