@@ -207,7 +207,10 @@ def run(args: argparse.Namespace) -> int:
     backends = args.backends
     if threads == 1:  # "cpu" is then the one-thread variant already
         backends = tuple(b for b in backends if b != "cpu-1t")
-    with B.thread_count(threads):
+    # Timing loops repeat a step on the same arrays; the naive baselines can then reach 0/0 or
+    # sqrt(<0) (as the state saturates) and NumPy would warn for each. Results are checked
+    # once, from a fresh state, before any timing.
+    with B.thread_count(threads), np.errstate(all="ignore"):
         try:
             warm = warm_up(args.algo, backends, threads)
             sweep = measure(args.algo, args.sizes, backends, threads, args.repeat)
