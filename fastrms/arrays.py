@@ -46,7 +46,7 @@ def describe(a: Any, name: str) -> ArrayInfo:
         dtype = np.dtype(cai["typestr"])
         strides = cai.get("strides")
         contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
-        return ArrayInfo(DEVICE, shape, dtype, contiguous, not cai["data"][1], _device_of(a))
+        return ArrayInfo(DEVICE, shape, dtype, contiguous, not cai["data"][1], device_of(a))
     raise TypeError(
         f"{name} must be a NumPy array or a CUDA array (CuPy, PyTorch CUDA tensor, Numba device "
         f"array), got {type(a).__module__}.{type(a).__qualname__}"
@@ -81,7 +81,8 @@ def _c_strides(shape: tuple, itemsize: int) -> tuple:
     return tuple(reversed(strides))
 
 
-def _device_of(a: Any) -> int | None:
+def device_of(a: Any) -> int | None:
+    """The CUDA device ordinal of a device array, where its library says (else None)."""
     device = getattr(a, "device", None)
     for attr in ("index", "id"):  # torch.device.index, cupy.cuda.Device.id
         ordinal = getattr(device, attr, None)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import reference
-from .arrays import DEVICE, HOST
+from .arrays import DEVICE, HOST, device_of
 from .errors import BackendUnavailableError, FallbackWarning
 
 BACKENDS = ("cuda", "cpu", "numpy")
@@ -159,7 +159,7 @@ class _CudaBackend(_Backend):
 
     def launch(self, rule, flags, arrays, hyper):
         self._module()
-        self._kernels.launch(self._rules[rule], flags, arrays, hyper, _stream_of(self, arrays))
+        self._kernels.launch(self._rules[rule], flags, arrays, hyper, _stream_of(arrays))
 
     def view(self, a):
         cuda = self._module()
@@ -172,17 +172,15 @@ class _CudaBackend(_Backend):
     def zeros_like(self, a, slot=0):
         cuda = self._module()
         shape, dtype = _shape_dtype(a)
-        device = _device_ordinal(a)
+        device = device_of(a)
         if device is None or _is_simulator():
             return cuda.to_device(np.zeros(shape, dtype))
         with cuda.gpus[device]:
             return cuda.to_device(np.zeros(shape, dtype))
 
     def to_host(self, a):
-        self._module()
-        if hasattr(a, "copy_to_host"):
-            return a.copy_to_host()
-        return self._module().as_cuda_array(a).copy_to_host()
+        cuda = self._module()
+        return (a if hasattr(a, "copy_to_host") else cuda.as_cuda_array(a)).copy_to_host()
 
     def copy_from_host(self, dst, src):
         self.view(dst).copy_to_device(np.ascontiguousarray(src).reshape(-1))
@@ -242,13 +240,7 @@ def _shape_dtype(a) -> tuple[tuple, np.dtype]:
     return tuple(a.shape), np.dtype(a.dtype)
 
 
-def _device_ordinal(a) -> int | None:
-    from .arrays import _device_of
-
-    return _device_of(a)
-
-
-def _stream_of(backend: _CudaBackend, arrays: tuple):
+def _stream_of(arrays: tuple):
     """The stream the parameter's ``__cuda_array_interface__`` named, else the default one.
 
     ``numba.cuda.as_cuda_array`` keeps that stream on the view it returns.

@@ -15,13 +15,13 @@ A rule updates element ``i`` of its arrays in place::
   :mod:`fastrms.kernels.cuda` bind it as a compile-time constant, so the branches on it are
   folded away and the loop still vectorizes.
 
-The rules index their tuples (``arrays[0]``) rather than unpack them: under
-``inline="always"``, Numba 0.68 drops the writes made through unpacked tuple elements.
 The rules are ``register_jitable(inline="always")`` functions: Numba inlines them into the loop
-in its own IR, where it can drop the reference counting of the unpacked arrays (a plain ``@njit``
-callee is not inlined, so the loop does not vectorize; an LLVM-inlined one keeps an atomic
-incref/decref per element, 20x slower in a serial loop). :mod:`fastrms.kernels.cuda` compiles
-the same functions as CUDA device functions.
+in its own IR, where it can drop the reference counting of the arrays taken from the tuple (a
+plain ``@njit`` callee is not inlined, so the loop does not vectorize; an LLVM-inlined one keeps
+an atomic incref/decref per element, 20x slower in a serial loop). They index their tuples
+(``arrays[0]``) rather than unpack them: under ``inline="always"``, Numba 0.68 drops the writes
+made through unpacked tuple elements. :mod:`fastrms.kernels.cuda` compiles the same functions
+as CUDA device functions.
 
 The NumPy reference in :mod:`fastrms.reference` implements the same updates independently with
 array operations; it is the oracle these rules are tested against.
