@@ -125,11 +125,15 @@ class _CpuBackend(_NumpyBackend):
             return BackendInfo(self.name, False, self._reason)
         import numba
 
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # chosen when the first parallel kernel runs
+            layer = numba.config.THREADING_LAYER
         return BackendInfo(
             self.name,
             True,
             f"numba {numba.__version__}, {numba.get_num_threads()} threads "
-            f"(threading layer: {numba.config.THREADING_LAYER})",
+            f"(threading layer: {layer}; set NUMBA_NUM_THREADS to change)",
         )
 
 
@@ -225,7 +229,7 @@ def _cuda_unavailable_reason(cuda) -> str:
     try:
         cuda.get_current_device()
     except Exception as exc:  # the driver's own words: no driver, no device, ...
-        return f"no usable CUDA driver or device ({exc})"
+        return f"no usable CUDA driver or device ({' '.join(str(exc).split())})"
     return "no usable CUDA driver or device"
 
 

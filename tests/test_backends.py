@@ -191,3 +191,15 @@ def test_one_thread_gives_the_same_result():
     finally:
         numba.set_num_threads(before)
     _assert_same(_run(big, big_grads), one)
+
+
+def test_info_command_lists_backends_and_versions(capsys):
+    from fastrms import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert fastrms.__version__ in out and "numba" in out
+    for name, info in fastrms.backends().items():
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert ("available" if info.available else "unavailable") in line
+        assert info.detail.split("(")[0].strip() in line
