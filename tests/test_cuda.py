@@ -7,11 +7,11 @@ a CUDA device every test here is skipped. Tests marked ``gpu`` need a real devic
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import numpy as np
 import pytest
+from conftest import ALGOS, option_cases
 
 import fastrms
 from fastrms import functional
@@ -27,28 +27,6 @@ gpu = pytest.mark.skipif(SIMULATOR or not CUDA.available, reason="needs a real C
 if CUDA.available:
     from numba import cuda
 
-
-def _grid(**axes):
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
-
-
-# Every algorithm x option combination of the core issue (each flag of the kernels, and each
-# host-side branch: weight decay, maximize, dampening, lr_decay, initial accumulator).
-CASES = (
-    [("RMSProp", o) for o in _grid(centered=[False, True], momentum=[0.0, 0.9],
-                                   eps_in_sqrt=[False, True], maximize=[False, True],
-                                   weight_decay=[0.0, 0.1])]
-    + [("AdaGrad", o) for o in _grid(eps_in_sqrt=[False, True], lr_decay=[0.0, 0.05],
-                                     weight_decay=[0.0, 0.1], maximize=[False, True])]
-    + [("AdaGrad", {"initial_accumulator_value": 0.1})]
-    + [("Adam", o) for o in _grid(amsgrad=[False, True], weight_decay=[0.0, 0.1],
-                                  maximize=[False, True])]
-    + [("AdamW", o) for o in _grid(amsgrad=[False, True])]
-    + [("SGD", o) for o in _grid(momentum=[0.0, 0.9], weight_decay=[0.0, 0.1],
-                                 maximize=[False, True])]
-    + [("SGD", {"momentum": 0.9, "dampening": 0.5}), ("SGD", {"momentum": 0.9, "nesterov": True})]
-)  # fmt: skip
 
 # The simulator runs the rules in Python on NumPy scalars: bit-exact with the CPU. A GPU
 # compiler may contract a*b + c into one fused multiply-add (one rounding instead of two), so
@@ -72,7 +50,7 @@ def _data(shape, dtype, steps, seed=0):
 
 
 def _run_both(name, options, shape, dtype, steps=3):
-    cls = getattr(fastrms, name)
+    cls = ALGOS[name].cls
     p, grads = _data(shape, dtype, steps)
     on_device = cls(cuda.to_device(p), **options)
     reference = cls(p.copy(), backend="numpy", **options)
@@ -83,7 +61,7 @@ def _run_both(name, options, shape, dtype, steps=3):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("name", "options"), CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize(("name", "options"), option_cases())
 def test_every_option_matches_reference(name, options, dtype):
     on_device, reference = _run_both(name, options, (97,), dtype)
     _close(on_device._params[0].copy_to_host(), reference._params[0])
@@ -96,14 +74,14 @@ def test_every_option_matches_reference(name, options, dtype):
 def test_shapes_and_grid_stride(shape):
     # 4096 elements exceed one wave of the simulator's grid (8 blocks x 256 threads), so the
     # grid-stride loop must cover the rest.
-    on_device, reference = _run_both("Adam", {"amsgrad": True}, shape, np.float32, steps=2)
+    on_device, reference = _run_both("adam", {"amsgrad": True}, shape, np.float32, steps=2)
     out = on_device._params[0].copy_to_host()
     assert out.shape == shape
     _close(out, reference._params[0])
 
 
 def test_state_lives_on_device_and_state_dict_is_host_numpy():
-    on_device, reference = _run_both("RMSProp", {"centered": True, "momentum": 0.9}, (50,),
+    on_device, reference = _run_both("rmsprop", {"centered": True, "momentum": 0.9}, (50,),
                                      np.float32)  # fmt: skip
     for arrays in on_device.state.values():
         assert fastrms.arrays.is_device_array(arrays[0])
