@@ -41,7 +41,7 @@ SCALARS = {
     "rmsprop": ("lr", "alpha", "1 - alpha", "eps", "weight_decay", "sign", "momentum"),
     "adagrad": ("lr / (1 + (step - 1) * lr_decay)", "eps", "weight_decay", "sign"),
     "adam": (
-        "lr / (1 - beta1**step)", "sqrt(1 - beta2**step)", "beta1", "1 - beta1", "beta2",
+        "lr / (1 - beta1**step)", "1 / sqrt(1 - beta2**step)", "beta1", "1 - beta1", "beta2",
         "1 - beta2", "eps", "weight_decay", "1 - lr * weight_decay", "sign",
     ),
     "sgd": ("lr", "weight_decay", "sign", "momentum", "1 - dampening", "momentum"),
@@ -290,7 +290,7 @@ def adam_setup(
     )
     scalars = (
         lr / (1 - beta1**step),
-        math.sqrt(1 - beta2**step),
+        1 / math.sqrt(1 - beta2**step),
         beta1,
         1 - beta1,
         beta2,

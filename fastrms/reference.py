@@ -97,7 +97,7 @@ def adam(arrays, hyper, flags):
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = arrays
     (
         step_size,
-        bias_correction2_sqrt,
+        inv_bias_correction2_sqrt,
         beta1,
         one_minus_beta1,
         beta2,
@@ -124,7 +124,7 @@ def adam(arrays, hyper, flags):
             np.maximum(vmax, v, out=vmax)
             v = vmax
         np.sqrt(v, out=d)
-        np.divide(d, bias_correction2_sqrt, out=d)
+        np.multiply(d, inv_bias_correction2_sqrt, out=d)
         np.add(d, eps, out=d)
         np.multiply(m, step_size, out=t)
         np.divide(t, d, out=t)
