@@ -135,18 +135,21 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _algos(text: str) -> tuple[str, ...]:
+def _names(text: str, table: dict, what: str) -> tuple[str, ...]:
+    """Comma-separated names from ``table`` ("all" for every one)."""
     if text == "all":
-        return tuple(B.ALGOS)
-    if text == "none":
-        return ()
+        return tuple(table)
     names = _split(text)
-    unknown = [a for a in names if a not in B.ALGOS]
+    unknown = [a for a in names if a not in table]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown algorithm {', '.join(unknown) or text!r}; choose from {', '.join(B.ALGOS)}"
+            f"unknown {what} {', '.join(unknown) or text!r}; choose from {', '.join(table)}"
         )
     return tuple(names)
+
+
+def _algos(text: str) -> tuple[str, ...]:
+    return () if text == "none" else _names(text, B.ALGOS, "algorithm")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -165,15 +168,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def _variants(text: str) -> tuple[str, ...]:
-    if text == "all":
-        return tuple(B.VARIANTS)
-    names = _split(text)
-    unknown = [v for v in names if v not in B.VARIANTS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown backend {', '.join(unknown) or text!r}; choose from {', '.join(B.VARIANTS)}"
-        )
-    return tuple(names)
+    return _names(text, B.VARIANTS, "backend")
 
 
 def _positive_int(text: str) -> int:
