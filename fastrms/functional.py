@@ -83,19 +83,21 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
         named[name] = state[name]
     info = check_arrays(named, ("param", *setup.state))
     chosen, auto = dispatch.resolve(backend, info.kind)
-    if info.dtype.type is np.float32:
-        _check_fits_float32(setup)
+    hyper = _cast(setup.rule, setup.scalars, info.dtype)
     view = chosen.view
     p = view(param)
     # A state array that the options leave unused is passed as the parameter: the rule never
     # reads it, and the tuple keeps one type, so each option combination compiles once.
     arrays = (p, view(grad), *[view(named[s]) if s in named else p for s in SLOTS[setup.rule]])
-    return Plan(chosen, auto, setup, arrays, _cast(setup.scalars, info.dtype))
+    return Plan(chosen, auto, setup, arrays, hyper)
 
 
 @functools.lru_cache(maxsize=256)
-def _cast(scalars: tuple, dtype: np.dtype) -> tuple:
-    """The scalars as NumPy scalars of the arrays' dtype (cached: a loop reuses them)."""
+def _cast(rule: str, scalars: tuple, dtype: np.dtype) -> tuple:
+    """The scalars as NumPy scalars of the arrays' dtype, checked to fit in it (cached: a
+    training loop reuses them; a refusal raises and so is not cached)."""
+    if dtype.type is np.float32:
+        _check_fits_float32(rule, scalars)
     return tuple(np.array(scalars, dtype))
 
 
@@ -116,13 +118,12 @@ def _by_value(check):
     return checked
 
 
-def _check_fits_float32(setup: Setup) -> None:
+def _check_fits_float32(rule: str, scalars: tuple) -> None:
     """Hyperparameters valid in float64 can still overflow float32, or eps underflow to 0."""
-    scalars = setup.scalars
-    eps = scalars[_EPS_SLOT[setup.rule]] if setup.rule in _EPS_SLOT else 1.0
+    eps = scalars[_EPS_SLOT[rule]] if rule in _EPS_SLOT else 1.0
     if max(map(abs, scalars)) <= _F32_MAX and not 0 < eps < _F32_TINY:
         return
-    for name, x in zip(SCALARS[setup.rule], scalars):
+    for name, x in zip(SCALARS[rule], scalars):
         if abs(x) > _F32_MAX or (name == "eps" and np.float32(x) == 0):
             raise ValueError(f"{name} = {x!r} does not fit in float32, the arrays' dtype")
 

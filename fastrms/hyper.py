@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 
 
 def real(
@@ -45,9 +45,9 @@ def flag(name: str, x) -> bool:
 
 
 def step(name: str, t) -> int:
-    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+    if isinstance(t, bool) or not isinstance(t, Integral) or t < 1:
         raise ValueError(f"{name} must be an int >= 1 (the step being taken), got {t!r}")
-    return t
+    return int(t)
 
 
 def betas(name: str, b) -> tuple[float, float]:
