@@ -482,3 +482,75 @@ def sgd(
     """
     setup = sgd_setup(step=step, **options)
     plan(setup, param, grad, {"momentum_buffer": momentum_buffer}, backend).run()
+
+
+# -- many parameters in one call -------------------------------------------------------------
+
+#: The optimizers :func:`multi_tensor_step` knows, and how each checks its hyperparameters.
+_MULTI_SETUPS = {
+    "rmsprop": lambda step, **o: rmsprop_setup(**o),
+    "adagrad": adagrad_setup,
+    "adam": adam_setup,
+    "adamw": lambda step, weight_decay=1e-2, **o: adam_setup(
+        step=step, weight_decay=weight_decay, decoupled_weight_decay=True, **o
+    ),
+    "sgd": sgd_setup,
+}
+
+
+def multi_tensor_step(
+    optimizer: str,
+    params: list,
+    grads: list,
+    state: dict[str, list],
+    *,
+    step: int = 1,
+    backend: str = "auto",
+    **hyperparameters,
+) -> None:
+    """One step of ``optimizer`` over many parameters at once, in place.
+
+    Parameters
+    ----------
+    optimizer : {"rmsprop", "adagrad", "adam", "adamw", "sgd"}
+        The update rule; its formula is in the docstring of the function of that name.
+    params, grads : sequence of arrays
+        ``grads[i]`` is the gradient of ``params[i]``; the arrays may differ in size, shape and
+        dtype (each must match its own parameter).
+    state : dict of str -> sequence of arrays
+        For each state array the options use (e.g. ``"exp_avg"``, ``"exp_avg_sq"``), one array
+        per parameter, updated in place.
+    step : int
+        The step being taken, counting from 1 (bias corrections, AdaGrad's decayed lr).
+    backend : {"auto", "cuda", "cpu", "numpy"}
+        See :mod:`fastrms.dispatch`.
+    **hyperparameters
+        As for the single-array function of ``optimizer``.
+
+    Every array of every parameter is checked before anything is written: a bad argument
+    raises ``TypeError``/``ValueError`` naming it (``params[3]``, ``exp_avg[3]``) and changes
+    nothing.
+    """
+    if optimizer not in _MULTI_SETUPS:
+        raise ValueError(f"optimizer must be one of {tuple(_MULTI_SETUPS)}, got {optimizer!r}")
+    if len(grads) != len(params):
+        raise ValueError(f"grads has {len(grads)} arrays but params has {len(params)}")
+    setup = _MULTI_SETUPS[optimizer](step=step, **hyperparameters)
+    for name in setup.state:
+        if len(state.get(name) or ()) != len(params):
+            raise ValueError(f"state[{name!r}] must hold one array per parameter")
+    plans = []
+    labelled = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        arrays = {name: state[name][i] for name in setup.state}
+        try:
+            plans.append(plan(setup, p, g, arrays, backend))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"params[{i}]: {exc}") from None
+        labelled += [(f"params[{i}]", p, True), (f"grads[{i}]", g, False)]
+        labelled += [(f"{name}[{i}]", a, True) for name, a in arrays.items()]
+    from .optim import _check_no_overlap
+
+    _check_no_overlap(labelled)
+    for pl in plans:
+        pl.run()
