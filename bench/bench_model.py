@@ -1,39 +1,42 @@
-"""Adam over a model's parameter tensors: GPT-2's shapes, per-tensor fastrms against torch.
+"""One step over a model's parameter tensors: fastrms's grouped step against its per-array
+calls, torch.optim fused and foreach, and the per-tensor and flat same-pattern ceilings.
 
-``gpt2-tiny`` (the same structure, scaled down) always; GPT-2 small with ``--bench-large``.
+The MLP and ``gpt2-tiny`` always; ResNet-50 and GPT-2 small with ``--bench-large``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 
 from fastrms import benchmarks as B
+from fastrms import models as M
 
 
 @functools.lru_cache(maxsize=1)
-def _model(model: str):
-    tensors = B.model_arrays(B.gpt2_shapes(**B.MODELS[model]))
-    return tensors, B.model_reference(tensors)
+def _model(model: str, algo: str):
+    tensors = M.model_arrays(M.MODELS[model]())
+    return tensors, M.model_reference(B.ALGOS[algo], tensors)
 
 
 def test_model(benchmark, record, threads, model_case):
-    model, variant = model_case
-    tensors, expected = _model(model)
-    fresh = {k: {"param": t["param"].copy(), "grad": t["grad"]} for k, t in tensors.items()}
-    if variant == "ceiling":
-        runner = B.model_ceiling(fresh)
+    model, algo_name, variant = model_case
+    algo = B.ALGOS[algo_name]
+    tensors, expected = _model(model, algo_name)
+    fresh = M.fresh_copies(tensors)
+    if variant in M.CEILINGS:
+        runner = M.model_ceiling(algo, fresh, flat=variant == "ceiling-flat")
     else:
-        v = B.MODEL_VARIANTS[variant]
-        why = v.why_not()
+        v = M.MODEL_VARIANTS[variant]
+        why = v.why_not(algo)
         if why:
             pytest.skip(why)
-        runner = v.build(fresh, threads)
+        runner = v.build(algo, fresh, threads)
         runner.step()
-        problem = B.model_check(v, runner.result(), expected)
+        problem = M.model_check(v, runner.result(), expected)
         assert problem is None, f"{v.label}, {model}: {problem}"
-    size = sum(math.prod(t["param"].shape) for t in tensors.values())
-    record(model, variant, B.MODEL_BYTES_PER_ELEMENT * size, tensors=len(tensors), size=size)
+    size = M.model_size(M.MODELS[model]())
+    group = f"{model}-{algo_name}"
+    record(group, variant, algo.bytes_per_element() * size, tensors=len(tensors), size=size)
     benchmark(runner.step)

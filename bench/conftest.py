@@ -10,7 +10,8 @@ Timings::
 
 In an ordinary test run (``--benchmark-disable``), each case runs once: a smoke test.
 Results are grouped per (algorithm, n); the summary adds GB/s and % of the same-pattern
-ceiling per group. ``--bench-large`` adds n = 5e7 (about 1.5 GB) and GPT-2 small (about 6 GB).
+ceiling per group. ``--bench-large`` adds n = 5e7 (about 1.5 GB), ResNet-50 and GPT-2 small
+(about 6 GB).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections import defaultdict
 import pytest
 
 from fastrms import benchmarks as B
+from fastrms import models as M
 
 #: (group, variant) -> (median seconds, bytes moved per step); filled when timings are taken.
 MEDIANS: dict[tuple[str, str], tuple[float, int]] = {}
@@ -39,11 +41,11 @@ def sizes(config: pytest.Config) -> tuple[int, ...]:
 
 
 def models(config: pytest.Config) -> tuple[str, ...]:
-    return ("gpt2-tiny", "gpt2") if config.getoption("--bench-large") else ("gpt2-tiny",)
+    return tuple(M.MODELS) if config.getoption("--bench-large") else M.SMALL_MODELS
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``step_case`` (algo, n, variant) and ``model_case`` (model, variant).
+    """Parametrize ``step_case`` (algo, n, variant) and ``model_case`` (model, algo, variant).
 
     Steps are ordered algorithm, then size, then variant, so each problem is built once.
     """
@@ -55,8 +57,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         ids = [f"{a}-{n:.0e}-{v}" for a, n, v in cases]
         metafunc.parametrize("step_case", cases, ids=ids)
     if "model_case" in metafunc.fixturenames:
-        cases = [(m, v) for m in models(config) for v in (*B.MODEL_VARIANTS, "ceiling")]
-        metafunc.parametrize("model_case", cases, ids=[f"{m}-{v}" for m, v in cases])
+        cases = [
+            (m, a, v)
+            for m in models(config)
+            for a in M.MODEL_ALGOS
+            for v in (*M.MODEL_VARIANTS, *M.CEILINGS)
+        ]
+        metafunc.parametrize("model_case", cases, ids=[f"{m}-{a}-{v}" for m, a, v in cases])
 
 
 @pytest.fixture(scope="session")

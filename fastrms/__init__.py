@@ -1,4 +1,4 @@
-"""fastrms: fused, in-place optimizer steps (RMSProp, AdaGrad, Adam/AdamW/AMSGrad, SGD).
+"""fastrms: fused, in-place optimizer steps (RMSProp, AdaGrad, Adam/AdamW/AMSGrad, SGD, Lion).
 
 Quick use::
 
@@ -14,7 +14,7 @@ first use and are cached on disk.
 from . import functional
 from .dispatch import BackendInfo, backends
 from .errors import BackendUnavailableError, FallbackWarning
-from .optim import SGD, AdaGrad, Adam, AdamW, Optimizer, RMSProp
+from .optim import SGD, AdaGrad, Adam, AdamW, Lion, Optimizer, RMSProp
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "BackendInfo",
     "BackendUnavailableError",
     "FallbackWarning",
+    "Lion",
     "Optimizer",
     "RMSProp",
     "backends",

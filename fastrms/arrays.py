@@ -163,3 +163,59 @@ def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
             if (name in writes or other in writes) and overlap(a, b):
                 raise ValueError(f"{other} overlaps {name} in memory; pass separate arrays")
     return ref
+
+
+def check_no_overlap(arrays: list[tuple[str, Any, bool]]) -> None:
+    """Raise ValueError if an array that is written overlaps any other array.
+
+    ``arrays`` holds ``(label, array, written)``; gradients (not written) may share memory.
+    One sweep over the arrays sorted by address, so many small tensors stay cheap.
+    """
+    spans = []
+    for label, a, written in arrays:
+        start, nbytes = extent(a)
+        if nbytes:
+            spans.append((start, start + nbytes, label, written))
+    spans.sort(key=lambda s: s[0])
+    reach_any = reach_written = (-1, "")  # furthest end so far, and whose
+    for start, end, label, written in spans:
+        reach, other = reach_any if written else reach_written
+        if start < reach:
+            raise ValueError(f"{label} overlaps {other} in memory; pass separate arrays")
+        if end > reach_any[0]:
+            reach_any = (end, label)
+        if written and end > reach_written[0]:
+            reach_written = (end, label)
+
+
+# NumPy's array object starts with the object header, then its data pointer (``char *data``
+# in numpy/ndarraytypes.h). Reading that word for many arrays in one compiled call is far
+# cheaper than asking each array for its ``__array_interface__``; the offset is checked
+# against the interface on first use, and any surprise falls back to the slow route.
+_DATA_OFFSET = object.__basicsize__
+_fast_addresses: bool | None = None
+
+
+def host_addresses(arrays: list[np.ndarray]) -> np.ndarray:
+    """The data addresses of NumPy arrays (exact ``np.ndarray`` instances), as int64."""
+    global _fast_addresses
+    if _fast_addresses is None:
+        _fast_addresses = _check_fast_addresses()
+    if _fast_addresses:
+        from .kernels.pointers import load_words
+
+        ids = np.fromiter(map(id, arrays), np.int64, len(arrays))
+        return load_words(ids + _DATA_OFFSET)
+    return np.array([a.__array_interface__["data"][0] for a in arrays], np.int64)
+
+
+def _check_fast_addresses() -> bool:
+    try:
+        from .kernels.pointers import load_words
+    except ImportError:
+        return False
+    probes = [np.zeros(3), np.zeros((2, 5), np.float32)[1], np.empty(0, np.float32)]
+    probes = [p for p in probes if type(p) is np.ndarray]
+    ids = np.array([id(p) for p in probes], np.int64)
+    got = load_words(ids + _DATA_OFFSET)
+    return all(int(g) == p.__array_interface__["data"][0] for g, p in zip(got, probes))

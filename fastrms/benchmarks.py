@@ -7,8 +7,7 @@
   ``cuda``). ``variant.build(algo, arrays)`` binds one to a set of arrays as a :class:`Runner`.
 - :func:`ceiling`: the memory ceiling, a Numba loop with the algorithm's read/write pattern.
 - :func:`check`: every variant's result after one step must match the NumPy reference.
-- :func:`gpt2_shapes` and :data:`MODEL_VARIANTS`: the model-shaped workload (Adam over the
-  parameter tensors of GPT-2 small).
+- :mod:`fastrms.models` holds the model-shaped workloads (steps over a model's tensors).
 - :data:`TARGETS`: what the report checks at n = 10**7.
 
 Every variant steps from the same state: random parameters, gradients and moments (second
@@ -312,7 +311,7 @@ def _backend_problem(name: str) -> str | None:
     return None if info.available else " ".join(info.detail.split())
 
 
-def _cpu_why_not(algo: Algo) -> str | None:
+def cpu_why_not(algo: Algo) -> str | None:
     return _backend_problem("cpu")
 
 
@@ -329,7 +328,7 @@ def import_torch():
     return torch
 
 
-def _torch_why_not(mode: str) -> Callable[[Algo], str | None]:
+def torch_why_not(mode: str) -> Callable[[Algo], str | None]:
     def why_not(algo: Algo) -> str | None:
         torch = import_torch()
         if torch is None:
@@ -343,7 +342,7 @@ def _torch_why_not(mode: str) -> Callable[[Algo], str | None]:
 
 
 #: fastrms state names that torch.optim calls otherwise.
-_TORCH_STATE = {"state_sum": "sum"}
+TORCH_STATE = {"state_sum": "sum"}
 
 
 def _torch_build(mode: str):
@@ -352,7 +351,7 @@ def _torch_build(mode: str):
         p = torch.from_numpy(arrays["param"])  # shares memory: the step updates ``arrays``
         p.grad = torch.from_numpy(arrays["grad"])
         opt = getattr(torch.optim, algo.torch_class)([p], **algo.options, **{mode: True})
-        state = {_TORCH_STATE.get(s, s): torch.from_numpy(arrays[s]) for s in algo.state}
+        state = {TORCH_STATE.get(s, s): torch.from_numpy(arrays[s]) for s in algo.state}
         if algo.torch_class != "SGD":
             # torch counts the steps taken; it adds one before using the count.
             state["step"] = torch.tensor(float(STEP - 1), dtype=torch.float32)
@@ -399,7 +398,7 @@ def _cuda_time(launch: Callable[[], None], k: int) -> float:
     return start.elapsed_time(end) / 1e3
 
 
-def _fastmath() -> bool:
+def fastmath() -> bool:
     from .kernels._options import FASTMATH
 
     return FASTMATH
@@ -408,13 +407,13 @@ def _fastmath() -> bool:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("cpu", "fastrms cpu, {threads}", _fastrms_build("cpu"), True, why_not=_cpu_why_not),
+        Variant("cpu", "fastrms cpu, {threads}", _fastrms_build("cpu"), True, why_not=cpu_why_not),
         Variant(
             "cpu-1t",
             "fastrms cpu, 1 thread",
             _fastrms_build("cpu", True),
             True,
-            why_not=_cpu_why_not,
+            why_not=cpu_why_not,
         ),
         Variant("numpy", "fastrms numpy", _fastrms_build("numpy"), True),
         Variant("naive", "naive NumPy", _naive_build),
@@ -422,10 +421,10 @@ VARIANTS: dict[str, Variant] = {
             "torch-foreach",
             "torch foreach",
             _torch_build("foreach"),
-            why_not=_torch_why_not("foreach"),
+            why_not=torch_why_not("foreach"),
         ),
         Variant(
-            "torch-fused", "torch fused", _torch_build("fused"), why_not=_torch_why_not("fused")
+            "torch-fused", "torch fused", _torch_build("fused"), why_not=torch_why_not("fused")
         ),
         Variant("cuda", "fastrms cuda", _cuda_build, device="cuda", why_not=_cuda_why_not),
     )
@@ -436,7 +435,7 @@ TORCH_VARIANTS = ("torch-foreach", "torch-fused")
 
 def is_exact(variant: Variant) -> bool:
     """Whether ``variant`` must match the reference bit for bit here (not under fastmath)."""
-    return variant.exact and not (variant.name.startswith("cpu") and _fastmath())
+    return variant.exact and not (variant.name.startswith("cpu") and fastmath())
 
 
 def check(result: Arrays, expected: Arrays, exact: bool) -> str | None:
@@ -625,169 +624,3 @@ TARGETS: tuple[Target, ...] = (
         versus="torch-fused",
     ),  # fmt: skip
 )
-
-
-# -- the model-shaped workload ------------------------------------------------------------------
-
-
-def gpt2_shapes(
-    n_layer: int = 12, n_embd: int = 768, vocab: int = 50257, n_positions: int = 1024
-) -> dict[str, tuple[int, ...]]:
-    """The parameter shapes of GPT-2 (defaults: GPT-2 small, 148 tensors, 124.4M parameters).
-
-    From the published configuration (Radford et al. 2019; Hugging Face ``GPT2Config``):
-    token and position embeddings, per layer two LayerNorms, the attention's fused QKV and
-    output projections, and the MLP's two projections (Conv1D weights are ``(in, out)``), then
-    the final LayerNorm. The output projection is tied to ``wte``, so it adds no tensor.
-    """
-    e = n_embd
-    shapes: dict[str, tuple[int, ...]] = {"wte": (vocab, e), "wpe": (n_positions, e)}
-    for i in range(n_layer):
-        h = f"h.{i}."
-        shapes |= {
-            h + "ln_1.weight": (e,), h + "ln_1.bias": (e,),
-            h + "attn.c_attn.weight": (e, 3 * e), h + "attn.c_attn.bias": (3 * e,),
-            h + "attn.c_proj.weight": (e, e), h + "attn.c_proj.bias": (e,),
-            h + "ln_2.weight": (e,), h + "ln_2.bias": (e,),
-            h + "mlp.c_fc.weight": (e, 4 * e), h + "mlp.c_fc.bias": (4 * e,),
-            h + "mlp.c_proj.weight": (4 * e, e), h + "mlp.c_proj.bias": (e,),
-        }  # fmt: skip
-    shapes |= {"ln_f.weight": (e,), "ln_f.bias": (e,)}
-    return shapes
-
-
-#: Model sizes: GPT-2 small, and a scaled-down one with the same structure for smoke tests.
-MODELS = {
-    "gpt2": {},
-    "gpt2-tiny": {"n_layer": 2, "n_embd": 64, "vocab": 1000, "n_positions": 128},
-}
-#: The model workload's step: Adam, PyTorch's defaults, from zero state (a fresh optimizer).
-MODEL_ADAM = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8}
-MODEL_BYTES_PER_ELEMENT = ALGOS["adam"].bytes_per_element()
-
-
-def model_arrays(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, Arrays]:
-    """Per tensor, a standard-normal ``param`` and ``grad`` of its shape."""
-    rng = np.random.default_rng(seed)
-    return {
-        name: {
-            "param": rng.standard_normal(shape, dtype=DTYPE),
-            "grad": rng.standard_normal(shape, dtype=DTYPE),
-        }
-        for name, shape in shapes.items()
-    }
-
-
-def model_reference(tensors: dict[str, Arrays]) -> dict[str, Arrays]:
-    """Each tensor after one Adam step from zero state, by the NumPy reference backend."""
-    out = {}
-    for name, t in tensors.items():
-        a = {"param": t["param"].copy(), "grad": t["grad"]}
-        a |= {s: np.zeros_like(t["param"]) for s in ("exp_avg", "exp_avg_sq")}
-        functional.adam(
-            a["param"],
-            a["grad"],
-            a["exp_avg"],
-            a["exp_avg_sq"],
-            step=1,
-            backend="numpy",
-            **MODEL_ADAM,
-        )
-        del a["grad"]
-        out[name] = a
-    return out
-
-
-def _model_fastrms(tensors: dict[str, Arrays], threads: int) -> Runner:
-    from .optim import Adam
-
-    params = {k: t["param"] for k, t in tensors.items()}
-    grads = {k: t["grad"] for k, t in tensors.items()}
-    opt = Adam(params, backend="cpu", **MODEL_ADAM)
-
-    def result() -> dict[str, Arrays]:
-        state = {s: dict(zip(params, opt.state[s], strict=True)) for s in ("exp_avg", "exp_avg_sq")}
-        return {k: {"param": p, **{s: state[s][k] for s in state}} for k, p in params.items()}
-
-    return Runner(functools.partial(opt.step, grads), result, keep=opt)
-
-
-def _model_torch(mode: str):
-    def build(tensors: dict[str, Arrays], threads: int) -> Runner:
-        torch = import_torch()
-        params = {}
-        for k, t in tensors.items():
-            p = params[k] = torch.from_numpy(t["param"])
-            p.grad = torch.from_numpy(t["grad"])
-        opt = torch.optim.Adam(list(params.values()), **MODEL_ADAM, **{mode: True})
-
-        def result() -> dict[str, Arrays]:
-            return {
-                k: {
-                    "param": p.numpy(),
-                    **{s: opt.state[p][s].numpy() for s in ("exp_avg", "exp_avg_sq")},
-                }
-                for k, p in params.items()
-            }
-
-        return Runner(opt.step, result, keep=(opt, params))
-
-    return build
-
-
-def model_ceiling(tensors: dict[str, Arrays]) -> Runner:
-    """The Adam-pattern ceiling loop, run per tensor: the bound for per-tensor steps."""
-    algo = ALGOS["adam"]
-    runners = [
-        ceiling(algo, {**t, **{s: np.zeros_like(t["param"]) for s in algo.state}}).step
-        for t in tensors.values()
-    ]
-
-    def step() -> None:
-        for r in runners:
-            r()
-
-    return Runner(step, lambda: {}, keep=runners)
-
-
-@dataclass(frozen=True)
-class ModelVariant:
-    name: str
-    label: str
-    build: Callable[[dict[str, Arrays], int], Runner]
-    why_not: Callable[[], str | None] = lambda: None
-    exact: bool = False
-
-
-MODEL_VARIANTS: dict[str, ModelVariant] = {
-    v.name: v
-    for v in (
-        ModelVariant("cpu", "fastrms.Adam (cpu)", _model_fastrms, exact=True),
-        ModelVariant(
-            "torch-fused",
-            "torch Adam(fused=True)",
-            _model_torch("fused"),
-            lambda: _torch_why_not("fused")(ALGOS["adam"]),
-        ),
-        ModelVariant(
-            "torch-foreach",
-            "torch Adam(foreach=True)",
-            _model_torch("foreach"),
-            lambda: _torch_why_not("foreach")(ALGOS["adam"]),
-        ),
-    )
-}
-
-
-def model_check(
-    variant: ModelVariant, result: dict[str, Arrays], expected: dict[str, Arrays]
-) -> str | None:
-    """As :func:`check`, tensor by tensor; names the first tensor that disagrees."""
-    exact = variant.exact and not _fastmath()
-    for name, want in expected.items():
-        flat = {k: a.reshape(-1) for k, a in want.items()}
-        got = {k: a.reshape(-1) for k, a in result[name].items()}
-        problem = check(got, flat, exact)
-        if problem:
-            return f"tensor {name}: {problem}"
-    return None

@@ -106,11 +106,28 @@ class _CpuBackend(_NumpyBackend):
                     f"the cpu backend is unavailable: {self._reason}"
                 ) from exc
             self._rules = rules.RULES
+            self._cpu = cpu
             self._kernels = cpu.launch
         return self._kernels
 
     def launch(self, rule, flags, arrays, hyper):
         self._launcher()(self._rules[rule], flags, arrays, hyper)
+
+    def grouped_kernels(self, rule: str, flags: tuple) -> tuple[Callable, Callable]:
+        """``(parallel, serial)`` kernels over a table of arrays (see kernels.cpu)."""
+        self._launcher()
+        return self._cpu.grouped_loops(self._rules[rule], flags)
+
+    @property
+    def parallel_threshold(self) -> int:
+        """Below this many elements in all, a step runs on one thread."""
+        self._launcher()
+        return self._cpu.PARALLEL_THRESHOLD
+
+    def threads(self) -> int:
+        import numba
+
+        return numba.get_num_threads()
 
     def compile_error(self, exc: Exception) -> None:
         """Record that a kernel failed to compile here, so ``auto`` stops trying."""
@@ -287,11 +304,12 @@ def resolve(backend: str, kind: str) -> tuple[_Backend, bool]:
             "or copy them to the host first"
         )
     if auto and chosen._reason is not None and chosen.name == "cpu":
-        return _fall_back(chosen._reason), True
+        return fall_back(chosen._reason), True
     return chosen, auto
 
 
-def _fall_back(reason: str) -> _Backend:
+def fall_back(reason: str) -> _Backend:
+    """The NumPy backend, in place of the cpu one that cannot run for ``reason`` (warns once)."""
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(
@@ -325,7 +343,7 @@ def launch(backend: _Backend, auto: bool, rule: str, flags: tuple, arrays: tuple
             raise BackendUnavailableError(
                 f"the cpu backend is unavailable: {backend._reason}"
             ) from exc
-    _fall_back(backend._reason).launch(rule, flags, arrays, hyper)
+    fall_back(backend._reason).launch(rule, flags, arrays, hyper)
 
 
 def backends() -> dict[str, BackendInfo]:

@@ -17,47 +17,25 @@ these to check every parameter of a step before updating any.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import dispatch, hyper
+from . import dispatch, specs
 from .arrays import check_arrays
+from .specs import LAYOUTS, SPECS, Setup
 
 Array = Any  # a NumPy array, or a CUDA array (Numba device array, CuPy, PyTorch CUDA tensor)
 
 #: The state arrays of each rule, in the order the kernels take them (after param and grad).
-SLOTS = {
-    "rmsprop": ("square_avg", "momentum_buffer", "grad_avg"),
-    "adagrad": ("state_sum",),
-    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-    "sgd": ("momentum_buffer",),
-}
-
-
+SLOTS = {name: layout.slots for name, layout in LAYOUTS.items()}
 #: What each rule's host scalars are, in the order the kernels take them.
-SCALARS = {
-    "rmsprop": ("lr", "alpha", "1 - alpha", "eps", "weight_decay", "sign", "momentum"),
-    "adagrad": ("lr / (1 + (step - 1) * lr_decay)", "eps", "weight_decay", "sign"),
-    "adam": (
-        "lr / (1 - beta1**step)", "1 / sqrt(1 - beta2**step)", "beta1", "1 - beta1", "beta2",
-        "1 - beta2", "eps", "weight_decay", "1 - lr * weight_decay", "sign",
-    ),
-    "sgd": ("lr", "weight_decay", "sign", "momentum", "1 - dampening", "momentum"),
-}  # fmt: skip
-_EPS_SLOT = {rule: names.index("eps") for rule, names in SCALARS.items() if "eps" in names}
-_F32_MAX = float(np.finfo(np.float32).max)
-_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+SCALARS = {name: tuple(layout.scalars.values()) for name, layout in LAYOUTS.items()}
 
-
-class Setup(NamedTuple):
-    """A rule's checked hyperparameters for one step."""
-
-    rule: str
-    flags: tuple  # compile-time options of the kernel
-    scalars: tuple  # Python floats, cast to the arrays' dtype by plan()
-    state: tuple  # names of the state arrays these options use
+__all__ = [
+    "Plan", "Setup", "adagrad", "adam", "adamw", "lion", "multi_tensor_step", "plan", "rmsprop",
+    "sgd",
+]  # fmt: skip
 
 
 class Plan(NamedTuple):
@@ -83,7 +61,7 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
         named[name] = state[name]
     info = check_arrays(named, ("param", *setup.state))
     chosen, auto = dispatch.resolve(backend, info.kind)
-    hyper = _cast(setup.rule, setup.scalars, info.dtype)
+    hyper = cast(setup.rule, setup.scalars, info.dtype)
     view = chosen.view
     p = view(param)
     # A state array that the options leave unused is passed as the parameter: the rule never
@@ -93,78 +71,47 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
 
 
 @functools.lru_cache(maxsize=256)
-def _cast(rule: str, scalars: tuple, dtype: np.dtype) -> tuple:
+def cast(rule: str, scalars: tuple, dtype: np.dtype) -> tuple:
     """The scalars as NumPy scalars of the arrays' dtype, checked to fit in it (cached: a
     training loop reuses them; a refusal raises and so is not cached)."""
     if dtype.type is np.float32:
-        _check_fits_float32(rule, scalars)
+        specs.check_fits_float32(LAYOUTS[rule], scalars)
     return tuple(np.array(scalars, dtype))
 
 
-def _by_value(check):
-    """Cache a hyperparameter check by its arguments' values and types (1, 1.0 and True are
-    different keys), so a training loop pays for the checks once. Unhashable arguments (a
-    list, an array) are checked every time."""
-    cached = functools.lru_cache(maxsize=1024, typed=True)(check)
-
-    @functools.wraps(check)
-    def checked(*args):
-        try:
-            hash(args)
-        except TypeError:
-            return check(*args)
-        return cached(*args)
-
-    return checked
+_cast = cast  # the name the tests and benchmarks used
 
 
-def _check_fits_float32(rule: str, scalars: tuple) -> None:
-    """Hyperparameters valid in float64 can still overflow float32, or eps underflow to 0."""
-    eps = scalars[_EPS_SLOT[rule]] if rule in _EPS_SLOT else 1.0
-    if max(map(abs, scalars)) <= _F32_MAX and not 0 < eps < _F32_TINY:
-        return
-    for name, x in zip(SCALARS[rule], scalars):
-        if abs(x) > _F32_MAX or (name == "eps" and np.float32(x) == 0):
-            raise ValueError(f"{name} = {x!r} does not fit in float32, the arrays' dtype")
+def _step(name: str, param, grad, state: dict, backend: str, step: int, options: dict) -> None:
+    spec = SPECS[name]
+    _check_step_options(spec, options)
+    plan(spec.setup(step, **options), param, grad, state, backend).run()
 
 
-def _sign(maximize) -> float:
-    return -1.0 if hyper.flag("maximize", maximize) else 1.0
+def _check_step_options(spec: specs.Spec, options: dict) -> None:
+    if not options.keys() <= set(spec.step_options):
+        unknown = sorted(set(options) - set(spec.step_options))
+        raise TypeError(f"{spec.name} got unexpected keyword arguments {unknown}")
 
 
-def rmsprop_setup(
-    *,
-    lr: float = 1e-2,
-    alpha: float = 0.99,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    centered: bool = False,
-    eps_in_sqrt: bool = False,
-    maximize: bool = False,
-) -> Setup:
+def rmsprop_setup(**options) -> Setup:
     """Check RMSProp's hyperparameters (see :func:`rmsprop`)."""
-    return _rmsprop_setup(lr, alpha, eps, weight_decay, momentum, centered, eps_in_sqrt, maximize)
+    return SPECS["rmsprop"].setup(1, **options)
 
 
-@_by_value
-def _rmsprop_setup(lr, alpha, eps, weight_decay, momentum, centered, eps_in_sqrt, maximize):
-    lr = hyper.nonneg("lr", lr)
-    alpha = hyper.real("alpha", alpha, 0.0, 1.0)
-    eps = hyper.positive("eps", eps)
-    weight_decay = hyper.nonneg("weight_decay", weight_decay)
-    momentum = hyper.nonneg("momentum", momentum)
-    centered = hyper.flag("centered", centered)
-    eps_in_sqrt = hyper.flag("eps_in_sqrt", eps_in_sqrt)
-    sign = _sign(maximize)
-    use_momentum = momentum > 0
-    state = ("square_avg",) + ("momentum_buffer",) * use_momentum + ("grad_avg",) * centered
-    return Setup(
-        "rmsprop",
-        (centered, use_momentum, eps_in_sqrt),
-        (lr, alpha, 1 - alpha, eps, weight_decay, sign, momentum),
-        state,
-    )
+def adagrad_setup(*, step: int, **options) -> Setup:
+    """Check AdaGrad's hyperparameters (see :func:`adagrad`)."""
+    return SPECS["adagrad"].setup(step, **options)
+
+
+def adam_setup(*, step: int, **options) -> Setup:
+    """Check Adam's hyperparameters (see :func:`adam`)."""
+    return SPECS["adam"].setup(step, **options)
+
+
+def sgd_setup(*, step: int, **options) -> Setup:
+    """Check SGD's hyperparameters (see :func:`sgd`)."""
+    return SPECS["sgd"].setup(step, **options)
 
 
 def rmsprop(
@@ -211,38 +158,7 @@ def rmsprop(
         See :mod:`fastrms.dispatch`.
     """
     state = {"square_avg": square_avg, "momentum_buffer": momentum_buffer, "grad_avg": grad_avg}
-    plan(rmsprop_setup(**options), param, grad, state, backend).run()
-
-
-def adagrad_setup(
-    *,
-    step: int,
-    lr: float = 1e-2,
-    lr_decay: float = 0.0,
-    weight_decay: float = 0.0,
-    eps: float = 1e-10,
-    eps_in_sqrt: bool = False,
-    maximize: bool = False,
-) -> Setup:
-    """Check AdaGrad's hyperparameters (see :func:`adagrad`)."""
-    step = hyper.step("step", step)
-    lr, lr_decay, weight_decay, eps, eps_in_sqrt, sign = _adagrad_checked(
-        lr, lr_decay, weight_decay, eps, eps_in_sqrt, maximize
-    )
-    clr = lr / (1 + (step - 1) * lr_decay)
-    return Setup("adagrad", (eps_in_sqrt,), (clr, eps, weight_decay, sign), ("state_sum",))
-
-
-@_by_value
-def _adagrad_checked(lr, lr_decay, weight_decay, eps, eps_in_sqrt, maximize):
-    return (
-        hyper.nonneg("lr", lr),
-        hyper.nonneg("lr_decay", lr_decay),
-        hyper.nonneg("weight_decay", weight_decay),
-        hyper.positive("eps", eps),
-        hyper.flag("eps_in_sqrt", eps_in_sqrt),
-        _sign(maximize),
-    )
+    _step("rmsprop", param, grad, state, backend, 1, options)
 
 
 def adagrad(
@@ -269,53 +185,7 @@ def adagrad(
     eps_in_sqrt, maximize, backend
         As in :func:`rmsprop`.
     """
-    setup = adagrad_setup(step=step, **options)
-    plan(setup, param, grad, {"state_sum": state_sum}, backend).run()
-
-
-def adam_setup(
-    *,
-    step: int,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    amsgrad: bool = False,
-    decoupled_weight_decay: bool = False,
-    maximize: bool = False,
-) -> Setup:
-    """Check Adam's hyperparameters (see :func:`adam`)."""
-    step = hyper.step("step", step)
-    lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled, sign = _adam_checked(
-        lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize
-    )
-    scalars = (
-        lr / (1 - beta1**step),
-        1 / math.sqrt(1 - beta2**step),
-        beta1,
-        1 - beta1,
-        beta2,
-        1 - beta2,
-        eps,
-        0.0 if decoupled else weight_decay,
-        1 - lr * weight_decay if decoupled else 1.0,
-        sign,
-    )
-    state = ("exp_avg", "exp_avg_sq") + ("max_exp_avg_sq",) * amsgrad
-    return Setup("adam", (amsgrad,), scalars, state)
-
-
-@_by_value
-def _adam_checked(lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize):
-    return (
-        hyper.nonneg("lr", lr),
-        *hyper.betas("betas", betas),
-        hyper.positive("eps", eps),
-        hyper.nonneg("weight_decay", weight_decay),
-        hyper.flag("amsgrad", amsgrad),
-        hyper.flag("decoupled_weight_decay", decoupled_weight_decay),
-        _sign(maximize),
-    )
+    _step("adagrad", param, grad, {"state_sum": state_sum}, backend, step, options)
 
 
 def adam(
@@ -359,7 +229,7 @@ def adam(
         As in :func:`rmsprop`.
     """
     state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq}
-    plan(adam_setup(step=step, **options), param, grad, state, backend).run()
+    _step("adam", param, grad, state, backend, step, options)
 
 
 def adamw(
@@ -400,52 +270,6 @@ def adamw(
     )
 
 
-def sgd_setup(
-    *,
-    step: int,
-    lr: float = 1e-3,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    maximize: bool = False,
-) -> Setup:
-    """Check SGD's hyperparameters (see :func:`sgd`)."""
-    step = hyper.step("step", step)
-    lr, momentum, dampening, weight_decay, nesterov, sign = _sgd_checked(
-        lr, momentum, dampening, weight_decay, nesterov, maximize
-    )
-    use_momentum = momentum > 0
-    first = step == 1  # PyTorch starts the buffer at the gradient itself: b = 0*b + 1*g
-    scalars = (
-        lr,
-        weight_decay,
-        sign,
-        0.0 if first else momentum,
-        1.0 if first else 1 - dampening,
-        momentum,
-    )
-    state = ("momentum_buffer",) * use_momentum
-    return Setup("sgd", (use_momentum, nesterov), scalars, state)
-
-
-@_by_value
-def _sgd_checked(lr, momentum, dampening, weight_decay, nesterov, maximize):
-    momentum = hyper.nonneg("momentum", momentum)
-    dampening = hyper.real("dampening", dampening, 0.0, 1.0)
-    nesterov = hyper.flag("nesterov", nesterov)
-    if nesterov and (momentum == 0 or dampening != 0):
-        raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
-    return (
-        hyper.nonneg("lr", lr),
-        momentum,
-        dampening,
-        hyper.nonneg("weight_decay", weight_decay),
-        nesterov,
-        _sign(maximize),
-    )
-
-
 def sgd(
     param: Array,
     grad: Array,
@@ -480,22 +304,39 @@ def sgd(
     maximize, backend
         As in :func:`rmsprop`.
     """
-    setup = sgd_setup(step=step, **options)
-    plan(setup, param, grad, {"momentum_buffer": momentum_buffer}, backend).run()
+    _step("sgd", param, grad, {"momentum_buffer": momentum_buffer}, backend, step, options)
 
 
-# -- many parameters in one call -------------------------------------------------------------
+def lion(param: Array, grad: Array, exp_avg: Array, *, backend: str = "auto", **options) -> None:
+    """One Lion step, in place (Chen et al. 2023, "Symbolic Discovery of Optimization
+    Algorithms", Algorithm 2; the form of Optax's ``lion`` and of the paper's code).
 
-#: The optimizers :func:`multi_tensor_step` knows, and how each checks its hyperparameters.
-_MULTI_SETUPS = {
-    "rmsprop": lambda step, **o: rmsprop_setup(**o),
-    "adagrad": adagrad_setup,
-    "adam": adam_setup,
-    "adamw": lambda step, weight_decay=1e-2, **o: adam_setup(
-        step=step, weight_decay=weight_decay, decoupled_weight_decay=True, **o
-    ),
-    "sgd": sgd_setup,
-}
+    ::
+
+        g = grad (or -grad if maximize)
+        c = beta1 * m + (1 - beta1) * g
+        p = (1 - lr * weight_decay) * p - lr * sign(c)       (sign(0) = 0)
+        m = beta2 * m + (1 - beta2) * g
+
+    Only the sign of the interpolated momentum is used, so every element moves by exactly
+    ``lr`` (plus decay): use a learning rate 3-10x smaller than AdamW's and a weight decay
+    3-10x larger, as the paper advises.
+
+    Parameters
+    ----------
+    param, grad, exp_avg : array
+        ``exp_avg`` (the momentum ``m``) starts at zero.
+    lr : float
+        Default 1e-4.
+    betas : (float, float)
+        ``(beta1, beta2)``, default ``(0.9, 0.99)``: beta1 interpolates the update's direction,
+        beta2 tracks the momentum.
+    weight_decay : float
+        Decoupled decay rate, as in AdamW; default 0.
+    maximize, backend
+        As in :func:`rmsprop`.
+    """
+    _step("lion", param, grad, {"exp_avg": exp_avg}, backend, 1, options)
 
 
 def multi_tensor_step(
@@ -510,18 +351,25 @@ def multi_tensor_step(
 ) -> None:
     """One step of ``optimizer`` over many parameters at once, in place.
 
+    The arrays are grouped by backend and dtype, and each group runs as one call: one
+    parallel region on the CPU, one launch (or a few) on a GPU. The results are bit for bit
+    those of one single-array call per parameter. To step the same arrays many times, an
+    optimizer class (or :class:`fastrms.grouped.StepPlan`) checks them once instead of on
+    every call.
+
     Parameters
     ----------
-    optimizer : {"rmsprop", "adagrad", "adam", "adamw", "sgd"}
+    optimizer : {"rmsprop", "adagrad", "adam", "adamw", "sgd", "lion"}
         The update rule; its formula is in the docstring of the function of that name.
     params, grads : sequence of arrays
-        ``grads[i]`` is the gradient of ``params[i]``; the arrays may differ in size, shape and
-        dtype (each must match its own parameter).
+        ``grads[i]`` is the gradient of ``params[i]``; the parameters may differ in size,
+        shape and dtype (each gradient must match its own parameter).
     state : dict of str -> sequence of arrays
         For each state array the options use (e.g. ``"exp_avg"``, ``"exp_avg_sq"``), one array
         per parameter, updated in place.
     step : int
-        The step being taken, counting from 1 (bias corrections, AdaGrad's decayed lr).
+        The step being taken, counting from 1 (bias corrections, AdaGrad's decayed lr, SGD's
+        first momentum step).
     backend : {"auto", "cuda", "cpu", "numpy"}
         See :mod:`fastrms.dispatch`.
     **hyperparameters
@@ -531,26 +379,20 @@ def multi_tensor_step(
     raises ``TypeError``/``ValueError`` naming it (``params[3]``, ``exp_avg[3]``) and changes
     nothing.
     """
-    if optimizer not in _MULTI_SETUPS:
-        raise ValueError(f"optimizer must be one of {tuple(_MULTI_SETUPS)}, got {optimizer!r}")
+    from .grouped import StepPlan
+
+    if optimizer not in SPECS:
+        raise ValueError(f"optimizer must be one of {tuple(SPECS)}, got {optimizer!r}")
+    spec = SPECS[optimizer]
+    _check_step_options(spec, hyperparameters)
+    setup = spec.setup(step, **hyperparameters)
     if len(grads) != len(params):
         raise ValueError(f"grads has {len(grads)} arrays but params has {len(params)}")
-    setup = _MULTI_SETUPS[optimizer](step=step, **hyperparameters)
     for name in setup.state:
-        if len(state.get(name) or ()) != len(params):
+        arrays = state.get(name)
+        if arrays is None or len(arrays) != len(params):
             raise ValueError(f"state[{name!r}] must hold one array per parameter")
-    plans = []
-    labelled = []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        arrays = {name: state[name][i] for name in setup.state}
-        try:
-            plans.append(plan(setup, p, g, arrays, backend))
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"params[{i}]: {exc}") from None
-        labelled += [(f"params[{i}]", p, True), (f"grads[{i}]", g, False)]
-        labelled += [(f"{name}[{i}]", a, True) for name, a in arrays.items()]
-    from .optim import _check_no_overlap
-
-    _check_no_overlap(labelled)
-    for pl in plans:
-        pl.run()
+    names = [f"params[{i}]" for i in range(len(params))]
+    StepPlan(setup, list(params), {s: list(state[s]) for s in setup.state}, names, backend).run(
+        list(grads), setup
+    )

@@ -1,31 +1,76 @@
-"""Optimizer classes: they own the state and call :mod:`fastrms.functional` once per array.
+"""Optimizer classes: they own the state and run each step as one grouped call.
 
 Parameters come as one array, a list or tuple of arrays, or a dict of name -> array; ``step``
 takes the gradients in the same structure. Hyperparameters are plain attributes that may be
 changed between steps (``opt.lr = 0.5 * opt.lr``). State starts at zero (AdaGrad: at
 ``initial_accumulator_value``), on the parameters' device, and is created when first needed.
+
+Each class is declared by its :class:`fastrms.specs.Spec`: the hyperparameters, their defaults
+and the constructor's signature come from it. A step reuses a :class:`fastrms.grouped.StepPlan`
+made at the first step (and remade only when the options change which state or kernel is
+used), so it checks only the gradients and the hyperparameters' values.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
-from . import dispatch, functional
-from . import hyper as checks
-from .arrays import DEVICE, FLOAT_DTYPES, describe, extent
+from . import dispatch, specs
+from .arrays import DEVICE, FLOAT_DTYPES, check_no_overlap, describe
+from .grouped import StepPlan
 
 Params = Any  # an array, a list/tuple of arrays, or a dict of str -> array
 
+#: Each optimizer class by its spec's name (``"adam"``: :class:`Adam`), filled as they are made.
+OPTIMIZERS: dict[str, type[Optimizer]] = {}
+
+
+def _init_from(spec: specs.Spec):
+    """An ``__init__(self, params, <hyperparameters>, backend="auto")`` for ``spec``."""
+    P = inspect.Parameter
+    signature = inspect.Signature(
+        [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
+        + [P(h, P.POSITIONAL_OR_KEYWORD, default=spec.defaults[h]) for h in spec.hyperparameters]
+        + [P("backend", P.POSITIONAL_OR_KEYWORD, default="auto")]
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        del values["self"]
+        Optimizer.__init__(self, values.pop("params"), values.pop("backend"), **values)
+
+    __init__.__signature__ = signature
+    return __init__
+
 
 class Optimizer:
-    """Base class: parameter structure, state, steps, and state dicts."""
+    """Base class: parameter structure, state, steps, and state dicts.
 
-    rule: ClassVar[str]
+    A subclass sets ``spec``; its ``__init__`` (``params``, the spec's hyperparameters with
+    their defaults, then ``backend``) is made from the spec unless it defines one.
+    """
+
+    spec: ClassVar[specs.Spec]
     #: Hyperparameter names, in ``__init__`` order; each is an attribute.
     hyperparameters: ClassVar[tuple[str, ...]]
+    rule: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is None:
+            return
+        cls.hyperparameters = spec.hyperparameters
+        cls.rule = spec.rule
+        OPTIMIZERS[spec.name] = cls
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = _init_from(spec)
 
     def __init__(self, params: Params, backend: str = "auto", **hyper: Any) -> None:
         self._structure, self._keys, self._params = _flatten(params, "params")
@@ -40,19 +85,20 @@ class Optimizer:
             setattr(self, name, value)
         self.step_count = 0
         self.state: dict[str, list] = {}
+        self._plan: StepPlan | None = None
+        self._created: list[tuple[str, int]] = []  # state made for a plan not yet run
         self._setup(1, self._hyper())  # check the hyperparameters now, not at the first step
 
-    # -- what each optimizer defines -----------------------------------------------------
-
-    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
+    def _setup(self, step: int, hyper: dict[str, Any]) -> specs.Setup:
         """Check the hyperparameters ``hyper`` and compute the scalars of step ``step``."""
-        raise NotImplementedError
+        return self.spec.setup(step, **hyper)
 
     def _hyper(self) -> dict[str, Any]:
         return {h: getattr(self, h) for h in self.hyperparameters}
 
     def _initial_value(self, state_name: str) -> float:
-        return 0.0
+        option = self.spec.initial.get(state_name)
+        return 0.0 if option is None else float(getattr(self, option))
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -61,50 +107,66 @@ class Optimizer:
 
         Everything is checked first; if anything is wrong, no array is changed.
         """
+        grads = self._grads_of(grads)
+        setup = self._setup(self.step_count + 1, self._hyper())
+        plan = self._plan
+        if plan is None or not plan.matches(setup, self.state, self.backend):
+            plan = self._new_plan(setup)
+        try:
+            plan.run(grads, setup)
+        except (TypeError, ValueError):
+            self._forget_created()
+            raise
+        self._created = []
+        self.step_count += 1
+
+    def _grads_of(self, grads: Params) -> list:
+        if self._structure == "list" and isinstance(grads, (list, tuple)):
+            if len(grads) != len(self._params):
+                raise ValueError(
+                    f"grads has {len(grads)} arrays but params has {len(self._params)}"
+                )
+            return grads if isinstance(grads, list) else list(grads)
         structure, keys, grads = _flatten(grads, "grads")
         self._match(structure, keys)
         if structure == "dict":  # pair by key, whatever the order of the grads dict
             by_key = dict(zip(keys, grads))
             grads = [by_key[k] for k in self._keys]
-        setup = self._setup(self.step_count + 1, self._hyper())
-        created: list[tuple[str, int]] = []
-        try:
-            plans = [self._plan(setup, i, g, created) for i, g in enumerate(grads)]
-            if len(plans) > 1:
-                _check_no_overlap(self._arrays_of(setup, grads))
-        except (TypeError, ValueError):
-            for name, i in created:  # a refused step leaves no trace, new buffers included
-                self.state[name][i] = None
-                if not any(a is not None for a in self.state[name]):
-                    del self.state[name]
-            raise
-        for plan in plans:
-            plan.run()
-        self.step_count += 1
+        return grads
 
-    def _plan(self, setup: functional.Setup, i: int, grad, created: list) -> functional.Plan:
-        state = {}
+    def _new_plan(self, setup: specs.Setup) -> StepPlan:
+        self._plan = None
         for name in setup.state:
-            if self.state.get(name, [None])[i] is None:
-                created.append((name, i))
-            state[name] = self._state(name, i)
+            for i in range(len(self._params)):
+                if self.state.get(name, [None] * len(self._params))[i] is None:
+                    self._created.append((name, i))
+                self._state(name, i)
         try:
-            return functional.plan(setup, self._params[i], grad, state, self.backend)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{self._gnames[i]}: {exc}") from None
+            plan = StepPlan(
+                setup, self._params, {s: self.state[s] for s in setup.state}, self._pnames,
+                self.backend, self._gnames,
+            )  # fmt: skip
+        except (TypeError, ValueError):
+            self._forget_created()
+            raise
+        self._plan = plan
+        return plan
 
-    def _arrays_of(self, setup: functional.Setup, grads: list) -> list[tuple[str, Any, bool]]:
-        """``(label, array, written)`` for every array of the step, for the overlap check."""
-        arrays = []
-        for i, (p, g) in enumerate(zip(self._params, grads)):
-            arrays += [(self._pnames[i], p, True), (self._gnames[i], g, False)]
-            arrays += [(f"{s} of {self._pnames[i]}", self.state[s][i], True) for s in setup.state]
-        return arrays
+    def _forget_created(self) -> None:
+        """A refused step leaves no trace: the state it made is dropped, and its plan."""
+        if not self._created:
+            return
+        for name, i in self._created:
+            self.state[name][i] = None
+            if not any(a is not None for a in self.state[name]):
+                del self.state[name]
+        self._created = []
+        self._plan = None
 
     def _state(self, name: str, i: int):
         arrays = self.state.setdefault(name, [None] * len(self._params))
         if arrays[i] is None:
-            slot = functional.SLOTS[self.rule].index(name) + 1
+            slot = self.spec.layout.slots.index(name) + 1
             arrays[i] = _full_like(self._params[i], self._initial_value(name), slot)
         return arrays[i]
 
@@ -180,7 +242,7 @@ class Optimizer:
         arrays = {}
         # Every buffer these options use must be there; the others of the rule (kept from
         # options switched off since) may be.
-        for s in functional.SLOTS[self.rule]:
+        for s in self.spec.layout.slots:
             for i, p in enumerate(self._params):
                 key = self._state_key(s, i)
                 if key not in sd:
@@ -242,28 +304,7 @@ class RMSProp(Optimizer):
     RMSProp.graves : Chainer's RMSpropGraves preset.
     """
 
-    rule = "rmsprop"
-    hyperparameters = (
-        "lr", "alpha", "eps", "weight_decay", "momentum", "centered", "eps_in_sqrt", "maximize"
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        centered: bool = False,
-        eps_in_sqrt: bool = False,
-        maximize: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(
-            params, backend, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-            momentum=momentum, centered=centered, eps_in_sqrt=eps_in_sqrt, maximize=maximize,
-        )  # fmt: skip
+    spec = specs.RMSPROP
 
     @classmethod
     def graves(
@@ -292,9 +333,6 @@ class RMSProp(Optimizer):
             eps_in_sqrt=True, **options,
         )  # fmt: skip
 
-    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
-        return functional.rmsprop_setup(**hyper)
-
 
 class AdaGrad(Optimizer):
     """AdaGrad, PyTorch's defaults and semantics; eps inside the sqrt on request.
@@ -310,37 +348,7 @@ class AdaGrad(Optimizer):
     ``AdaGrad(p, initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True)``.
     """
 
-    rule = "adagrad"
-    hyperparameters = (
-        "lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "eps_in_sqrt",
-        "maximize",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-2,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
-        eps_in_sqrt: bool = False,
-        maximize: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(
-            params, backend, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, eps=eps,
-            eps_in_sqrt=eps_in_sqrt, maximize=maximize,
-        )  # fmt: skip
-
-    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
-        options = dict(hyper)
-        checks.nonneg("initial_accumulator_value", options.pop("initial_accumulator_value"))
-        return functional.adagrad_setup(step=step, **options)
-
-    def _initial_value(self, state_name: str) -> float:
-        return float(self.initial_accumulator_value)
+    spec = specs.ADAGRAD
 
 
 class Adam(Optimizer):
@@ -354,30 +362,7 @@ class Adam(Optimizer):
         p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
     """
 
-    rule = "adam"
-    hyperparameters = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
-    decoupled_weight_decay: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(
-            params, backend, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, maximize=maximize,
-        )  # fmt: skip
-
-    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
-        return functional.adam_setup(
-            step=step, decoupled_weight_decay=self.decoupled_weight_decay, **hyper
-        )
+    spec = specs.ADAM
 
 
 class AdamW(Adam):
@@ -388,20 +373,7 @@ class AdamW(Adam):
         p = (1 - lr * weight_decay) * p, then the Adam update with g = grad (no L2 term)
     """
 
-    decoupled_weight_decay = True
-
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        maximize: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize, backend)
+    spec = specs.ADAMW
 
 
 class SGD(Optimizer):
@@ -418,27 +390,38 @@ class SGD(Optimizer):
     Sutskever et al. (2013), ``v = momentum * v - lr * grad(x + momentum * v); x = x + v``.
     """
 
-    rule = "sgd"
-    hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    spec = specs.SGD
 
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        maximize: bool = False,
-        backend: str = "auto",
-    ) -> None:
-        super().__init__(
-            params, backend, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-        )  # fmt: skip
 
-    def _setup(self, step: int, hyper: dict[str, Any]) -> functional.Setup:
-        return functional.sgd_setup(step=step, **hyper)
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as in the
+    paper's code and Optax's ``lion``; decoupled weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize)
+        c = beta1 * m + (1 - beta1) * g
+        p = (1 - lr * weight_decay) * p - lr * sign(c)
+        m = beta2 * m + (1 - beta2) * g
+
+    Every element moves by exactly ``lr`` (plus decay): the paper advises a learning rate
+    3-10x smaller than AdamW's and a weight decay 3-10x larger. One state array (``exp_avg``),
+    so a step moves 20 bytes per float32 element, against Adam's 28.
+
+    Parameters
+    ----------
+    params : array, list/tuple of arrays, or dict of str -> array
+    lr : float
+        Default 1e-4.
+    betas : (float, float)
+        Default ``(0.9, 0.99)``.
+    weight_decay : float
+        Decoupled decay rate, default 0.
+    maximize : bool
+    backend : {"auto", "cuda", "cpu", "numpy"}
+    """
+
+    spec = specs.LION
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -465,30 +448,7 @@ def _check_params(params: list, names: list[str]) -> None:
             raise ValueError(f"{name} is not C-contiguous")
         if not info.writeable:
             raise ValueError(f"{name} is read-only; fastrms updates it in place")
-    _check_no_overlap([(name, p, True) for p, name in zip(params, names)])
-
-
-def _check_no_overlap(arrays: list[tuple[str, Any, bool]]) -> None:
-    """Raise ValueError if an array that is written overlaps any other array.
-
-    ``arrays`` holds ``(label, array, written)``; gradients (not written) may share memory.
-    One sweep over the arrays sorted by address, so many small tensors stay cheap.
-    """
-    spans = []
-    for label, a, written in arrays:
-        start, nbytes = extent(a)
-        if nbytes:
-            spans.append((start, start + nbytes, label, written))
-    spans.sort(key=lambda s: s[0])
-    reach_any = reach_written = (-1, "")  # furthest end so far, and whose
-    for start, end, label, written in spans:
-        reach, other = reach_any if written else reach_written
-        if start < reach:
-            raise ValueError(f"{label} overlaps {other} in memory; pass separate arrays")
-        if end > reach_any[0]:
-            reach_any = (end, label)
-        if written and end > reach_written[0]:
-            reach_written = (end, label)
+    check_no_overlap([(name, p, True) for p, name in zip(params, names)])
 
 
 def _backend_of(a):

@@ -1,8 +1,9 @@
 """NumPy versions of every update: the in-place reference backend and the naive textbook ones.
 
-The reference functions (``rmsprop``, ``adagrad``, ``adam``, ``sgd``) take the same
-``(arrays, hyper, flags)`` as the rules in :mod:`fastrms.kernels.rules` and update the arrays in
-place with ``out=`` ufuncs, a chunk at a time, so their scratch space is bounded
+The reference functions (``rmsprop``, ``adagrad``, ``adam``, ``sgd``, ``lion``) take the same
+``(arrays, hyper, flags)`` as the rules in :mod:`fastrms.kernels.rules`, read them by the names
+their :class:`fastrms.specs.Layout` gives, and update the arrays in place with ``out=``
+ufuncs, a chunk at a time, so their scratch space is bounded
 (:data:`CHUNK` elements) whatever the size. They are written independently of the rules, with
 the same operation order, so the compiled kernels must match them bit for bit. They are the
 ``numpy`` backend and the oracle every fast path is tested against.
@@ -14,6 +15,8 @@ They are what the benchmarks call "naive NumPy".
 from __future__ import annotations
 
 import numpy as np
+
+from .specs import LAYOUTS
 
 #: Elements per pass of the reference backend; its scratch space is a few chunks.
 CHUNK = 1 << 14
@@ -46,113 +49,116 @@ def _denominator(d, v, eps, eps_in_sqrt):
 
 
 def rmsprop(arrays, hyper, flags):
-    param, grad, square_avg, momentum_buffer, grad_avg = arrays
-    lr, alpha, one_minus_alpha, eps, weight_decay, sign, momentum = hyper
-    centered, use_momentum, eps_in_sqrt = flags
+    a, h, f = LAYOUTS["rmsprop"].named(arrays, hyper, flags)
+    param = a.param
     for s, (g, d, t) in _passes(param.size, param.dtype, 3):
-        p, v = param[s], square_avg[s]
-        _gradient(g, grad[s], p, sign, weight_decay, t)
-        np.multiply(g, one_minus_alpha, out=t)
+        p, v = param[s], a.square_avg[s]
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_alpha, out=t)
         np.multiply(t, g, out=t)
-        np.multiply(v, alpha, out=v)
+        np.multiply(v, h.alpha, out=v)
         np.add(v, t, out=v)
-        if centered:
-            m = grad_avg[s]
-            np.multiply(g, one_minus_alpha, out=t)
-            np.multiply(m, alpha, out=m)
+        if f.centered:
+            m = a.grad_avg[s]
+            np.multiply(g, h.one_minus_alpha, out=t)
+            np.multiply(m, h.alpha, out=m)
             np.add(m, t, out=m)
             np.multiply(m, m, out=t)
             np.subtract(v, t, out=t)
-            _denominator(d, t, eps, eps_in_sqrt)
+            _denominator(d, t, h.eps, f.eps_in_sqrt)
         else:
-            _denominator(d, v, eps, eps_in_sqrt)
-        if use_momentum:
-            b = momentum_buffer[s]
+            _denominator(d, v, h.eps, f.eps_in_sqrt)
+        if f.use_momentum:
+            b = a.momentum_buffer[s]
             np.divide(g, d, out=d)
-            np.multiply(b, momentum, out=b)
+            np.multiply(b, h.momentum, out=b)
             np.add(b, d, out=b)
-            np.multiply(b, lr, out=t)
+            np.multiply(b, h.lr, out=t)
         else:
-            np.multiply(g, lr, out=t)
+            np.multiply(g, h.lr, out=t)
             np.divide(t, d, out=t)
         np.subtract(p, t, out=p)
 
 
 def adagrad(arrays, hyper, flags):
-    param, grad, state_sum = arrays
-    clr, eps, weight_decay, sign = hyper
-    (eps_in_sqrt,) = flags
+    a, h, f = LAYOUTS["adagrad"].named(arrays, hyper, flags)
+    param = a.param
     for s, (g, d, t) in _passes(param.size, param.dtype, 3):
-        p, acc = param[s], state_sum[s]
-        _gradient(g, grad[s], p, sign, weight_decay, t)
+        p, acc = param[s], a.state_sum[s]
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
         np.multiply(g, g, out=t)
         np.add(acc, t, out=acc)
-        _denominator(d, acc, eps, eps_in_sqrt)
-        np.multiply(g, clr, out=t)
+        _denominator(d, acc, h.eps, f.eps_in_sqrt)
+        np.multiply(g, h.clr, out=t)
         np.divide(t, d, out=t)
         np.subtract(p, t, out=p)
 
 
 def adam(arrays, hyper, flags):
-    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = arrays
-    (
-        step_size,
-        inv_bias_correction2_sqrt,
-        beta1,
-        one_minus_beta1,
-        beta2,
-        one_minus_beta2,
-        eps,
-        weight_decay,
-        decay,
-        sign,
-    ) = hyper
-    (amsgrad,) = flags
+    a, h, f = LAYOUTS["adam"].named(arrays, hyper, flags)
+    param = a.param
     for s, (g, d, t) in _passes(param.size, param.dtype, 3):
-        p, m, v = param[s], exp_avg[s], exp_avg_sq[s]
-        np.multiply(p, decay, out=p)
-        _gradient(g, grad[s], p, sign, weight_decay, t)
-        np.multiply(g, one_minus_beta1, out=t)
-        np.multiply(m, beta1, out=m)
+        p, m, v = param[s], a.exp_avg[s], a.exp_avg_sq[s]
+        np.multiply(p, h.decay, out=p)
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.multiply(m, h.beta1, out=m)
         np.add(m, t, out=m)
-        np.multiply(g, one_minus_beta2, out=t)
+        np.multiply(g, h.one_minus_beta2, out=t)
         np.multiply(t, g, out=t)
-        np.multiply(v, beta2, out=v)
+        np.multiply(v, h.beta2, out=v)
         np.add(v, t, out=v)
-        if amsgrad:
-            vmax = max_exp_avg_sq[s]
+        if f.amsgrad:
+            vmax = a.max_exp_avg_sq[s]
             np.maximum(vmax, v, out=vmax)
             v = vmax
         np.sqrt(v, out=d)
-        np.multiply(d, inv_bias_correction2_sqrt, out=d)
-        np.add(d, eps, out=d)
-        np.multiply(m, step_size, out=t)
+        np.multiply(d, h.inv_bias_correction2_sqrt, out=d)
+        np.add(d, h.eps, out=d)
+        np.multiply(m, h.step_size, out=t)
         np.divide(t, d, out=t)
         np.subtract(p, t, out=p)
 
 
 def sgd(arrays, hyper, flags):
-    param, grad, momentum_buffer = arrays
-    lr, weight_decay, sign, momentum, grad_scale, nesterov_momentum = hyper
-    use_momentum, nesterov = flags
+    a, h, f = LAYOUTS["sgd"].named(arrays, hyper, flags)
+    param = a.param
     for s, (g, t) in _passes(param.size, param.dtype, 2):
         p = param[s]
-        _gradient(g, grad[s], p, sign, weight_decay, t)
-        if use_momentum:
-            b = momentum_buffer[s]
-            np.multiply(g, grad_scale, out=t)
-            np.multiply(b, momentum, out=b)
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        if f.use_momentum:
+            b = a.momentum_buffer[s]
+            np.multiply(g, h.grad_scale, out=t)
+            np.multiply(b, h.momentum, out=b)
             np.add(b, t, out=b)
-            if nesterov:
-                np.multiply(b, nesterov_momentum, out=t)
+            if f.nesterov:
+                np.multiply(b, h.nesterov_momentum, out=t)
                 np.add(g, t, out=g)
             else:
                 np.copyto(g, b)
-        np.multiply(g, lr, out=t)
+        np.multiply(g, h.lr, out=t)
         np.subtract(p, t, out=p)
 
 
-RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd}
+def lion(arrays, hyper, flags):
+    a, h, _ = LAYOUTS["lion"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, c, t) in _passes(param.size, param.dtype, 3):
+        p, m = param[s], a.exp_avg[s]
+        np.multiply(a.grad[s], h.sign, out=g)
+        np.multiply(m, h.beta1, out=c)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.add(c, t, out=c)
+        np.sign(c, out=c)
+        np.multiply(c, h.lr, out=c)
+        np.multiply(p, h.decay, out=p)
+        np.subtract(p, c, out=p)
+        np.multiply(m, h.beta2, out=m)
+        np.multiply(g, h.one_minus_beta2, out=t)
+        np.add(m, t, out=m)
+
+
+RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion}
 
 
 # --- Naive textbook versions (for the benchmarks: what users write by hand) ---------------

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import benchmarks as B
+from . import models as M
 
 #: Target duration of one timing sample; small steps are repeated within a sample to reach it.
 SAMPLE_S = 2e-3
@@ -62,7 +63,8 @@ class Cell:
 class Sweep:
     cells: list[Cell] = field(default_factory=list)
     skipped: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # variant: reason: algos
-    model: dict | None = None
+    models: list[dict] = field(default_factory=list)  # one per (model, algorithm)
+    overhead: dict | None = None  # the Python-side cost of a cached step
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -119,13 +121,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--markdown", action="store_true", help="print the tables as GitHub Markdown")
     p.add_argument(
-        "--gpt2",
-        nargs="?",
-        const="gpt2",
-        choices=tuple(B.MODELS),
-        metavar="MODEL",
-        help="also time Adam over GPT-2 small's 148 parameter tensors (about 6 GB of memory); "
-        "MODEL 'gpt2-tiny' is the same structure scaled down",
+        "--model",
+        type=_models,
+        default=M.SMALL_MODELS,
+        help="comma-separated model-shaped workloads (one step over all of a model's tensors), "
+        f"'all' or 'none' (default: {','.join(M.SMALL_MODELS)}; all: {', '.join(M.MODELS)}; "
+        "resnet50 needs about 1 GB of memory, gpt2 about 6 GB)",
+    )
+    p.add_argument(
+        "--model-algo",
+        type=_model_algos,
+        default=M.MODEL_ALGOS,
+        help=f"algorithms stepped over the models (default: {','.join(M.MODEL_ALGOS)})",
     )
     p.set_defaults(func=run)
     return p
@@ -150,6 +157,14 @@ def _names(text: str, table: dict, what: str) -> tuple[str, ...]:
 
 def _algos(text: str) -> tuple[str, ...]:
     return () if text == "none" else _names(text, B.ALGOS, "algorithm")
+
+
+def _models(text: str) -> tuple[str, ...]:
+    return () if text == "none" else _names(text, M.MODELS, "model")
+
+
+def _model_algos(text: str) -> tuple[str, ...]:
+    return _names(text, B.ALGOS, "algorithm")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -209,8 +224,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             warm = warm_up(args.algo, backends, threads)
             sweep = measure(args.algo, args.sizes, backends, threads, args.repeat)
-            if args.gpt2:
-                sweep.model = measure_model(args.gpt2, backends, threads, args.repeat)
+            if "cpu" in backends and args.model:
+                sweep.overhead = measure_overhead(args.model, args.repeat)
+            for model in args.model:
+                for algo in args.model_algo:
+                    sweep.models.append(measure_model(model, algo, backends, threads, args.repeat))
         except B.WrongResult as exc:
             print(f"fastrms bench: wrong result, stopping: {exc}", file=sys.stderr)
             return 1
@@ -220,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
         "algos": list(args.algo),
         "sizes": list(args.sizes),
         "backends": list(backends),
+        "models": list(args.model),
+        "model_algos": list(args.model_algo),
         "threads": threads,
         "repeat": args.repeat,
         "dtype": str(B.DTYPE),
@@ -353,8 +373,11 @@ def _interleave(runners: dict[str, B.Runner], repeat: int) -> dict[str, tuple[in
     return {k: (inner[k], times[k]) for k in runners}
 
 
-def summarize(cells: list[Cell], devices: dict[str, str] | None = None) -> list[Cell]:
-    """Fill in the derived figures of one group's cells (same algorithm and size)."""
+def summarize(
+    cells: list[Cell], devices: dict[str, str] | None = None, ceiling: str = CEILING
+) -> list[Cell]:
+    """Fill in the derived figures of one group's cells (same algorithm and size); "% ceiling"
+    is against the cell named ``ceiling`` (or the CUDA one, for device variants)."""
     devices = devices or {}
     by_name = {c.variant: c for c in cells}
     for c in cells:
@@ -365,65 +388,133 @@ def summarize(cells: list[Cell], devices: dict[str, str] | None = None) -> list[
     torch = [by_name[t] for t in B.TORCH_VARIANTS if t in by_name]
     fastest_torch = min(torch, key=lambda c: c.median_s) if torch else None
     for c in cells:
-        ceiling_name = "cuda-ceiling" if devices.get(c.variant) == "cuda" else CEILING
+        ceiling_name = "cuda-ceiling" if devices.get(c.variant) == "cuda" else ceiling
         ceil = by_name.get(ceiling_name)
-        if ceil is not None and not c.variant.endswith(CEILING):
+        is_ceiling = CEILING in c.variant
+        if ceil is not None and not is_ceiling:
             c.pct_ceiling = ceil.median_s / c.median_s
-        if "naive" in by_name and not c.variant.endswith(CEILING):
+        if "naive" in by_name and not is_ceiling:
             c.speedup_naive = by_name["naive"].median_s / c.median_s
-        if fastest_torch is not None and not c.variant.endswith(CEILING):
+        if fastest_torch is not None and not is_ceiling:
             c.speedup_torch = fastest_torch.median_s / c.median_s
             c.torch_variant = fastest_torch.variant
     return cells
 
 
-def measure_model(model: str, variants: tuple[str, ...], threads: int, repeat: int) -> dict:
-    """Time Adam over a model's parameter tensors: fastrms.Adam, torch Adam, the ceiling."""
-    shapes = B.gpt2_shapes(**B.MODELS[model])
-    size = sum(math.prod(s) for s in shapes.values())
-    with _progress(1, f"fastrms bench {model}") as bar:
-        tensors = B.model_arrays(shapes)
-        expected = B.model_reference(tensors)
+def measure_model(
+    model: str, algo_name: str, variants: tuple[str, ...], threads: int, repeat: int
+) -> dict:
+    """Time one step of ``algo_name`` over a model's tensors, for each model variant that
+    ``variants`` names (``cpu`` also brings ``cpu-per-array``), and the two ceilings."""
+    algo = B.ALGOS[algo_name]
+    shapes = M.MODELS[model]()
+    size = M.model_size(shapes)
+    wanted = set(variants) | ({"cpu-per-array"} if "cpu" in variants else set())
+    with _progress(1, f"fastrms bench {model} {algo_name}") as bar:
+        tensors = M.model_arrays(shapes)
+        expected = M.model_reference(algo, tensors)
         chosen, skipped = [], {}
-        for name, v in B.MODEL_VARIANTS.items():
-            why = v.why_not()
-            if name not in variants:
+        for name, v in M.MODEL_VARIANTS.items():
+            if name not in wanted:
                 continue
+            why = v.why_not(algo)
             if why:
                 skipped[name] = why
                 continue
-            copies = {
-                k: {"param": t["param"].copy(), "grad": t["grad"]} for k, t in tensors.items()
-            }
-            runner = v.build(copies, threads)
+            runner = v.build(algo, M.fresh_copies(tensors), threads)
             runner.step()
-            problem = B.model_check(v, runner.result(), expected)
+            problem = M.model_check(v, runner.result(), expected)
             if problem:
-                raise B.WrongResult(f"{v.label}, {model}: {problem}")
-            del runner, copies
+                raise B.WrongResult(f"{v.label}, {model}, {algo.title}: {problem}")
+            del runner
             chosen.append(v)
         del expected
-        runners = {v.name: (v.label, v.build(tensors, threads), "passed") for v in chosen}
-        runners[CEILING] = ("same-pattern ceiling, per tensor", B.model_ceiling(tensors), "n/a")
+        runners = {v.name: (v.label, v.build(algo, tensors, threads), "passed") for v in chosen}
+        for name, label in M.CEILINGS.items():
+            runners[name] = (label, M.model_ceiling(algo, tensors, flat=name == "ceiling-flat"),
+                             "n/a")  # fmt: skip
         times = _interleave({k: r for k, (_, r, _) in runners.items()}, repeat)
         bar.update()
     cells = [
-        Cell(model, size, k, label, B.MODEL_BYTES_PER_ELEMENT, *times[k], check=status)
+        Cell(model, size, k, label, algo.bytes_per_element(), *times[k], check=status)
         for k, (label, _, status) in runners.items()
     ]
-    summarize(cells)
-    fused = next((c for c in cells if c.variant == "torch-fused"), None)
-    ours = next((c for c in cells if c.variant == "cpu"), None)
-    ratio = fused.median_s / ours.median_s if fused and ours else None
+    summarize(cells, ceiling="ceiling-flat")
+    by = {c.variant: c for c in cells}
+    ours = by.get("cpu")
+
+    def versus(other: str) -> float | None:
+        return by[other].median_s / ours.median_s if ours and other in by else None
+
     return {
         "model": model,
+        "algo": algo_name,
         "tensors": len(shapes),
         "parameters": size,
-        "optimizer": "Adam(" + ", ".join(f"{k}={v}" for k, v in B.MODEL_ADAM.items()) + ")",
+        "optimizer": f"{algo.title}("
+        + ", ".join(f"{k}={v}" for k, v in algo.options.items())
+        + ")",
         "cells": cells,
         "skipped": skipped,
-        "fastrms_vs_torch_fused": ratio,
+        "vs_torch_fused": versus("torch-fused"),
+        "vs_torch_foreach": versus("torch-foreach"),
+        "vs_per_array": versus("cpu-per-array"),
+        "pct_flat_ceiling": versus("ceiling-flat"),
+        "pct_tensor_ceiling": versus("ceiling"),
     }
+
+
+def measure_overhead(models: tuple[str, ...], repeat: int) -> dict:
+    """The Python-side cost of a cached fastrms.Adam step: the step's time less its bare
+    kernel calls, over the models and over 1 ... 1000 tiny tensors; fitted as a + b * tensors.
+    """
+    algo = B.ALGOS["adam"]
+    workloads = {f"{k} x 4 elements": M.tiny_tensors(k) for k in M.OVERHEAD_COUNTS}
+    workloads |= {m: M.model_arrays(M.MODELS[m]()) for m in models if m in M.SMALL_MODELS}
+    rows = []
+    for name, tensors in workloads.items():
+        step, kernels = M.overhead_runners(algo, tensors)
+        times = _interleave({"step": step, "kernels": kernels}, repeat)
+        t_step, t_kernels = (float(np.median(times[k][1])) for k in ("step", "kernels"))
+        rows.append({"workload": name, "tensors": len(tensors), "step_s": t_step,
+                     "kernels_s": t_kernels, "python_s": t_step - t_kernels})  # fmt: skip
+    tiny = [r for r in rows if r["workload"].endswith("x 4 elements")]
+    slope, intercept = np.polyfit([r["tensors"] for r in tiny], [r["python_s"] for r in tiny], 1)
+    return {
+        "rows": rows,
+        "fit_us": {"base": float(intercept) * 1e6, "per_tensor": float(slope) * 1e6},
+        "target_us": {"base": 25.0, "per_tensor": 0.3},
+    }
+
+
+def _overhead_lines(overhead: dict, markdown: bool) -> list[str]:
+    fit = overhead["fit_us"]
+    title = (
+        f"Python-side cost of a cached fastrms.Adam step (step less its kernel calls): "
+        f"{fit['base']:.1f} us + {fit['per_tensor']:.3f} us per tensor "
+        f"(target: <= 25 us + 0.3 us per tensor)"
+    )
+    head = ["workload", "tensors", "step us", "kernels us", "Python us"]
+    rows = [
+        [r["workload"], str(r["tensors"]), f"{r['step_s'] * 1e6:.1f}",
+         f"{r['kernels_s'] * 1e6:.1f}", f"{r['python_s'] * 1e6:.1f}"]
+        for r in overhead["rows"]
+    ]  # fmt: skip
+    if markdown:
+        return ["**" + title + "**", "", *_table_md(head, rows), ""]
+    table = [head, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return (
+        [title]
+        + [
+            "  "
+            + "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )  # fmt: skip
+            for r in table
+        ]
+        + [""]
+    )
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -509,9 +600,7 @@ def _cpu_model() -> str:
 
 def to_json(sweep: Sweep, targets: list[dict], info: dict, settings: dict) -> dict:
     """The machine-readable report."""
-    model = None
-    if sweep.model:
-        model = dict(sweep.model, cells=[asdict(c) for c in sweep.model["cells"]])
+    models = [dict(m, cells=[asdict(c) for c in m["cells"]]) for m in sweep.models]
     return {
         "schema": SCHEMA,
         "machine": info,
@@ -520,7 +609,8 @@ def to_json(sweep: Sweep, targets: list[dict], info: dict, settings: dict) -> di
         "cells": [asdict(c) for c in sweep.cells],
         "skipped": sweep.skipped,
         "targets": targets,
-        "model": model,
+        "models": models,
+        "overhead": sweep.overhead,
     }
 
 
@@ -596,10 +686,12 @@ def format_text(sweep: Sweep, targets: list[dict], info: dict, settings: dict) -
         lines.append(f"{a.title}, n = {n:,} ({a.bytes_per_element()} B/element)")
         lines += _table_text([_row(c) for c in cells])
         lines.append("")
-    if sweep.model:
-        lines += _model_title(sweep.model)
-        lines += _table_text([_row(c) for c in sweep.model["cells"]])
-        lines += [_model_verdict(sweep.model), ""]
+    if sweep.overhead:
+        lines += _overhead_lines(sweep.overhead, markdown=False)
+    for m in sweep.models:
+        lines += _model_title(m)
+        lines += _table_text([_row(c) for c in m["cells"]])
+        lines += [_model_verdict(m), ""]
     lines += _skipped_lines(sweep.skipped)
     lines += ["", "Targets (fastrms cpu against the others, same run):"]
     lines += _target_lines(targets, markdown=False)
@@ -629,20 +721,28 @@ def _table_text(rows: list[list[str]]) -> list[str]:
 
 def _model_title(model: dict) -> list[str]:
     return [
-        f"Model-shaped workload: {model['model']}, {model['tensors']} tensors, "
-        f"{model['parameters']:,} parameters, one {model['optimizer']} step over all of them",
+        f"{model['model']} ({model['tensors']} tensors, {model['parameters']:,} parameters): "
+        f"one {model['optimizer']} step over all of them",
     ]
 
 
 def _model_verdict(model: dict) -> str:
-    r = model["fastrms_vs_torch_fused"]
-    if r is None:
-        return "fastrms.Adam vs torch Adam(fused=True): not measured"
-    word = "faster" if r >= 1 else "on par" if r >= 0.95 else "slower"
-    return (
-        f"fastrms.Adam runs at {r:.2f}x the speed of torch Adam(fused=True) on these tensors "
-        f"({word})."
-    )
+    def ratio(key: str, what: str) -> str | None:
+        r = model[key]
+        return None if r is None else f"{r:.2f}x {what}"
+
+    parts = [
+        ratio("vs_torch_fused", "torch fused"),
+        ratio("vs_torch_foreach", "torch foreach"),
+        ratio("vs_per_array", "fastrms one call per array"),
+    ]
+    pct = model["pct_flat_ceiling"]
+    if pct is not None:
+        parts.append(f"{pct * 100:.0f}% of the flat same-pattern ceiling")
+    parts = [p for p in parts if p]
+    if not parts:
+        return "fastrms grouped step: not measured"
+    return "fastrms grouped step: " + ", ".join(parts) + "."
 
 
 def format_markdown(sweep: Sweep, targets: list[dict], info: dict, settings: dict) -> str:
@@ -657,10 +757,12 @@ def format_markdown(sweep: Sweep, targets: list[dict], info: dict, settings: dic
         lines += [f"**{a.title}** ({a.bytes_per_element()} B/element)", ""]
         lines += _table_md(head, [[f"{c.n:,}", *_row(c)] for c in cells])
         lines.append("")
-    if sweep.model:
-        lines += ["**" + _model_title(sweep.model)[0] + "**", ""]
-        lines += _table_md(list(_COLUMNS), [_row(c) for c in sweep.model["cells"]])
-        lines += ["", _model_verdict(sweep.model), ""]
+    if sweep.overhead:
+        lines += _overhead_lines(sweep.overhead, markdown=True)
+    for m in sweep.models:
+        lines += ["**" + _model_title(m)[0] + "**", ""]
+        lines += _table_md(list(_COLUMNS), [_row(c) for c in m["cells"]])
+        lines += ["", _model_verdict(m), ""]
     lines += ["**Targets**", ""]
     lines += ["| case | target | measured | |", "|---|---|---:|---|"]
     lines += _target_lines(targets, markdown=True)

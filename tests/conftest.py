@@ -12,6 +12,8 @@ import pytest
 
 import fastrms
 from fastrms import functional
+from fastrms.optim import OPTIMIZERS
+from fastrms.specs import SPECS
 
 DTYPES = (np.float32, np.float64)
 
@@ -27,15 +29,20 @@ class Algo:
     counts_steps: bool  # whether the functional form takes ``step=``
 
 
+#: Learning rates large enough that the parameters move visibly in a few steps (an optimizer
+#: not listed gets ten times its default).
+_TEST_LR = {"rmsprop": 1e-2, "adagrad": 1e-1, "adam": 1e-2, "adamw": 1e-2, "sgd": 5e-2}
+
+#: Every optimizer, from its spec (fastrms.specs): adding one to fastrms adds it here.
 ALGOS = {
-    a.name: a
-    for a in (
-        Algo("rmsprop", fastrms.RMSProp, functional.rmsprop, 1e-2, False),
-        Algo("adagrad", fastrms.AdaGrad, functional.adagrad, 1e-1, True),
-        Algo("adam", fastrms.Adam, functional.adam, 1e-2, True),
-        Algo("adamw", fastrms.AdamW, functional.adamw, 1e-2, True),
-        Algo("sgd", fastrms.SGD, functional.sgd, 5e-2, True),
+    name: Algo(
+        name,
+        OPTIMIZERS[name],
+        getattr(functional, name),
+        _TEST_LR.get(name, 10 * spec.defaults["lr"]),
+        spec.counts_steps,
     )
+    for name, spec in SPECS.items()
 }
 
 
@@ -44,42 +51,49 @@ def _grid(**axes) -> list[dict]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
-_FLAG = (False, True)
-_SGD_MOMENTUM = (  # (momentum, dampening, nesterov): every valid kind of SGD
-    dict(momentum=0.0),
-    dict(momentum=0.9),
-    dict(momentum=0.9, dampening=0.5),
-    dict(momentum=0.9, nesterov=True),
-)
+def _option_grid(spec) -> list[dict]:
+    """Every valid combination of a spec's boolean options and of its numeric options off (0)
+    or on (their ``example`` value)."""
+    axes = {}
+    for o in spec.options:
+        if o.kind == "fixed":
+            continue
+        if isinstance(o.default, bool):
+            axes[o.name] = (False, True)
+        elif o.example is not None:
+            axes[o.name] = (0.0, o.example)
+    grid = []
+    for case in _grid(**axes):
+        try:
+            spec.setup(1, **case)
+        except ValueError:  # an invalid combination, e.g. nesterov without momentum
+            continue
+        grid.append(case)
+    return grid
+
 
 #: Every option combination of each optimizer. ``eps_in_sqrt`` has no PyTorch equivalent;
 #: the parity tests leave it out (``option_cases(torch_only=True)``), the others use it all.
-OPTION_GRIDS = {
-    "rmsprop": _grid(
-        centered=_FLAG, momentum=(0.0, 0.9), weight_decay=(0.0, 0.1), maximize=_FLAG,
-        eps_in_sqrt=_FLAG,
-    ),
-    "adagrad": _grid(
-        lr_decay=(0.0, 0.01), weight_decay=(0.0, 0.1), initial_accumulator_value=(0.0, 0.1),
-        maximize=_FLAG, eps_in_sqrt=_FLAG,
-    ),
-    "adam": _grid(amsgrad=_FLAG, weight_decay=(0.0, 0.1), maximize=_FLAG),
-    "adamw": _grid(amsgrad=_FLAG, weight_decay=(0.0, 0.1), maximize=_FLAG),
-    "sgd": [
-        {**m, **o} for m in _SGD_MOMENTUM for o in _grid(weight_decay=(0.0, 0.1), maximize=_FLAG)
-    ],
-}  # fmt: skip
+OPTION_GRIDS = {name: _option_grid(spec) for name, spec in SPECS.items()}
+
+
+def _full_state(name: str) -> dict:
+    """Options under which an optimizer keeps every state array it has, with as many other
+    options on as possible, leaving out eps_in_sqrt (not in PyTorch) and maximize."""
+    spec = SPECS[name]
+    cases = [c for c in OPTION_GRIDS[name] if not c.get("eps_in_sqrt") and not c.get("maximize")]
+
+    def rank(case):  # most state, then most numeric options on, then most flags
+        numeric = sum(1 for v in case.values() if type(v) is float and v != 0)
+        flags = sum(1 for v in case.values() if v is True)
+        return len(spec.setup(1, **case).state), numeric, flags
+
+    return {k: v for k, v in max(cases, key=rank).items() if v not in (0, False)}
 
 
 #: For each optimizer, options under which it keeps every state array it has (and that
 #: PyTorch has too): the shape, NaN, validation and state-dict tests use these.
-FULL_STATE = {
-    "rmsprop": dict(centered=True, momentum=0.9, weight_decay=0.1),
-    "adagrad": dict(initial_accumulator_value=0.1, lr_decay=0.01, weight_decay=0.1),
-    "adam": dict(amsgrad=True, weight_decay=0.1),
-    "adamw": dict(amsgrad=True),
-    "sgd": dict(momentum=0.9, dampening=0.5, weight_decay=0.1),
-}
+FULL_STATE = {name: _full_state(name) for name in SPECS}
 
 
 def options_id(options: dict) -> str:
@@ -88,10 +102,17 @@ def options_id(options: dict) -> str:
     return "-".join(parts) or "plain"
 
 
+#: The optimizers torch.optim has too (fastrms.Lion has no torch.optim counterpart).
+IN_TORCH = ("rmsprop", "adagrad", "adam", "adamw", "sgd")
+
+
 def option_cases(torch_only: bool = False) -> list:
-    """``pytest.param(algo_name, options)`` for every optimizer and option combination."""
+    """``pytest.param(algo_name, options)`` for every optimizer and option combination
+    (``torch_only``: of the optimizers PyTorch has, without the options it lacks)."""
     cases = []
     for name, grid in OPTION_GRIDS.items():
+        if torch_only and name not in IN_TORCH:
+            continue
         for options in grid:
             if torch_only:  # PyTorch knows no eps_in_sqrt: keep the cases without it
                 if options.get("eps_in_sqrt"):

@@ -212,24 +212,23 @@ def test_functional_form_is_public_and_documented(name):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_class_and_functional_defaults_agree(algo):
-    """The class's defaults are the functional form's (AdamW: weight_decay 1e-2 in both)."""
-    cls = ALGOS[algo].cls
-    rule = "adam" if algo == "adamw" else algo
-    setup = inspect.signature(getattr(functional, f"{rule}_setup")).parameters
-    defaults = {
-        n: p.default for n, p in setup.items() if n not in ("step", "decoupled_weight_decay")
-    }
+    """A class with its defaults steps as the functional form with none given (both take
+    them from the spec; AdamW: weight_decay 1e-2 and decoupled in both)."""
+    cls, fn = ALGOS[algo].cls, ALGOS[algo].step_fn
+    spec = cls.spec
+    rng = np.random.default_rng(3)
+    p0, g = rng.standard_normal(50), rng.standard_normal(50)
+    opt = cls(p := p0.copy(), backend="numpy")
+    opt.step(g)
+    q = p0.copy()
+    state = {s: np.zeros_like(q) for s in opt.state}
+    fn(q, g, **state, **({"step": 1} if spec.counts_steps else {}), backend="numpy")
+    np.testing.assert_array_equal(p, q)
+    assert set(cls.hyperparameters) == set(inspect.signature(cls).parameters) - {
+        "params", "backend",
+    }  # fmt: skip
     if algo == "adamw":
-        defaults["weight_decay"] = (
-            inspect.signature(functional.adamw).parameters["weight_decay"].default
-        )
-        assert defaults["weight_decay"] == 1e-2
-    if rule == "adam":  # fixed by the class, not an argument
-        assert cls.decoupled_weight_decay is (algo == "adamw")
-    cls_params = inspect.signature(cls).parameters
-    for name, default in defaults.items():
-        assert cls_params[name].default == default, name
-    assert set(cls.hyperparameters) == set(cls_params) - {"params", "backend"}
+        assert spec.defaults["weight_decay"] == 1e-2 and spec.defaults["decoupled_weight_decay"]
 
 
 def test_graves_preset():

@@ -44,6 +44,7 @@ def compile_fails(monkeypatch, fresh):
         raise TypingError("simulated compile failure")
 
     monkeypatch.setattr(cpu, "launch", broken)
+    monkeypatch.setattr(cpu, "grouped_loops", lambda rule, flags: (broken, broken))
 
 
 def _adam_case(seed=0):

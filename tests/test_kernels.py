@@ -132,9 +132,10 @@ def test_kernels_compile_lazily_and_load_from_the_disk_cache(tmp_path):
         import json, numpy as np, fastrms
         from fastrms.kernels import cpu, rules
         assert cpu.loops.cache_info().currsize == 0  # importing compiled nothing
+        assert cpu.grouped_loops.cache_info().currsize == 0
         p = np.ones(1 << 17, np.float32)
         fastrms.AdaGrad(p, eps_in_sqrt=True).step(np.ones_like(p))
-        parallel = cpu.loops(rules.adagrad, (True,))[0]
+        parallel = cpu.grouped_loops(rules.adagrad, (True,))[0]
         print(json.dumps({"hits": sum(parallel.stats.cache_hits.values()),
                           "misses": sum(parallel.stats.cache_misses.values()),
                           "p0": float(p[0])}))

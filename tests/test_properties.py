@@ -47,6 +47,9 @@ HYPER = {
         )
     ),
     "sgd": _sgd(),
+    "lion": st.fixed_dictionaries(
+        dict(lr=rate, betas=st.tuples(decay, decay), weight_decay=rate, maximize=flag)
+    ),
 }  # fmt: skip
 HYPER["adamw"] = HYPER["adam"]
 

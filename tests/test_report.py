@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from fastrms import benchmarks as B
+from fastrms import models as M
 from fastrms import report
 
 TORCH = B.import_torch() is not None
@@ -35,6 +35,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def bench(*argv: str) -> int:
+    """Run ``fastrms bench``; the model workloads only where ``argv`` asks for them."""
+    if "--model" not in argv:
+        argv = (*argv, "--model", "none")
     args = parse(*argv)
     return args.func(args)
 
@@ -45,7 +48,7 @@ def small_run(tmp_path_factory) -> tuple[dict, str]:
     path = tmp_path_factory.mktemp("bench") / "small.json"
     args = parse(
         "--algo", "rmsprop,adam", "--sizes", "1000,70000", "--repeat", "3",
-        "--backends", HOST_VARIANTS, "--json", str(path),
+        "--backends", HOST_VARIANTS, "--json", str(path), "--model", "none",
     )  # fmt: skip
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -62,14 +65,17 @@ def test_defaults_are_the_documented_sweep():
     assert args.sizes == (10**4, 10**5, 10**6, 10**7)
     assert args.backends == tuple(B.VARIANTS)
     assert args.repeat == report.DEFAULT_REPEAT and args.threads is None
-    assert args.json is None and args.plot is None and not args.markdown and args.gpt2 is None
+    assert args.json is None and args.plot is None and not args.markdown
+    assert args.model == ("mlp", "gpt2-tiny") and args.model_algo == ("adam", "rmsprop", "adagrad")
 
 
 def test_options_parse():
-    args = parse("--algo", "all", "--sizes", "5e7,1e4,10000", "--threads", "1", "--gpt2")
+    args = parse("--algo", "all", "--sizes", "5e7,1e4,10000", "--threads", "1", "--model", "all")
     assert args.algo == tuple(B.ALGOS)
     assert args.sizes == (10**4, 5 * 10**7)
-    assert args.threads == 1 and args.gpt2 == "gpt2"
+    assert args.threads == 1 and args.model == tuple(M.MODELS)
+    assert parse("--model", "none").model == ()
+    assert parse("--model", "resnet50", "--model-algo", "adam").model_algo == ("adam",)
     assert parse("--algo", "none").algo == ()
     assert parse("--backends", "cpu, naive").backends == ("cpu", "naive")
 
@@ -84,7 +90,8 @@ def test_options_parse():
         ("--backends", "cpu,jax"),
         ("--threads", "0"),
         ("--repeat", "-1"),
-        ("--gpt2", "gpt3"),
+        ("--model", "gpt3"),
+        ("--model-algo", "adamax"),
     ],
 )
 def test_bad_options_are_refused(argv, capsys):
@@ -268,29 +275,49 @@ def test_bytes_per_element_match_the_notes():
     }  # fmt: skip
 
 
-def test_gpt2_small_shapes():
-    shapes = B.gpt2_shapes()
-    assert len(shapes) == 148
-    assert sum(math.prod(s) for s in shapes.values()) == 124_439_808
-    assert shapes["wte"] == (50257, 768) and shapes["h.11.mlp.c_proj.weight"] == (3072, 768)
+def test_model_shapes():
+    gpt2 = M.gpt2_shapes()
+    assert len(gpt2) == 148 and M.model_size(gpt2) == 124_439_808
+    assert gpt2["wte"] == (50257, 768) and gpt2["h.11.mlp.c_proj.weight"] == (3072, 768)
+    resnet = M.resnet50_shapes()  # torchvision's resnet50: 161 tensors, 25,557,032 parameters
+    assert len(resnet) == 161 and M.model_size(resnet) == 25_557_032
+    assert resnet["layer4.2.conv3.weight"] == (2048, 512, 1, 1) and resnet["fc.bias"] == (1000,)
+    mlp = M.mlp_shapes()
+    assert len(mlp) == 8 and M.model_size(mlp) == 150_602
+    assert len(M.MODELS["gpt2-tiny"]()) == 28
 
 
-def test_model_workload(tmp_path, capsys):
+@pytest.mark.parametrize("algo", ["adam", "rmsprop"])
+def test_model_workload(tmp_path, capsys, algo):
     path = tmp_path / "model.json"
-    backends = "cpu,torch-fused" if TORCH else "cpu"
-    assert bench("--algo", "none", "--gpt2", "gpt2-tiny", "--repeat", "2",
+    backends = "cpu,torch-fused,torch-foreach" if TORCH else "cpu"
+    assert bench("--algo", "none", "--model", "gpt2-tiny", "--model-algo", algo, "--repeat", "2",
                  "--backends", backends, "--json", str(path)) == 0  # fmt: skip
-    model = json.loads(path.read_text())["model"]
-    shapes = B.gpt2_shapes(**B.MODELS["gpt2-tiny"])
-    assert model["tensors"] == len(shapes) == 28
-    assert model["parameters"] == sum(math.prod(s) for s in shapes.values())
+    data = json.loads(path.read_text())
+    (model,) = data["models"]
+    shapes = M.MODELS["gpt2-tiny"]()
+    assert model["tensors"] == len(shapes) == 28 and model["algo"] == algo
+    assert model["parameters"] == M.model_size(shapes)
     cells = {c["variant"]: c for c in model["cells"]}
-    assert set(cells) == {*backends.split(","), "ceiling"}
-    assert all(c["median_s"] > 0 and c["check"] in ("passed", "n/a") for c in cells.values())
+    expected = {"cpu", "cpu-per-array", "ceiling", "ceiling-flat"}
     if TORCH:
-        ratio = cells["torch-fused"]["median_s"] / cells["cpu"]["median_s"]
-        assert model["fastrms_vs_torch_fused"] == pytest.approx(ratio)
-        assert "the speed of torch Adam(fused=True)" in capsys.readouterr().out
+        expected |= {"torch-foreach"} | ({"torch-fused"} if algo == "adam" else set())
+    assert set(cells) == expected
+    assert all(c["median_s"] > 0 and c["check"] in ("passed", "n/a") for c in cells.values())
+    ratio = cells["ceiling-flat"]["median_s"] / cells["cpu"]["median_s"]
+    assert model["pct_flat_ceiling"] == pytest.approx(ratio)
+    assert cells["cpu"]["pct_ceiling"] == pytest.approx(ratio)
+    if TORCH:
+        ratio = cells["torch-foreach"]["median_s"] / cells["cpu"]["median_s"]
+        assert model["vs_torch_foreach"] == pytest.approx(ratio)
+        assert "torch foreach" in capsys.readouterr().out
+    if algo == "rmsprop":
+        assert model["vs_torch_fused"] is None and "torch-fused" in model["skipped"]
+    overhead = data["overhead"]
+    counts = [r["tensors"] for r in overhead["rows"]]
+    assert counts[: len(M.OVERHEAD_COUNTS)] == list(M.OVERHEAD_COUNTS)
+    assert all(r["step_s"] > 0 and r["kernels_s"] > 0 for r in overhead["rows"])
+    assert set(overhead["fit_us"]) == {"base", "per_tensor"}
 
 
 # -- targets ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from conftest import (
     ALGOS,
     DTYPES,
     FULL_STATE,
+    IN_TORCH,
     all_arrays,
     assert_close,
     assert_same_bits,
@@ -166,7 +167,7 @@ def assert_nonfinite_match(opt: fastrms.Optimizer, twin: TorchTwin, when: str) -
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's 0/0
 @pytest.mark.parametrize("dtype", DTYPES, ids=[np.dtype(d).name for d in DTYPES])
-@pytest.mark.parametrize("algo", FULL_STATE)
+@pytest.mark.parametrize("algo", IN_TORCH)
 def test_nonfinite_gradients_propagate_like_torch(algo, dtype):
     """fastrms does not inspect values: NaN or Inf in a gradient reach the parameter and the
     state of that element, as in PyTorch, and leave the other elements alone."""
@@ -193,7 +194,7 @@ def test_nonfinite_gradients_propagate_like_torch(algo, dtype):
 
 def test_torch_defaults_are_ours():
     """Every hyperparameter PyTorch also has defaults to PyTorch's value."""
-    for algo in ALGOS.values():
+    for algo in map(ALGOS.get, IN_TORCH):
         ours = inspect.signature(algo.cls).parameters
         theirs = inspect.signature(TORCH_CLASSES[algo.name]).parameters
         shared = [n for n in ours if n in theirs and n != "params"]

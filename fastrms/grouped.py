@@ -1,0 +1,361 @@
+"""One step over many arrays: a checked, reusable plan that runs each group as one call.
+
+A training loop steps the same parameters with gradients of the same shapes every time.
+:class:`StepPlan` checks the parameters and their state once (kinds, dtypes, shapes,
+contiguity, writeability, and that nothing written overlaps anything else), groups them by
+(backend, dtype), and lays out each group for its kernel:
+
+- ``cpu``: one table of element counts and addresses per group (an int64 row per array:
+  ``size, param, grad, state...``) and a schedule that cuts the concatenated elements into
+  equal parts, one or a few per thread, each a list of (array, start, stop) pieces. One
+  parallel region then runs the whole group, small and large arrays sharing the threads,
+  with no thread-team start per array. The user's arrays stay where they are: nothing is
+  copied into a flat buffer.
+- ``cuda``: the same table of device addresses, one launch (or a few) per group.
+- ``numpy``: the reference, array by array (it is the oracle, not a fast path).
+
+Each step then checks only what can change, cheaply: the gradients (the same objects as last
+time need no check; new ones are checked for kind, dtype, shape, contiguity and overlap with
+anything written), and the hyperparameters (checked by value, cached). All of it happens
+before the first write, and so does compiling each group's kernel: a bad gradient in the
+100th of 150 arrays, or a kernel that fails to compile for one group, changes nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+
+from . import dispatch
+from .arrays import DEVICE, HOST, check_arrays, check_no_overlap, extent, host_addresses
+from .errors import BackendUnavailableError
+from .functional import SLOTS, cast
+from .specs import Setup
+
+#: Address columns of a group's table: param, grad and up to three state arrays (a rule with
+#: fewer state arrays gets the parameter's address in the rest, which it never touches).
+TABLE_WIDTH = 6
+
+
+class StepPlan:
+    """A checked step of one rule over many arrays, grouped by backend and dtype.
+
+    Parameters
+    ----------
+    setup : Setup
+        The rule, flags and used state (from :meth:`fastrms.specs.Spec.setup`); later steps
+        may pass other scalars but must keep the rule, flags and state.
+    params : list of arrays
+    state : dict of str -> list of arrays
+        One array per parameter for each name in ``setup.state``.
+    names : list of str
+        How errors name each parameter (``"params[3]"``).
+    backend : {"auto", "cuda", "cpu", "numpy"}
+    grad_names : list of str, optional
+        How errors name each gradient (default: ``names`` with ``params`` -> ``grads``).
+    """
+
+    def __init__(
+        self,
+        setup: Setup,
+        params: list,
+        state: dict[str, list],
+        names: list[str],
+        backend: str = "auto",
+        grad_names: list[str] | None = None,
+    ) -> None:
+        self.key = (setup.rule, setup.flags, setup.state, backend)
+        self._params = params
+        self._names = names
+        self._grad_names = grad_names or [n.replace("params", "grads", 1) for n in names]
+        self._state_arrays = [a for s in setup.state for a in state[s]]
+        written = []
+        groups: dict[tuple, list[int]] = {}
+        infos = []
+        for i, p in enumerate(params):
+            named = {names[i]: p} | {f"{s} of {names[i]}": state[s][i] for s in setup.state}
+            info = check_arrays(named, tuple(named))
+            infos.append(info)
+            try:
+                chosen, auto = dispatch.resolve(backend, info.kind)
+            except TypeError as exc:
+                raise TypeError(f"{names[i]}: {exc}") from None
+            groups.setdefault((chosen.name, auto, info.dtype), []).append(i)
+            written += [(label, a, True) for label, a in named.items()]
+        check_no_overlap(written)
+        kinds = {info.kind for info in infos}
+        self._spans = {k: _Spans([w for w in written if _kind(w[1]) == k]) for k in kinds}
+        self._kinds = np.array([info.kind for info in infos])
+        self._all_host = all(info.kind == HOST for info in infos)
+        self._shapes = [info.shape for info in infos]
+        # The dtypes of NumPy's own float types are singletons, so `is` finds them.
+        self._dtypes = [np.dtype(info.dtype.str) for info in infos]
+        self._nbytes = np.array([extent(p)[1] for p in params], np.int64)
+        self._addresses = np.zeros(len(params), np.int64)
+        slots = SLOTS[setup.rule]
+        self.groups = []
+        for (name, auto, dtype), rows in groups.items():
+            arrays = [
+                [params[i], None, *[state[s][i] if s in setup.state else params[i] for s in slots]]
+                for i in rows
+            ]
+            self.groups.append(_GROUPS[name](setup, dispatch.get(name), auto, dtype, rows, arrays))
+        self._grads: list | None = None
+        self._ready = False
+
+    def matches(self, setup: Setup, state: dict[str, list], backend: str) -> bool:
+        """Whether this plan still serves ``setup`` over the same state arrays."""
+        if (setup.rule, setup.flags, setup.state, backend) != self.key:
+            return False
+        current = [a for s in setup.state for a in state.get(s) or ()]
+        return len(current) == len(self._state_arrays) and all(
+            map(operator.is_, current, self._state_arrays)
+        )
+
+    def run(self, grads: list, setup: Setup) -> None:
+        """Check ``grads`` (and the scalars against the dtypes), then step every group."""
+        if (setup.rule, setup.flags, setup.state) != self.key[:3]:
+            raise ValueError("this plan was made for other options; make a new one")
+        if len(grads) != len(self._params):
+            raise ValueError(f"grads has {len(grads)} arrays but params has {len(self._params)}")
+        last = self._grads
+        if last is None or not all(map(operator.is_, grads, last)):
+            self._check_grads(grads, last)
+        hypers = [cast(setup.rule, setup.scalars, g.dtype) for g in self.groups]
+        if not self._ready:
+            self._prepare()
+        for group, hyper in zip(self.groups, hypers):
+            group.launch(hyper, grads)
+
+    def _check_grads(self, grads: list, last: list | None) -> None:
+        n = len(grads)
+        if last is None:
+            changed = range(n)
+        else:
+            changed = [i for i, (g, h) in enumerate(zip(grads, last)) if g is not h]
+        dtypes, shapes = self._dtypes, self._shapes
+        quick = self._all_host and all(
+            type(g := grads[i]) is np.ndarray
+            and g.dtype is dtypes[i]
+            and g.shape == shapes[i]
+            and g.flags.c_contiguous
+            for i in changed
+        )
+        if quick and len(changed) == n:
+            addresses = host_addresses(grads)
+        else:
+            addresses = self._addresses.copy()
+            if quick:
+                addresses[changed] = host_addresses([grads[i] for i in changed])
+            else:
+                for i in changed:
+                    g = grads[i]
+                    # The general check explains what is wrong (or accepts a CUDA array).
+                    check_arrays({self._names[i]: self._params[i], self._grad_names[i]: g},
+                                 (self._names[i],))  # fmt: skip
+                    addresses[i] = extent(g)[0]
+        rows = np.asarray(changed, np.int64)
+        for kind, spans in self._spans.items():
+            mine = rows if self._all_host else rows[self._kinds[rows] == kind]
+            hit = spans.first_overlap(addresses[mine], self._nbytes[mine])
+            if hit is not None:
+                j, label = hit
+                raise ValueError(
+                    f"{self._grad_names[mine[j]]} overlaps {label} in memory; pass separate arrays"
+                )
+        for group in self.groups:
+            group.set_grads(addresses)
+        self._addresses = addresses
+        self._grads = list(grads)
+
+    def kernel_calls(self, setup: Setup) -> list:
+        """For benchmarks: each group's bare kernel call for ``setup``'s scalars, as a
+        callable; a step's time less theirs is the Python-side cost of the step."""
+        return [g.kernel_call(cast(setup.rule, setup.scalars, g.dtype)) for g in self.groups]
+
+    def _prepare(self) -> None:
+        """Load and compile every group's kernel before any group writes."""
+        for k, group in enumerate(self.groups):
+            self.groups[k] = group.prepare()
+        self._ready = True
+
+
+def _kind(a: Any) -> str:
+    return HOST if isinstance(a, np.ndarray) else DEVICE
+
+
+class _Spans:
+    """The sorted, disjoint byte ranges of the arrays a step writes, for overlap queries."""
+
+    def __init__(self, written: list[tuple[str, Any, bool]]) -> None:
+        spans = sorted((s, s + n, label) for label, a, _ in written for s, n in [extent(a)] if n)
+        self.starts = np.array([s[0] for s in spans], np.int64)
+        self.ends = np.array([s[1] for s in spans], np.int64)
+        self.labels = [s[2] for s in spans]
+
+    def first_overlap(self, starts: np.ndarray, nbytes: np.ndarray) -> tuple[int, str] | None:
+        """``(index, label)`` of the first range that overlaps a written one, else None."""
+        if not len(starts) or not len(self.starts):
+            return None
+        ends = starts + nbytes
+        # The written ranges are disjoint and sorted, so only the last one starting before a
+        # range's end can overlap it.
+        k = np.searchsorted(self.starts, ends, "left") - 1
+        bad = (k >= 0) & (nbytes > 0) & (self.ends[np.maximum(k, 0)] > starts)
+        if not bad.any():
+            return None
+        j = int(np.argmax(bad))
+        return j, self.labels[int(k[j])]
+
+
+# -- the groups ---------------------------------------------------------------------------------
+
+
+class _Group:
+    """The arrays of one (backend, dtype) and how they run."""
+
+    def __init__(self, setup, backend, auto, dtype, rows, arrays):
+        self.setup, self.backend, self.auto, self.dtype = setup, backend, auto, np.dtype(dtype)
+        self.rows = rows  # indices of the step's parameters
+        self.arrays = arrays  # per parameter: [param, grad (set per step), state...]
+
+    def set_grads(self, addresses: np.ndarray) -> None:
+        pass
+
+    def prepare(self) -> _Group:
+        """Make the kernel ready (compile it); return the group that will run."""
+        return self
+
+    def launch(self, hyper: tuple, grads: list) -> None:
+        raise NotImplementedError
+
+    def kernel_call(self, hyper: tuple):
+        return lambda: None
+
+
+class _NumpyGroup(_Group):
+    """The reference backend, array by array."""
+
+    def launch(self, hyper, grads):
+        view = self.backend.view
+        rule, flags = self.setup.rule, self.setup.flags
+        for i, arrays in zip(self.rows, self.arrays):
+            p = view(arrays[0])
+            views = [p, view(grads[i])] + [p if a is arrays[0] else view(a) for a in arrays[2:]]
+            self.backend.launch(rule, flags, tuple(views), hyper)
+
+
+class _CpuGroup(_Group):
+    """The Numba CPU kernels, one parallel region (or one serial loop) for the group."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.table = np.zeros((len(self.rows), TABLE_WIDTH), np.int64)
+        for r, arrays in enumerate(self.arrays):
+            p = arrays[0]
+            self.table[r, 0] = p.size
+            for c, a in enumerate(arrays, start=1):
+                self.table[r, c] = extent(a if a is not None else p)[0]
+            for c in range(len(arrays) + 1, TABLE_WIDTH):
+                self.table[r, c] = self.table[r, 1]
+        self.total = int(self.table[:, 0].sum())
+        self._threads = None
+        self._kernel = None
+
+    def set_grads(self, addresses):
+        self.table[:, 2] = addresses[self.rows]
+
+    def prepare(self):
+        try:
+            kernels = self.backend.grouped_kernels(self.setup.rule, self.setup.flags)
+            self._parallel, self._serial = kernels
+            empty = np.zeros(1, np.int64)
+            hyper = cast(self.setup.rule, self.setup.scalars, self.dtype)
+            # A call over no parts compiles the kernel for these types and writes nothing.
+            kernel = (
+                self._serial if self.total < self.backend.parallel_threshold else self._parallel
+            )
+            kernel(self.table, empty, np.zeros((0, 3), np.int64), hyper)
+        except BackendUnavailableError:
+            if not self.auto:
+                raise
+            return self._fall_back()
+        except Exception as exc:
+            from numba.core.errors import NumbaError
+
+            if not isinstance(exc, NumbaError):
+                raise
+            self.backend.compile_error(exc)
+            if not self.auto:
+                raise BackendUnavailableError(
+                    f"the cpu backend is unavailable: {self.backend._reason}"
+                ) from exc
+            return self._fall_back()
+        return self
+
+    def _fall_back(self):
+        numpy = dispatch.fall_back(self.backend._reason)
+        return _NumpyGroup(self.setup, numpy, False, self.dtype, self.rows, self.arrays)
+
+    def kernel_call(self, hyper):
+        import functools
+
+        self.launch(hyper, None)  # sets the schedule
+        kernel = self._serial if self._threads == 1 else self._parallel
+        return functools.partial(kernel, self.table, *self._schedule, hyper)
+
+    def launch(self, hyper, grads):
+        if self.total < self.backend.parallel_threshold:
+            if self._threads != 1:
+                self._threads = 1
+                self._schedule = schedule(self.table[:, 0], 1)
+            kernel = self._serial
+        else:
+            threads = self.backend.threads()
+            if threads != self._threads:
+                self._threads = threads
+                self._schedule = schedule(self.table[:, 0], PARTS_PER_THREAD * threads)
+            kernel = self._parallel
+        kernel(self.table, *self._schedule, hyper)
+
+
+#: Equal parts per thread: a little slack for threads that start late or run slower.
+PARTS_PER_THREAD = 4
+
+
+def schedule(sizes: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the concatenation of arrays of ``sizes`` elements into ``parts`` equal parts.
+
+    Returns ``(part_ptr, items)``: part ``k`` is ``items[part_ptr[k]:part_ptr[k + 1]]``, each
+    item an int64 row ``(array, start, stop)`` of elements of one array. Empty arrays make no
+    items; an array may span several parts and a part several arrays.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(offsets[-1])
+    parts = max(1, min(parts, total))
+    bounds = (np.arange(parts + 1, dtype=np.int64) * total) // parts
+    cuts = np.union1d(offsets, bounds)
+    starts, stops = cuts[:-1], cuts[1:]
+    array = np.searchsorted(offsets, starts, "right") - 1
+    items = np.stack([array, starts - offsets[array], stops - offsets[array]], axis=1)
+    part = np.searchsorted(bounds, starts, "right") - 1
+    part_ptr = np.searchsorted(part, np.arange(parts + 1), "left").astype(np.int64)
+    return part_ptr, np.ascontiguousarray(items, np.int64)
+
+
+class _CudaGroup(_Group):
+    """The CUDA kernels, one launch per array (the grouped launch replaces this)."""
+
+    def launch(self, hyper, grads):
+        view = self.backend.view
+        rule, flags = self.setup.rule, self.setup.flags
+        for i, arrays in zip(self.rows, self.arrays):
+            p = view(arrays[0])
+            views = [p, view(grads[i])] + [p if a is arrays[0] else view(a) for a in arrays[2:]]
+            self.backend.launch(rule, flags, tuple(views), hyper)
+
+
+_GROUPS = {"numpy": _NumpyGroup, "cpu": _CpuGroup, "cuda": _CudaGroup}

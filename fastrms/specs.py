@@ -1,0 +1,412 @@
+"""One declaration per optimizer: its state, scalars, flags, options and defaults, by name.
+
+Two levels, as in Optax, where variants are compositions rather than copies:
+
+- A :class:`Layout` is what one per-element rule of :mod:`fastrms.kernels.rules` takes: the
+  names of its state arrays (after ``param`` and ``grad``), of its host-computed scalars and of
+  its compile-time flags, in the order the kernels index them. The NumPy reference reads its
+  arguments by these names (:meth:`Layout.named`); a test reads each rule's source and checks
+  that it indexes them in this order.
+- A :class:`Spec` is an optimizer as users see it: a layout, its options with their defaults
+  and checks (in signature order), and ``prepare``, the host function that turns checked
+  options and the step number into the step's scalars, flags and used state. The functional
+  API, the optimizer classes, the grouped step and the test tables are derived from it.
+
+Adding an optimizer means writing its rule (kernels/rules.py), its reference
+(fastrms/reference.py), a :class:`Layout` and a :class:`Spec` here, its documentation and its
+tests; nothing else lists optimizers by hand.
+
+Nothing here imports numba.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import namedtuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import hyper
+
+
+class Setup(NamedTuple):
+    """A rule's checked hyperparameters for one step."""
+
+    rule: str
+    flags: tuple  # compile-time options of the kernel, in the layout's order
+    scalars: tuple  # Python floats, in the layout's order; cast to the arrays' dtype later
+    state: tuple  # names of the state arrays these options use
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The arguments of one kernel rule, by name, in the order the rule indexes them."""
+
+    name: str
+    slots: tuple[str, ...]  # state arrays, after param and grad
+    scalars: Mapping[str, str]  # scalar name -> how the host computes it (for messages)
+    flags: tuple[str, ...]
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        return ("param", "grad", *self.slots)
+
+    @functools.cached_property
+    def _tuples(self):
+        def make(kind, names):
+            return namedtuple(f"{self.name.title()}{kind}", names) if names else lambda: ()
+
+        return (make("Arrays", self.arrays), make("Scalars", tuple(self.scalars)),
+                make("Flags", self.flags))  # fmt: skip
+
+    def named(self, arrays: tuple, scalars: tuple, flags: tuple) -> tuple:
+        """The positional ``(arrays, hyper, flags)`` of a rule call as named tuples."""
+        a, s, f = self._tuples
+        return a(*arrays), s(*scalars), f(*flags)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One hyperparameter: its name, default and check.
+
+    ``kind`` is ``"step"`` for an option of the step itself, ``"init"`` for one that only sets
+    the state's initial value (an optimizer-class argument, not a functional one), and
+    ``"fixed"`` for a step option that a variant fixes (the classes do not expose it).
+    ``example`` is a value that switches a numeric option on (0 switches it off): the tests
+    step every optimizer under each combination of its boolean options and of these.
+    """
+
+    name: str
+    default: Any
+    check: Callable[[str, Any], Any]
+    kind: str = "step"
+    example: float | None = None
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One optimizer: a layout, its options and the host-side scalars of a step.
+
+    ``prepare(step, **options)`` receives every step and fixed option, checked, and returns
+    ``(scalars, flags, state)``: two dicts keyed by the layout's names, and the tuple of state
+    arrays these options use.
+    """
+
+    name: str
+    layout: Layout
+    options: tuple[Option, ...]
+    prepare: Callable[..., tuple[dict, dict, tuple]]
+    counts_steps: bool = True  # whether the step number changes the scalars
+    initial: Mapping[str, str] = field(default_factory=dict)  # slot -> option of its start value
+
+    @property
+    def rule(self) -> str:
+        return self.layout.name
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Every option and its default, in signature order."""
+        return {o.name: o.default for o in self.options}
+
+    @property
+    def hyperparameters(self) -> tuple[str, ...]:
+        """The options an optimizer class takes (and keeps as attributes), in order."""
+        return tuple(o.name for o in self.options if o.kind != "fixed")
+
+    @property
+    def step_options(self) -> tuple[str, ...]:
+        """The options of one step (the functional API's keywords)."""
+        return tuple(o.name for o in self.options if o.kind != "init")
+
+    def variant(self, name: str, **defaults: Any) -> Spec:
+        """The same optimizer under ``name`` with other defaults (AdamW from Adam)."""
+        unknown = set(defaults) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"{self.name} has no options {sorted(unknown)}")
+        options = tuple(replace(o, default=defaults.get(o.name, o.default)) for o in self.options)
+        return replace(self, name=name, options=options)
+
+    @functools.cached_property
+    def _checked(self) -> Callable[..., tuple]:
+        options = self.options
+
+        def check(*values):
+            return tuple(o.check(o.name, v) for o, v in zip(options, values))
+
+        return _by_value(check)
+
+    @functools.cached_property
+    def _names(self) -> tuple[tuple[str, ...], tuple, frozenset, tuple[str, ...]]:
+        """Option names, their defaults, the names of init options, and the step options."""
+        names = tuple(o.name for o in self.options)
+        init = frozenset(o.name for o in self.options if o.kind == "init")
+        return names, tuple(o.default for o in self.options), init, self.step_options
+
+    def check(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` (any subset; the rest take their defaults) checked, by name.
+
+        Raises ``TypeError`` for an unknown name or a value of the wrong type, ``ValueError``
+        for one out of range; each names the option.
+        """
+        names, defaults, _, _ = self._names
+        if len(options) != len(names) or not options.keys() <= set(names):
+            if not options.keys() <= set(names):
+                unknown = sorted(set(options) - set(names))
+                raise TypeError(f"{self.name} got unexpected options {unknown}")
+            values = tuple(options.get(k, d) for k, d in zip(names, defaults))
+        else:
+            values = tuple(map(options.__getitem__, names))
+        return dict(zip(names, self._checked(*values)))
+
+    def setup(self, step: int = 1, **options: Any) -> Setup:
+        """Check ``options`` and compute the scalars of step ``step`` (counting from 1)."""
+        if type(step) is not int or step < 1:
+            step = hyper.step("step", step)
+        checked = self.check(options)
+        for name in self._names[2]:
+            del checked[name]
+        scalars, flags, state = self.prepare(step, **checked)
+        layout = self.layout
+        return Setup(
+            layout.name,
+            tuple(map(flags.__getitem__, layout.flags)),
+            tuple(map(scalars.__getitem__, layout.scalars)),
+            state,
+        )
+
+
+def check_fits_float32(layout: Layout, scalars: tuple) -> None:
+    """Hyperparameters valid in float64 can still overflow float32, or eps underflow to 0."""
+    if max(map(abs, scalars), default=0.0) <= F32_MAX and (
+        "eps" not in layout.scalars or not 0 < scalars[list(layout.scalars).index("eps")] < F32_TINY
+    ):
+        return
+    for (name, formula), x in zip(layout.scalars.items(), scalars):
+        if abs(x) > F32_MAX or (name == "eps" and np.float32(x) == 0):
+            raise ValueError(f"{formula} = {x!r} does not fit in float32, the arrays' dtype")
+
+
+def _by_value(check):
+    """Cache a check by its arguments' values and types (1, 1.0 and True are different keys),
+    so a training loop pays for it once. Unhashable arguments (a list, an array) are checked
+    every time."""
+    cached = functools.lru_cache(maxsize=1024, typed=True)(check)
+
+    @functools.wraps(check)
+    def checked(*args):
+        try:
+            hash(args)
+        except TypeError:
+            return check(*args)
+        return cached(*args)
+
+    return checked
+
+
+def _sign(maximize: bool) -> float:
+    return -1.0 if maximize else 1.0
+
+
+def _betas(name: str, b) -> tuple[float, float]:
+    return hyper.betas(name, b)
+
+
+# -- the layouts: what each kernel rule takes ---------------------------------------------------
+
+LAYOUTS = {
+    layout.name: layout
+    for layout in (
+        Layout(
+            "rmsprop",
+            ("square_avg", "momentum_buffer", "grad_avg"),
+            {"lr": "lr", "alpha": "alpha", "one_minus_alpha": "1 - alpha", "eps": "eps",
+             "weight_decay": "weight_decay", "sign": "sign", "momentum": "momentum"},
+            ("centered", "use_momentum", "eps_in_sqrt"),
+        ),
+        Layout(
+            "adagrad",
+            ("state_sum",),
+            {"clr": "lr / (1 + (step - 1) * lr_decay)", "eps": "eps",
+             "weight_decay": "weight_decay", "sign": "sign"},
+            ("eps_in_sqrt",),
+        ),
+        Layout(
+            "adam",
+            ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+            {"step_size": "lr / (1 - beta1**step)",
+             "inv_bias_correction2_sqrt": "1 / sqrt(1 - beta2**step)",
+             "beta1": "beta1", "one_minus_beta1": "1 - beta1", "beta2": "beta2",
+             "one_minus_beta2": "1 - beta2", "eps": "eps", "weight_decay": "weight_decay",
+             "decay": "1 - lr * weight_decay", "sign": "sign"},
+            ("amsgrad",),
+        ),
+        Layout(
+            "sgd",
+            ("momentum_buffer",),
+            {"lr": "lr", "weight_decay": "weight_decay", "sign": "sign",
+             "momentum": "momentum (0 on step 1)", "grad_scale": "1 - dampening (1 on step 1)",
+             "nesterov_momentum": "momentum"},
+            ("use_momentum", "nesterov"),
+        ),
+        Layout(
+            "lion",
+            ("exp_avg",),
+            {"lr": "lr", "beta1": "beta1", "one_minus_beta1": "1 - beta1", "beta2": "beta2",
+             "one_minus_beta2": "1 - beta2", "decay": "1 - lr * weight_decay", "sign": "sign"},
+            (),
+        ),
+    )
+}  # fmt: skip
+
+
+# -- the optimizers -----------------------------------------------------------------------------
+
+
+def _rmsprop(step, *, lr, alpha, eps, weight_decay, momentum, centered, eps_in_sqrt, maximize):
+    use_momentum = momentum > 0
+    scalars = dict(
+        lr=lr, alpha=alpha, one_minus_alpha=1 - alpha, eps=eps, weight_decay=weight_decay,
+        sign=_sign(maximize), momentum=momentum,
+    )  # fmt: skip
+    flags = dict(centered=centered, use_momentum=use_momentum, eps_in_sqrt=eps_in_sqrt)
+    state = ("square_avg",) + ("momentum_buffer",) * use_momentum + ("grad_avg",) * centered
+    return scalars, flags, state
+
+
+def _adagrad(step, *, lr, lr_decay, weight_decay, eps, eps_in_sqrt, maximize):
+    clr = lr / (1 + (step - 1) * lr_decay)
+    scalars = dict(clr=clr, eps=eps, weight_decay=weight_decay, sign=_sign(maximize))
+    return scalars, dict(eps_in_sqrt=eps_in_sqrt), ("state_sum",)
+
+
+def _adam(step, *, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize):
+    beta1, beta2 = betas
+    scalars = dict(
+        step_size=lr / (1 - beta1**step),
+        inv_bias_correction2_sqrt=1 / math.sqrt(1 - beta2**step),
+        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        eps=eps,
+        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        sign=_sign(maximize),
+    )  # fmt: skip
+    state = ("exp_avg", "exp_avg_sq") + ("max_exp_avg_sq",) * amsgrad
+    return scalars, dict(amsgrad=amsgrad), state
+
+
+def _sgd(step, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    if nesterov and (momentum == 0 or dampening != 0):
+        raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+    first = step == 1  # PyTorch starts the buffer at the gradient itself: b = 0*b + 1*g
+    scalars = dict(
+        lr=lr, weight_decay=weight_decay, sign=_sign(maximize),
+        momentum=0.0 if first else momentum, grad_scale=1.0 if first else 1 - dampening,
+        nesterov_momentum=momentum,
+    )  # fmt: skip
+    use_momentum = momentum > 0
+    flags = dict(use_momentum=use_momentum, nesterov=nesterov)
+    return scalars, flags, ("momentum_buffer",) * use_momentum
+
+
+def _lion(step, *, lr, betas, weight_decay, maximize):
+    beta1, beta2 = betas
+    scalars = dict(
+        lr=lr, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        decay=1 - lr * weight_decay, sign=_sign(maximize),
+    )  # fmt: skip
+    return scalars, {}, ("exp_avg",)
+
+
+_LR = Option("lr", 1e-2, hyper.nonneg)
+_MAXIMIZE = Option("maximize", False, hyper.flag)
+_WEIGHT_DECAY = Option("weight_decay", 0.0, hyper.nonneg, example=0.1)
+
+RMSPROP = Spec(
+    "rmsprop",
+    LAYOUTS["rmsprop"],
+    (
+        _LR,
+        Option("alpha", 0.99, lambda n, x: hyper.real(n, x, 0.0, 1.0)),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        Option("momentum", 0.0, hyper.nonneg, example=0.9),
+        Option("centered", False, hyper.flag),
+        Option("eps_in_sqrt", False, hyper.flag),
+        _MAXIMIZE,
+    ),
+    _rmsprop,
+    counts_steps=False,
+)
+
+ADAGRAD = Spec(
+    "adagrad",
+    LAYOUTS["adagrad"],
+    (
+        _LR,
+        Option("lr_decay", 0.0, hyper.nonneg, example=0.01),
+        _WEIGHT_DECAY,
+        Option("initial_accumulator_value", 0.0, hyper.nonneg, kind="init", example=0.1),
+        Option("eps", 1e-10, hyper.positive),
+        Option("eps_in_sqrt", False, hyper.flag),
+        _MAXIMIZE,
+    ),
+    _adagrad,
+    initial={"state_sum": "initial_accumulator_value"},
+)
+
+ADAM = Spec(
+    "adam",
+    LAYOUTS["adam"],
+    (
+        Option("lr", 1e-3, hyper.nonneg),
+        Option("betas", (0.9, 0.999), _betas),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        Option("amsgrad", False, hyper.flag),
+        _MAXIMIZE,
+        Option("decoupled_weight_decay", False, hyper.flag, kind="fixed"),
+    ),
+    _adam,
+)
+
+#: AdamW (Loshchilov & Hutter 2019) is Adam with decoupled weight decay, default 1e-2.
+ADAMW = ADAM.variant("adamw", weight_decay=1e-2, decoupled_weight_decay=True)
+
+SGD = Spec(
+    "sgd",
+    LAYOUTS["sgd"],
+    (
+        Option("lr", 1e-3, hyper.nonneg),
+        Option("momentum", 0.0, hyper.nonneg, example=0.9),
+        Option("dampening", 0.0, lambda n, x: hyper.real(n, x, 0.0, 1.0), example=0.5),
+        _WEIGHT_DECAY,
+        Option("nesterov", False, hyper.flag),
+        _MAXIMIZE,
+    ),
+    _sgd,
+)
+
+#: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), with the
+#: defaults of the paper's reference code and of Optax: lr 1e-4, betas (0.9, 0.99).
+LION = Spec(
+    "lion",
+    LAYOUTS["lion"],
+    (
+        Option("lr", 1e-4, hyper.nonneg),
+        Option("betas", (0.9, 0.99), _betas),
+        _WEIGHT_DECAY,
+        _MAXIMIZE,
+    ),
+    _lion,
+    counts_steps=False,
+)
+
+SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION)}
