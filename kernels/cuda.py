@@ -228,7 +228,8 @@ def _device_id():
 
 
 def _stream_key(stream):
-    return 0 if _SIMULATOR or not stream else int(stream)
+    """The stream's handle (0 for the default stream; the simulator's uploads are synchronous)."""
+    return 0 if _SIMULATOR or not stream else int(getattr(stream, "handle", stream))
 
 
 def _uploaded(table, chunk, stream):

@@ -245,6 +245,17 @@ def test_bad_tables_are_refused(ck, table, error, match):
         ck.launch_grouped(rules.sgd, (False, False), table, hyper)
 
 
+@pytest.mark.skipif(SIMULATOR, reason="the simulator keys every table to stream 0")
+def test_tables_are_cached_per_stream(ck):
+    from numba.cuda.cudadrv.driver import Stream, binding
+
+    def stream(handle):  # a Stream object needs no driver until it is used
+        return Stream(binding.CUstream(handle))
+
+    keys = [ck._stream_key(s) for s in (0, stream(0), stream(0x1234), stream(0x5678))]
+    assert keys == [0, 0, 0x1234, 0x5678]
+
+
 # --- PTX: compiles with NVVM, no device ---------------------------------------------------------
 
 F64 = re.compile(r"^\s*[a-z]+(\.[a-z0-9]+)*\.f64\b", re.M)  # any instruction typed .f64
@@ -327,6 +338,27 @@ def test_several_launches_when_chunks_exceed_one_launch(small_chunks, monkeypatc
     n_chunks = len(ck.chunk_table(group.table[:, 0], SMALL_CHUNK))
     assert ck.grouped_launches(group.table, SMALL_CHUNK) == math.ceil(n_chunks / 3) > 1
     assert launches == [3] * (n_chunks // 3) + [n_chunks % 3] * (n_chunks % 3 > 0)
+
+
+@runs_kernels
+def test_fewer_blocks_than_chunks_stride_over_the_chunks(small_chunks):
+    # launch_grouped gives each chunk a block; the kernel also strides over chunks when the
+    # grid is smaller, as a hand-made launch with two blocks shows.
+    ck = small_chunks
+    from fastrms.kernels import rules
+
+    group = _numba_group("adagrad", {"weight_decay": 0.1}, np.float64, SIZES)
+    setup = _setup("adagrad", {"weight_decay": 0.1}, 1)
+    hyper = functional._cast(setup.rule, setup.scalars, group.dtype)
+    for h, d in zip(group.host, group.device):
+        h[1][:] = randn(group.rng, h[1].size, group.dtype)
+        d[1].copy_to_device(h[1])
+        reference.RULES[setup.rule](tuple(h), hyper, setup.flags)
+    meta, ((first, count),) = ck._uploaded(group.table, SMALL_CHUNK, 0)
+    assert count > 2
+    kernel = ck.grouped_kernel(rules.adagrad, setup.flags, K["adagrad"])
+    kernel[2, SMALL_THREADS](meta, first, count, SMALL_CHUNK, hyper)
+    group.check(lambda d: d.copy_to_host())
 
 
 @runs_kernels
