@@ -1,4 +1,12 @@
-"""CUDA kernels: a grid-stride loop around a rule, generated like the CPU loop.
+"""CUDA kernels around a rule: one array per launch, or many arrays per launch.
+
+- :func:`launch` / :func:`grid_stride`: one array (and its state), a grid-stride loop
+  generated like the CPU loop, at most :data:`BLOCKS_PER_SM` blocks of
+  :data:`THREADS_PER_BLOCK` threads per multiprocessor.
+- :func:`launch_grouped` / :func:`grouped_kernel`: a table of many arrays of uneven sizes,
+  cut into chunks of :data:`GROUP_CHUNK` elements, one block of :data:`GROUP_THREADS` threads
+  per chunk, as torch's ``multi_tensor_apply`` does. Each launch costs some microseconds on
+  the host whatever its size; this pays it once per step instead of once per tensor.
 
 Importing this module imports ``numba.cuda`` (numba-cuda); fastrms imports it only when the
 ``cuda`` backend is used.
@@ -8,12 +16,15 @@ import math
 import threading
 from collections import OrderedDict
 from functools import cache
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
 
 from ._options import FASTMATH, RULES_TOKEN
 
+#: Threads per block of the single-array kernel: a multiple of the 32-thread warp, small enough
+#: that several blocks share a multiprocessor.
 THREADS_PER_BLOCK = 256
 #: Enough resident blocks per multiprocessor to hide memory latency; the grid-stride loop
 #: covers the rest of the array.
@@ -197,21 +208,27 @@ def chunk_table(counts, chunk=None):
 
 
 def grouped_launches(table, chunk=None):
-    """How many kernel launches :func:`launch_grouped` makes for ``table``: the number of
-    chunks over :data:`MAX_CHUNKS_PER_LAUNCH`, rounded up (0 when every tensor is empty)."""
+    """How many kernel launches :func:`launch_grouped` makes for ``table``: its chunks over
+    :data:`MAX_CHUNKS_PER_LAUNCH`, rounded up (0 when every tensor is empty)."""
     chunk = GROUP_CHUNK if chunk is None else chunk
-    counts = _check_table(table)[:, 0]
+    counts = _counts(_check_table(table))
     return -(-int((-(-counts // chunk)).sum()) // MAX_CHUNKS_PER_LAUNCH)
 
 
 def _check_table(table):
+    """Check what is cheap to check on every call (the counts are checked once per table)."""
     if not isinstance(table, np.ndarray) or table.dtype != np.int64 or table.ndim != 2:
         raise TypeError(f"table must be a 2-D int64 NumPy array, got {_describe(table)}")
     if table.shape[1] < 2:
         raise ValueError(f"table must have 1 + k columns (count, k addresses), got {table.shape}")
-    if table.shape[0] and table[:, 0].min() < 0:
-        raise ValueError("table's element counts (column 0) must not be negative")
     return table
+
+
+def _counts(table):
+    counts = table[:, 0]
+    if counts.size and counts.min() < 0:
+        raise ValueError("table's element counts (column 0) must not be negative")
+    return counts
 
 
 def _describe(x):
@@ -219,8 +236,37 @@ def _describe(x):
     return f"{type(x).__name__} {getattr(x, 'dtype', '')} {shape}" if shape else type(x).__name__
 
 
-_tables: OrderedDict = OrderedDict()
-_tables_lock = threading.Lock()
+class _Plan(NamedTuple):
+    host: np.ndarray  # the tensor table, flattened, then the chunk table
+    launches: tuple  # (first, count) per launch: offset of its chunks in ``host``, how many
+
+
+#: Host plans by (width, chunk, launch size, table bytes); device copies by that key, the
+#: device and the stream.
+#: Both are least recently used first. Only the lock's holder reads or changes them.
+_plans: OrderedDict = OrderedDict()
+_copies: OrderedDict = OrderedDict()
+_lock = threading.Lock()
+
+
+def _plan(key, table, chunk):
+    """The chunk table and launches of ``table`` (validated and built once per content)."""
+    with _lock:
+        plan = _plans.get(key)
+        if plan is not None:
+            _plans.move_to_end(key)
+            return plan
+    chunks = chunk_table(_counts(table), chunk)
+    launches = tuple(
+        (table.size + 2 * c, min(MAX_CHUNKS_PER_LAUNCH, len(chunks) - c))
+        for c in range(0, len(chunks), MAX_CHUNKS_PER_LAUNCH)
+    )
+    plan = _Plan(np.concatenate([table.ravel(), chunks.ravel()]), launches)
+    with _lock:
+        _plans[key] = plan
+        if len(_plans) > TABLE_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return plan
 
 
 def _device_id():
@@ -232,32 +278,24 @@ def _stream_key(stream):
     return 0 if _SIMULATOR or not stream else int(getattr(stream, "handle", stream))
 
 
-def _uploaded(table, chunk, stream):
-    """``(meta, launches)``: the tensor and chunk tables in one int64 device array, and the
-    ``(first, count)`` of each launch over it. Cached by content, device and stream."""
-    device = _device_id()
-    key = (table.shape[1], table.tobytes(), chunk, device, _stream_key(stream))
+def _device_copy(key, plan, stream):
+    """``plan.host`` on the current device, uploaded on ``stream`` once and then reused."""
+    key = (*key, _device_id(), _stream_key(stream))
     # One lock over lookup, upload and insertion: two threads racing to upload one table
     # would otherwise drop a copy that an upload is still writing or a kernel still reads.
-    with _tables_lock:
-        entry = _tables.get(key)
+    with _lock:
+        entry = _copies.get(key)
         if entry is not None:
-            _tables.move_to_end(key)
-            return entry[1], entry[2]
-        chunks = chunk_table(table[:, 0], chunk)
-        host = np.concatenate([table.ravel(), chunks.ravel()])
-        meta = cuda.to_device(host, stream=stream)
-        launches = tuple(
-            (table.size + 2 * c, min(MAX_CHUNKS_PER_LAUNCH, len(chunks) - c))
-            for c in range(0, len(chunks), MAX_CHUNKS_PER_LAUNCH)
-        )
-        # The host copy stays referenced too: an asynchronous copy may read it after return.
-        _tables[key] = (host, meta, launches)
-        if len(_tables) > TABLE_CACHE_SIZE:
-            old_key = next(iter(_tables))
-            _synchronize(old_key[3])
-            del _tables[old_key]
-    return meta, launches
+            _copies.move_to_end(key)
+            return entry[1]
+        meta = cuda.to_device(plan.host, stream=stream)
+        # The host array stays referenced too: an asynchronous copy may read it after return.
+        _copies[key] = (plan.host, meta)
+        if len(_copies) > TABLE_CACHE_SIZE:
+            old = next(iter(_copies))
+            _synchronize(old[-2])
+            del _copies[old]
+    return meta
 
 
 def _synchronize(device):
@@ -278,7 +316,8 @@ def launch_grouped(rule, flags, table, hyper, stream=0):
         As for :func:`launch`; ``hyper``'s dtype is that of every array in ``table``.
     table : numpy.ndarray of int64, shape (n_tensors, 1 + k)
         Per tensor, its element count, then the device addresses of its ``k`` arrays in the
-        rule's order (param, grad, state; an unused slot holds the parameter's address).
+        rule's order (param, grad, state; an unused slot holds the parameter's address). The
+        arrays must stay alive until the step has run on the device.
     stream : numba.cuda stream or 0
         Every upload and launch is queued on it.
 
@@ -287,22 +326,27 @@ def launch_grouped(rule, flags, table, hyper, stream=0):
     Work is split as in torch's ``multi_tensor_apply``: each tensor is cut into chunks of
     :data:`GROUP_CHUNK` elements; a host-built table of ``(tensor row, first element)`` gives
     each block its chunk, and the block's :data:`GROUP_THREADS` threads stride through it. Empty
-    tensors have no chunk; a table with no elements launches nothing. Past
-    :data:`MAX_CHUNKS_PER_LAUNCH` chunks the step takes several launches
+    tensors have no chunk; a table with no elements launches nothing and touches no device.
+    Past :data:`MAX_CHUNKS_PER_LAUNCH` chunks the step takes several launches
     (:func:`grouped_launches`).
 
     The tensor and chunk tables travel to the device as one int64 array, uploaded on
-    ``stream`` and kept in a cache keyed by the table's bytes, the device and the stream (at
-    most :data:`TABLE_CACHE_SIZE` entries). A cached table is never written again, so reusing
-    it is correct whatever became of the arrays it names: it is the same addresses and
-    counts. It is keyed by stream because its upload is ordered only before work on the
-    stream that made it. Evicting an entry first waits for its device, so that no kernel still
-    reads freed memory; a loop over more distinct tables than the cache holds pays for that.
+    ``stream`` and cached by the table's bytes, the device and the stream (at most
+    :data:`TABLE_CACHE_SIZE` copies): a training loop names the same arrays every step, so it
+    uploads its table once. A cached copy is never written again, so reusing it is correct
+    whatever became of the arrays it names: it holds the same addresses and counts. It is
+    keyed by stream because its upload is ordered only before work queued on that stream.
+    Evicting a copy first waits for its device, so that no kernel still reads freed memory;
+    only a loop over more distinct tables than the cache holds pays for that.
     """
     _check_table(table)
-    if not table[:, 0].any():
+    if not table.shape[0]:
         return
-    meta, launches = _uploaded(table, GROUP_CHUNK, stream)
+    key = (table.shape[1], GROUP_CHUNK, MAX_CHUNKS_PER_LAUNCH, table.tobytes())
+    plan = _plan(key, table, GROUP_CHUNK)
+    if not plan.launches:
+        return
+    meta = _device_copy(key, plan, stream)
     kernel = grouped_kernel(rule, flags, table.shape[1] - 1)
-    for first, count in launches:
+    for first, count in plan.launches:
         kernel[count, GROUP_THREADS, stream](meta, first, count, GROUP_CHUNK, hyper)

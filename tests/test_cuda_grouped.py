@@ -217,7 +217,7 @@ def test_a_table_without_elements_launches_nothing(ck, monkeypatch, rows):
     def fail(*args):
         raise AssertionError("touched the device")
 
-    monkeypatch.setattr(ck, "_uploaded", fail)
+    monkeypatch.setattr(ck, "_device_copy", fail)
     monkeypatch.setattr(ck, "grouped_kernel", fail)
     table = np.zeros((rows, 4), np.int64)
     hyper = functional._cast("sgd", _setup("sgd", {}, 1).scalars, np.dtype(np.float32))
@@ -354,7 +354,10 @@ def test_fewer_blocks_than_chunks_stride_over_the_chunks(small_chunks):
         h[1][:] = randn(group.rng, h[1].size, group.dtype)
         d[1].copy_to_device(h[1])
         reference.RULES[setup.rule](tuple(h), hyper, setup.flags)
-    meta, ((first, count),) = ck._uploaded(group.table, SMALL_CHUNK, 0)
+    key = (group.table.shape[1], SMALL_CHUNK, ck.MAX_CHUNKS_PER_LAUNCH, group.table.tobytes())
+    plan = ck._plan(key, group.table, SMALL_CHUNK)
+    ((first, count),) = plan.launches
+    meta = ck._device_copy(key, plan, 0)
     assert count > 2
     kernel = ck.grouped_kernel(rules.adagrad, setup.flags, K["adagrad"])
     kernel[2, SMALL_THREADS](meta, first, count, SMALL_CHUNK, hyper)
@@ -366,7 +369,7 @@ def test_tables_are_uploaded_once_and_evicted_oldest_first(small_chunks, monkeyp
     from numba import cuda
 
     ck = small_chunks
-    monkeypatch.setattr(ck, "_tables", type(ck._tables)())
+    monkeypatch.setattr(ck, "_copies", type(ck._copies)())
     monkeypatch.setattr(ck, "TABLE_CACHE_SIZE", 2)
     uploads = []
     real_to_device = cuda.to_device
@@ -380,10 +383,10 @@ def test_tables_are_uploaded_once_and_evicted_oldest_first(small_chunks, monkeyp
     copy = lambda d, h: d.copy_to_device(h)  # noqa: E731
     for step in (1, 2):  # the second step finds the table uploaded
         groups[0].step(ck, step, 0, copy)
-    assert len(uploads) == 1 and len(ck._tables) == 1
+    assert len(uploads) == 1 and len(ck._copies) == 1
     for g in groups[1:]:
         g.step(ck, 1, 0, copy)
-    assert len(uploads) == 3 and len(ck._tables) == 2  # the first table was evicted
+    assert len(uploads) == 3 and len(ck._copies) == 2  # the first table was evicted
     groups[0].step(ck, 3, 0, copy)  # and comes back
     assert len(uploads) == 4
     for g in groups:
