@@ -87,7 +87,8 @@ GROUP_THREADS = 512
 #: same stream. There is no limit from kernel arguments as in torch (whose tables travel in
 #: the 4 KB argument space): the tables are in device memory.
 MAX_CHUNKS_PER_LAUNCH = 65535
-#: Uploaded tables kept on the device, keyed by their content (see :func:`launch_grouped`).
+#: Tables kept, keyed by their content: as many host plans, and as many device copies (see
+#: :func:`launch_grouped`).
 TABLE_CACHE_SIZE = 64
 
 _SIMULATOR = cuda.config.ENABLE_CUDASIM == 1
@@ -187,7 +188,7 @@ def grouped_kernel(rule, flags, k):
     device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
     arrays = ", ".join(f"as_device_array(meta[row + {j}], n, like)" for j in range(1, k + 1))
     source = _GROUPED_SOURCE.format(width=k + 1, arrays=arrays)
-    namespace = {"cuda": cuda, "min": min}
+    namespace = {"cuda": cuda}
     exec(compile(source, f"<grouped kernel, k={k}>", "exec"), namespace)
     return cuda.jit(fastmath=FASTMATH)(
         namespace["make"](device_rule, as_device_array, flags, token)
