@@ -12,6 +12,7 @@ backend named explicitly that cannot run raises :class:`BackendUnavailableError`
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -182,6 +183,30 @@ class _CudaBackend(_Backend):
         self._module()
         self._kernels.launch(self._rules[rule], flags, arrays, hyper, _stream_of(arrays))
 
+    def grouped_launcher(self) -> Callable:
+        """``launch(rule, flags, table, hyper, stream)`` over a table of device addresses."""
+        self._module()
+        kernels, rules = self._kernels, self._rules
+
+        def launch(rule, flags, table, hyper, stream):
+            kernels.launch_grouped(rules[rule], flags, table, hyper, stream)
+
+        return launch
+
+    def stream_of(self, a: Any):
+        """The stream an array's library works on: a Numba array's own, or the one its
+        ``__cuda_array_interface__`` names (None or 1: the legacy default stream; 2: the
+        per-thread default stream; else a stream handle, e.g. torch's current stream)."""
+        cuda = self._module()
+        if hasattr(a, "__cuda_ndarray__") or _is_numba_device_array(a):
+            return getattr(a, "stream", 0) or 0
+        handle = a.__cuda_array_interface__.get("stream")
+        if handle in (None, 0, 1):
+            return 0
+        if handle == 2:
+            return cuda.per_thread_default_stream()
+        return _external_stream(cuda, handle)
+
     def view(self, a):
         cuda = self._module()
         if hasattr(a, "__cuda_ndarray__") or _is_numba_device_array(a):
@@ -223,6 +248,11 @@ class _CudaBackend(_Backend):
             f"{name}, compute capability {dev.compute_capability}, "
             f"{dev.MULTIPROCESSOR_COUNT} multiprocessors",
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(cuda, handle: int):
+    return cuda.external_stream(handle)
 
 
 def _staggered_zeros_like(a: np.ndarray, slot: int) -> np.ndarray:

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from . import dispatch
-from .arrays import DEVICE, HOST, check_arrays, check_no_overlap, extent, host_addresses
+from .arrays import (
+    DEVICE,
+    HOST,
+    check_arrays,
+    check_no_overlap,
+    describe,
+    extent,
+    host_addresses,
+)
 from .errors import BackendUnavailableError
 from .functional import SLOTS, cast
 from .specs import Setup
@@ -224,6 +232,18 @@ class _Group:
     def set_grads(self, addresses: np.ndarray) -> None:
         pass
 
+    def _table(self) -> np.ndarray:
+        """One int64 row per array: element count, then the addresses of param, grad (filled
+        per step) and state; columns the rule does not use repeat the param's address."""
+        table = np.zeros((len(self.rows), TABLE_WIDTH), np.int64)
+        for r, arrays in enumerate(self.arrays):
+            p = arrays[0]
+            table[r, 0] = _size(p)
+            table[r, 1:] = extent(p)[0]
+            for c, a in enumerate(arrays[2:], start=3):
+                table[r, c] = extent(a)[0]
+        return table
+
     def prepare(self) -> _Group:
         """Make the kernel ready (compile it); return the group that will run."""
         return self
@@ -252,14 +272,7 @@ class _CpuGroup(_Group):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.table = np.zeros((len(self.rows), TABLE_WIDTH), np.int64)
-        for r, arrays in enumerate(self.arrays):
-            p = arrays[0]
-            self.table[r, 0] = p.size
-            for c, a in enumerate(arrays, start=1):
-                self.table[r, c] = extent(a if a is not None else p)[0]
-            for c in range(len(arrays) + 1, TABLE_WIDTH):
-                self.table[r, c] = self.table[r, 1]
+        self.table = self._table()
         self.total = int(self.table[:, 0].sum())
         self._threads = None
         self._kernel = None
@@ -347,15 +360,32 @@ def schedule(sizes: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _CudaGroup(_Group):
-    """The CUDA kernels, one launch per array (the grouped launch replaces this)."""
+    """The CUDA kernels: one launch (or a few) for the group, on the parameters' stream.
+
+    The table holds device addresses; numba-cuda's grouped kernel turns them back into arrays
+    (:func:`fastrms.kernels.cuda.launch_grouped`). The stream is read from the first
+    parameter at every step (a PyTorch tensor names torch's current stream)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.table = self._table()
+
+    def set_grads(self, addresses):
+        self.table[:, 2] = addresses[self.rows]
+
+    def prepare(self):
+        self._launch = self.backend.grouped_launcher()
+        return self
 
     def launch(self, hyper, grads):
-        view = self.backend.view
-        rule, flags = self.setup.rule, self.setup.flags
-        for i, arrays in zip(self.rows, self.arrays):
-            p = view(arrays[0])
-            views = [p, view(grads[i])] + [p if a is arrays[0] else view(a) for a in arrays[2:]]
-            self.backend.launch(rule, flags, tuple(views), hyper)
+        stream = self.backend.stream_of(self.arrays[0][0])
+        self._launch(self.setup.rule, self.setup.flags, self.table, hyper, stream)
+
+
+def _size(a: Any) -> int:
+    if isinstance(a, np.ndarray):
+        return a.size
+    return int(np.prod(describe(a, "array").shape, dtype=np.int64))
 
 
 _GROUPS = {"numpy": _NumpyGroup, "cpu": _CpuGroup, "cuda": _CudaGroup}

@@ -442,3 +442,28 @@ def test_gpu_torch_tensors_on_a_side_stream(ck, name, options):
             group.step(ck, step, stream, copy_grad)
         side.synchronize()
     group.check(lambda t: t.cpu().numpy())
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("algo", ["adam", "rmsprop", "sgd", "lion"])
+def test_optimizer_class_steps_many_device_arrays_as_one_group(algo):
+    """fastrms's classes group CUDA arrays too: one grouped launch, equal to the reference."""
+    if not SIMULATOR:
+        pytest.skip("the simulator run checks this; the gpu tests check real devices")
+    from conftest import ALGOS, FULL_STATE
+    from numba import cuda
+
+    rng = np.random.default_rng(9)
+    sizes = [0, 1, 5, 70, 1, 0, 33]
+    host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    device = [cuda.to_device(h) for h in host]
+    hyper = dict(lr=ALGOS[algo].lr, **FULL_STATE[algo])
+    opt = ALGOS[algo].cls(device, **hyper)
+    ref = ALGOS[algo].cls([h.copy() for h in host], backend="numpy", **hyper)
+    for _ in range(2):
+        grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+        opt.step([cuda.to_device(g) for g in grads])
+        ref.step(grads)
+    assert [g.backend.name for g in opt._plan.groups] == ["cuda"]
+    for d, want in zip(device, ref._params):
+        np.testing.assert_array_equal(d.copy_to_host(), want)
