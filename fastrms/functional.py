@@ -81,6 +81,21 @@ def cast(rule: str, scalars: tuple, dtype: np.dtype) -> tuple:
 
 _cast = cast  # the name the tests and benchmarks used
 
+#: Scalars of the grouped CPU kernels, padded to this many (kernels.cpu.HYPER_WIDTH).
+HYPER_WIDTH = specs.MAX_SCALARS
+
+
+@functools.lru_cache(maxsize=256)
+def cast_array(rule: str, scalars: tuple, dtype: np.dtype) -> np.ndarray:
+    """The scalars as one read-only array of the arrays' dtype, padded to
+    :data:`HYPER_WIDTH`, checked to fit in it (cached as :func:`cast` is)."""
+    if dtype.type is np.float32:
+        specs.check_fits_float32(LAYOUTS[rule], scalars)
+    out = np.zeros(HYPER_WIDTH, dtype)
+    out[: len(scalars)] = scalars
+    out.flags.writeable = False
+    return out
+
 
 def _step(name: str, param, grad, state: dict, backend: str, step: int, options: dict) -> None:
     spec = SPECS[name]

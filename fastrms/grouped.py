@@ -39,7 +39,7 @@ from .arrays import (
     host_addresses,
 )
 from .errors import BackendUnavailableError
-from .functional import SLOTS, cast
+from .functional import SLOTS, cast, cast_array
 from .specs import Setup
 
 #: Address columns of a group's table: param, grad and up to three state arrays (a rule with
@@ -78,7 +78,7 @@ class StepPlan:
         self._params = params
         self._names = names
         self._grad_names = grad_names or [n.replace("params", "grads", 1) for n in names]
-        self._state_arrays = [a for s in setup.state for a in state[s]]
+        self._state_arrays = {s: list(state[s]) for s in setup.state}
         written = []
         groups: dict[tuple, list[int]] = {}
         infos = []
@@ -117,10 +117,13 @@ class StepPlan:
         """Whether this plan still serves ``setup`` over the same state arrays."""
         if (setup.rule, setup.flags, setup.state, backend) != self.key:
             return False
-        current = [a for s in setup.state for a in state.get(s) or ()]
-        return len(current) == len(self._state_arrays) and all(
-            map(operator.is_, current, self._state_arrays)
-        )
+        for name, arrays in self._state_arrays.items():
+            current = state.get(name)
+            if current is None or len(current) != len(arrays):
+                return False
+            if not all(map(operator.is_, current, arrays)):
+                return False
+        return True
 
     def run(self, grads: list, setup: Setup) -> None:
         """Check ``grads`` (and the scalars against the dtypes), then step every group."""
@@ -131,9 +134,9 @@ class StepPlan:
         last = self._grads
         if last is None or not all(map(operator.is_, grads, last)):
             self._check_grads(grads, last)
-        hypers = [cast(setup.rule, setup.scalars, g.dtype) for g in self.groups]
         if not self._ready:
             self._prepare()
+        hypers = [g.cast(setup) for g in self.groups]
         for group, hyper in zip(self.groups, hypers):
             group.launch(hyper, grads)
 
@@ -181,7 +184,7 @@ class StepPlan:
     def kernel_calls(self, setup: Setup) -> list:
         """For benchmarks: each group's bare kernel call for ``setup``'s scalars, as a
         callable; a step's time less theirs is the Python-side cost of the step."""
-        return [g.kernel_call(cast(setup.rule, setup.scalars, g.dtype)) for g in self.groups]
+        return [g.kernel_call(g.cast(setup)) for g in self.groups]
 
     def _prepare(self) -> None:
         """Load and compile every group's kernel before any group writes."""
@@ -232,6 +235,10 @@ class _Group:
     def set_grads(self, addresses: np.ndarray) -> None:
         pass
 
+    def cast(self, setup: Setup):
+        """The step's scalars as this group's kernel takes them (a tuple of the dtype)."""
+        return cast(setup.rule, setup.scalars, self.dtype)
+
     def _table(self) -> np.ndarray:
         """One int64 row per array: element count, then the addresses of param, grad (filled
         per step) and state; columns the rule does not use repeat the param's address."""
@@ -280,12 +287,15 @@ class _CpuGroup(_Group):
     def set_grads(self, addresses):
         self.table[:, 2] = addresses[self.rows]
 
+    def cast(self, setup):
+        return cast_array(setup.rule, setup.scalars, self.dtype)
+
     def prepare(self):
         try:
             kernels = self.backend.grouped_kernels(self.setup.rule, self.setup.flags)
             self._parallel, self._serial = kernels
             empty = np.zeros(1, np.int64)
-            hyper = cast(self.setup.rule, self.setup.scalars, self.dtype)
+            hyper = self.cast(self.setup)
             # A call over no parts compiles the kernel for these types and writes nothing.
             kernel = (
                 self._serial if self.total < self.backend.parallel_threshold else self._parallel

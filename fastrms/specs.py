@@ -56,6 +56,10 @@ class Layout:
         return ("param", "grad", *self.slots)
 
     @functools.cached_property
+    def eps_index(self) -> int | None:
+        return list(self.scalars).index("eps") if "eps" in self.scalars else None
+
+    @functools.cached_property
     def _tuples(self):
         def make(kind, names):
             return namedtuple(f"{self.name.title()}{kind}", names) if names else lambda: ()
@@ -156,6 +160,9 @@ class Spec:
         Raises ``TypeError`` for an unknown name or a value of the wrong type, ``ValueError``
         for one out of range; each names the option.
         """
+        return dict(zip(self._names[0], self._check_values(options)))
+
+    def _check_values(self, options: Mapping[str, Any]) -> tuple:
         names, defaults, _, _ = self._names
         if len(options) != len(names) or not options.keys() <= set(names):
             if not options.keys() <= set(names):
@@ -164,29 +171,42 @@ class Spec:
             values = tuple(options.get(k, d) for k, d in zip(names, defaults))
         else:
             values = tuple(map(options.__getitem__, names))
-        return dict(zip(names, self._checked(*values)))
+        return self._checked(*values)
 
     def setup(self, step: int = 1, **options: Any) -> Setup:
         """Check ``options`` and compute the scalars of step ``step`` (counting from 1)."""
         if type(step) is not int or step < 1:
             step = hyper.step("step", step)
-        checked = self.check(options)
-        for name in self._names[2]:
-            del checked[name]
-        scalars, flags, state = self.prepare(step, **checked)
+        checked = self._check_values(options)
+        return self._prepared(step if self.counts_steps else 1, checked)
+
+    @functools.cached_property
+    def _prepared(self) -> Callable[[int, tuple], Setup]:
+        """``prepare`` on checked values, as a :class:`Setup`; cached by value (for a spec
+        whose scalars do not depend on the step, a training loop computes them once)."""
+        names, _, init, _ = self._names
+        keep = [k for k, n in enumerate(names) if n not in init]
         layout = self.layout
-        return Setup(
-            layout.name,
-            tuple(map(flags.__getitem__, layout.flags)),
-            tuple(map(scalars.__getitem__, layout.scalars)),
-            state,
-        )
+
+        def prepared(step: int, checked: tuple) -> Setup:
+            scalars, flags, state = self.prepare(step, **{names[k]: checked[k] for k in keep})
+            return Setup(
+                layout.name,
+                tuple(map(flags.__getitem__, layout.flags)),
+                tuple(map(scalars.__getitem__, layout.scalars)),
+                state,
+            )
+
+        return _by_value(prepared)
 
 
 def check_fits_float32(layout: Layout, scalars: tuple) -> None:
     """Hyperparameters valid in float64 can still overflow float32, or eps underflow to 0."""
-    if max(map(abs, scalars), default=0.0) <= F32_MAX and (
-        "eps" not in layout.scalars or not 0 < scalars[list(layout.scalars).index("eps")] < F32_TINY
+    eps = layout.eps_index
+    if (
+        max(scalars, default=0.0) <= F32_MAX
+        and min(scalars, default=0.0) >= -F32_MAX
+        and (eps is None or not 0 < scalars[eps] < F32_TINY)
     ):
         return
     for (name, formula), x in zip(layout.scalars.items(), scalars):
@@ -410,3 +430,7 @@ LION = Spec(
 )
 
 SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION)}
+
+#: The most scalars a rule may take (the grouped CPU kernels unpack this many).
+MAX_SCALARS = 10
+assert max(len(layout.scalars) for layout in LAYOUTS.values()) <= MAX_SCALARS

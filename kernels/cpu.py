@@ -4,6 +4,7 @@ array or for a table of many."""
 from functools import cache
 
 from numba import njit, prange
+from numba.extending import register_jitable
 
 from ._options import FASTMATH, RULES_TOKEN
 from .pointers import as_array
@@ -45,10 +46,24 @@ def launch(rule, flags, arrays, hyper):
     (parallel if n >= PARALLEL_THRESHOLD else serial)(n, arrays, hyper)
 
 
+#: Scalars a grouped kernel takes, as one array (padded): passing one array costs Numba's
+#: dispatcher far less than a tuple of NumPy scalars, and the kernel unpacks it into a tuple
+#: once, so the loops see constants, not loads that might alias the arrays being written.
+HYPER_WIDTH = 10
+
+
+@register_jitable(inline="always")
+def _unpack(s):
+    return (s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9])
+
+
 @cache
 def grouped_loops(rule, flags):
-    """Return ``(parallel, serial)`` kernels ``kernel(table, part_ptr, items, hyper)`` that
+    """Return ``(parallel, serial)`` kernels ``kernel(table, part_ptr, items, scalars)`` that
     step many arrays in one call.
+
+    ``scalars`` is a 1-D array of the arrays' dtype holding the rule's scalars, padded to
+    :data:`HYPER_WIDTH`.
 
     ``table`` holds one int64 row per array: its element count, then the addresses of its
     param, grad and up to three state arrays (as many as the rule takes; the rest repeat the
@@ -62,8 +77,9 @@ def grouped_loops(rule, flags):
     token = RULES_TOKEN  # read below only so that it is part of the closure, hence the cache key
 
     @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
-    def parallel(table, part_ptr, items, hyper):
+    def parallel(table, part_ptr, items, scalars):
         token  # noqa: B018
+        hyper = _unpack(scalars)
         like = hyper[0]
         for k in prange(part_ptr.size - 1):
             for j in range(part_ptr[k], part_ptr[k + 1]):
@@ -80,8 +96,9 @@ def grouped_loops(rule, flags):
                     rule(i, arrays, hyper, flags)
 
     @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-    def serial(table, part_ptr, items, hyper):
+    def serial(table, part_ptr, items, scalars):
         token  # noqa: B018
+        hyper = _unpack(scalars)
         like = hyper[0]
         for j in range(part_ptr[0], part_ptr[part_ptr.size - 1]):
             row = items[j, 0]
