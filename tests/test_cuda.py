@@ -123,7 +123,7 @@ def test_params_on_device_with_grads_on_host_is_refused():
     p, (g,) = _data((8,), np.float32, 1)
     dp = cuda.to_device(p)
     opt = fastrms.Adam(dp)
-    with pytest.raises(TypeError, match="grad is in host memory"):
+    with pytest.raises(TypeError, match="grads is in host memory"):
         opt.step(g)
     _assert_unchanged([dp, g], [p, g.copy()])
     assert opt.step_count == 0
@@ -132,7 +132,7 @@ def test_params_on_device_with_grads_on_host_is_refused():
 def test_params_on_host_with_grads_on_device_is_refused():
     p, (g,) = _data((8,), np.float32, 1)
     opt = fastrms.Adam(p.copy())
-    with pytest.raises(TypeError, match="grad is on a CUDA device"):
+    with pytest.raises(TypeError, match="grads is on a CUDA device"):
         opt.step(cuda.to_device(g))
     _assert_unchanged([opt._params[0]], [p])
 
