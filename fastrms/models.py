@@ -292,3 +292,26 @@ OVERHEAD_COUNTS = (1, 10, 100, 1000)
 def tiny_tensors(count: int) -> Tensors:
     """``count`` tensors of 4 elements: a step of them is all overhead."""
     return model_arrays({f"t{i}": (4,) for i in range(count)})
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """A stated goal for the grouped step over a model: ``key`` of the model's report (a ratio
+    such as ``vs_torch_fused``) is at least ``bound``."""
+
+    model: str
+    algo: str
+    key: str
+    bound: float
+    text: str
+
+
+MODEL_TARGETS = (
+    ModelTarget("gpt2-tiny", "adam", "vs_torch_fused", 3.0, ">= 3x torch Adam(fused=True)"),
+    ModelTarget("mlp", "adam", "vs_torch_fused", 2.5, ">= 2.5x torch Adam(fused=True)"),
+    ModelTarget("mlp", "rmsprop", "vs_torch_foreach", 5.0, ">= 5x torch RMSprop(foreach=True)"),
+    ModelTarget("resnet50", "adam", "vs_torch_fused", 1.05, ">= 1.05x torch Adam(fused=True)"),
+    ModelTarget("resnet50", "adam", "pct_flat_ceiling", 0.90, ">= 90% of the flat ceiling"),
+    ModelTarget("gpt2", "adam", "vs_torch_fused", 1.0, ">= 1.0x torch Adam(fused=True)"),
+    ModelTarget("gpt2", "adam", "pct_flat_ceiling", 0.95, ">= 95% of the flat ceiling"),
+)

@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         except B.WrongResult as exc:
             print(f"fastrms bench: wrong result, stopping: {exc}", file=sys.stderr)
             return 1
-    targets = evaluate_targets(sweep.cells)
+    targets = evaluate_targets(sweep.cells) + evaluate_model_targets(sweep.models)
     info = machine_info(threads)
     settings = {
         "algos": list(args.algo),
@@ -554,6 +554,31 @@ def evaluate_targets(cells: list[Cell]) -> list[dict]:
     return out
 
 
+def evaluate_model_targets(models: list[dict]) -> list[dict]:
+    """The model targets for the (model, algorithm) pairs measured."""
+    by = {(m["model"], m["algo"]): m for m in models}
+    out = []
+    for t in M.MODEL_TARGETS:
+        m = by.get((t.model, t.algo))
+        if m is None:
+            continue
+        value = m[t.key]
+        out.append(
+            {
+                "algo": t.algo,
+                "model": t.model,
+                "n": m["parameters"],
+                "target": t.text,
+                "metric": "ceiling" if t.key.startswith("pct") else "speedup",
+                "bound": t.bound,
+                "value": value,
+                "met": None if value is None else bool(value >= t.bound),
+                "note": "" if value is not None else f"not measured ({t.key})",
+            }
+        )
+    return out
+
+
 # -- output ---------------------------------------------------------------------------------------
 
 
@@ -671,6 +696,8 @@ def _target_lines(targets: list[dict], markdown: bool) -> list[str]:
         else:
             value = f"{t['value']:.2f}x"
         where = f"{B.ALGOS[t['algo']].title}, n={t['n']:,}"
+        if "model" in t:
+            where = f"{B.ALGOS[t['algo']].title} over {t['model']}"
         if markdown:
             lines.append(f"| {where} | fastrms cpu {t['target']} | {value} | {mark} |")
         else:
