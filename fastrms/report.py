@@ -119,6 +119,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--plot", metavar="PATH", help="write a PNG of GB/s against n (needs fastrms[plot])"
     )
+    p.add_argument(
+        "--plot-models",
+        metavar="PATH",
+        help="write a PNG of each model workload's variants against the flat ceiling",
+    )
     p.add_argument("--markdown", action="store_true", help="print the tables as GitHub Markdown")
     p.add_argument(
         "--model",
@@ -199,7 +204,7 @@ def _positive_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark that ``args`` describes and print the report; return the exit code."""
     started = time.time()
-    if args.plot and not _have_matplotlib():
+    if (args.plot or args.plot_models) and not _have_matplotlib():
         print("fastrms bench --plot needs matplotlib: pip install 'fastrms[plot]'", file=sys.stderr)
         return 1
     import numba
@@ -256,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
             f.write("\n")
     if args.plot:
         plot(sweep.cells, args.plot, title=_plot_title(info))
+    if args.plot_models and sweep.models:
+        plot_models(sweep.models, args.plot_models, title=_plot_title(info))
     return 0
 
 
@@ -846,4 +853,37 @@ def plot(cells: list[Cell], path: str, title: str = "") -> None:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+def plot_models(models: list[dict], path: str, title: str = "") -> None:
+    """Write a PNG: for each (model, algorithm), each variant's speed as a fraction of the
+    flat same-pattern ceiling (1 = the memory speed of one flat array), log scale."""
+    from matplotlib.figure import Figure
+
+    rows = [f"{m['model']} ({m['tensors']} tensors)\n{B.ALGOS[m['algo']].title}" for m in models]
+    variants = list(dict.fromkeys(c.variant for m in models for c in m["cells"]))
+    variants = [v for v in variants if v != "ceiling-flat"]
+    fig = Figure(figsize=(9, 0.9 + 0.55 * len(rows) * max(1, len(variants)) / 3),
+                 layout="constrained")  # fmt: skip
+    ax = fig.subplots()
+    height = 0.8 / max(1, len(variants))
+    for k, variant in enumerate(variants):
+        ys, xs, label = [], [], variant
+        for r, m in enumerate(models):
+            by = {c.variant: c for c in m["cells"]}
+            if variant in by and "ceiling-flat" in by:
+                ys.append(r + (k - (len(variants) - 1) / 2) * height)
+                xs.append(by["ceiling-flat"].median_s / by[variant].median_s)
+                label = by[variant].label
+        ax.barh(ys, xs, height=height, label=label)
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), rows, fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("speed as a fraction of the flat same-pattern ceiling (higher is better)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    if title:
+        ax.set_title(title, fontsize="medium")
     fig.savefig(path, dpi=110)
