@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import reference
+from . import reference, threads
 from .arrays import DEVICE, HOST, device_of
 from .errors import BackendUnavailableError, FallbackWarning
 
@@ -105,8 +105,12 @@ class _CpuBackend(_NumpyBackend):
                 raise BackendUnavailableError(
                     f"the cpu backend is unavailable: {self._reason}"
                 ) from exc
+            try:  # starts Numba's threading layer: fork- and thread-safe (fastrms.threads)
+                self._kernels = threads.guard(cpu.launch)
+            except threads.LayerUnavailableError as exc:
+                self._reason = str(exc)
+                raise BackendUnavailableError(f"the cpu backend is unavailable: {exc}") from exc
             self._rules = rules.RULES
-            self._kernels = cpu.launch
         return self._kernels
 
     def launch(self, rule, flags, arrays, hyper):
@@ -125,15 +129,11 @@ class _CpuBackend(_NumpyBackend):
             return BackendInfo(self.name, False, self._reason)
         import numba
 
-        try:
-            layer = numba.threading_layer()
-        except ValueError:  # chosen when the first parallel kernel runs
-            layer = numba.config.THREADING_LAYER
         return BackendInfo(
             self.name,
             True,
             f"numba {numba.__version__}, {numba.get_num_threads()} threads "
-            f"(threading layer: {layer}; set NUMBA_NUM_THREADS to change)",
+            f"(set NUMBA_NUM_THREADS to change); threading layer {threads.configure().describe()}",
         )
 
 
