@@ -47,11 +47,6 @@ class Layer:
     chosen_by: str  # "fastrms", "the user" or "code that ran before fastrms"
     vendor: str = ""  # the OpenMP implementation, for omp
 
-    @property
-    def serialized(self) -> bool:
-        """Whether fastrms runs its parallel steps one at a time (thread-unsafe layer)."""
-        return not self.thread_safe
-
     def describe(self) -> str:
         name = f"{self.name} ({self.vendor} OpenMP)" if self.vendor else self.name
         if self.fork_safe and self.thread_safe:
@@ -68,6 +63,17 @@ class Layer:
 _layer: Layer | None = None
 _configure_lock = threading.Lock()
 _launch_lock = threading.Lock()  # held around each launch when the layer is not thread-safe
+_dll_directories: list = []  # Windows forgets an added DLL directory when its handle is freed
+
+
+def _new_launch_lock() -> None:
+    # A child forked while another thread held the lock would wait for it forever.
+    global _launch_lock
+    _launch_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_launch_lock)
 
 
 def configure() -> Layer:
@@ -174,7 +180,7 @@ def _load_tbb() -> str | None:
     for path in _tbb_candidates():
         try:
             if sys.platform == "win32":
-                os.add_dll_directory(os.path.dirname(path))
+                _dll_directories.append(os.add_dll_directory(os.path.dirname(path)))
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return None
         except OSError as exc:
