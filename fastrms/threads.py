@@ -52,7 +52,7 @@ class Layer:
         if self.fork_safe and self.thread_safe:
             safety = "fork-safe and thread-safe"
         elif self.thread_safe:
-            safety = "thread-safe, NOT fork-safe: a forked child dies if it steps"
+            safety = "thread-safe, NOT fork-safe: a child forked after a parallel step dies in one"
         elif self.fork_safe:
             safety = "fork-safe; not thread-safe, so fastrms runs parallel steps one at a time"
         else:
@@ -66,14 +66,14 @@ _launch_lock = threading.Lock()  # held around each launch when the layer is not
 _dll_directories: list = []  # Windows forgets an added DLL directory when its handle is freed
 
 
-def _new_launch_lock() -> None:
-    # A child forked while another thread held the lock would wait for it forever.
-    global _launch_lock
-    _launch_lock = threading.Lock()
+def _new_locks() -> None:
+    # A child forked while another thread held a lock would wait for it forever.
+    global _configure_lock, _launch_lock
+    _configure_lock, _launch_lock = threading.Lock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_launch_lock)
+    os.register_at_fork(after_in_child=_new_locks)
 
 
 def configure() -> Layer:
