@@ -13,7 +13,7 @@ first use and are cached on disk.
 
 from . import functional
 from .dispatch import BackendInfo, backends
-from .errors import BackendUnavailableError, FallbackWarning
+from .errors import BackendUnavailableError, FallbackWarning, ThreadingLayerWarning
 from .optim import SGD, AdaGrad, Adam, AdamW, Lion, Optimizer, RMSProp
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "Lion",
     "Optimizer",
     "RMSProp",
+    "ThreadingLayerWarning",
     "backends",
     "functional",
 ]

@@ -239,6 +239,9 @@ def numba_threads(n: int) -> Iterator[None]:
     """Run Numba's parallel loops on ``n`` threads, restoring the previous count after."""
     import numba
 
+    from .threads import configure
+
+    configure()  # before Numba starts a layer by itself (get_num_threads would)
     before = numba.get_num_threads()
     numba.set_num_threads(n)
     try:

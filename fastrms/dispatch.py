@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import reference
+from . import reference, threads
 from .arrays import DEVICE, HOST, device_of
 from .errors import BackendUnavailableError, FallbackWarning
 
@@ -106,9 +106,13 @@ class _CpuBackend(_NumpyBackend):
                 raise BackendUnavailableError(
                     f"the cpu backend is unavailable: {self._reason}"
                 ) from exc
+            try:  # starts Numba's threading layer: fork- and thread-safe (fastrms.threads)
+                self._kernels = threads.guard(cpu.launch)
+            except threads.LayerUnavailableError as exc:
+                self._reason = str(exc)
+                raise BackendUnavailableError(f"the cpu backend is unavailable: {exc}") from exc
             self._rules = rules.RULES
             self._cpu = cpu
-            self._kernels = cpu.launch
         return self._kernels
 
     def launch(self, rule, flags, arrays, hyper):
@@ -117,7 +121,8 @@ class _CpuBackend(_NumpyBackend):
     def grouped_kernels(self, rule: str, flags: tuple) -> tuple[Callable, Callable]:
         """``(parallel, serial)`` kernels over a table of arrays (see kernels.cpu)."""
         self._launcher()
-        return self._cpu.grouped_loops(self._rules[rule], flags)
+        parallel, serial = self._cpu.grouped_loops(self._rules[rule], flags)
+        return threads.guard(parallel), serial  # a serial loop starts no thread team
 
     @property
     def parallel_threshold(self) -> int:
@@ -143,15 +148,11 @@ class _CpuBackend(_NumpyBackend):
             return BackendInfo(self.name, False, self._reason)
         import numba
 
-        try:
-            layer = numba.threading_layer()
-        except ValueError:  # chosen when the first parallel kernel runs
-            layer = numba.config.THREADING_LAYER
         return BackendInfo(
             self.name,
             True,
             f"numba {numba.__version__}, {numba.get_num_threads()} threads "
-            f"(threading layer: {layer}; set NUMBA_NUM_THREADS to change)",
+            f"(set NUMBA_NUM_THREADS to change); threading layer {threads.configure().describe()}",
         )
 
 
