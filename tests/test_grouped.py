@@ -48,8 +48,10 @@ def _per_array(algo: str, params, grads_per_step, options):
 
 @pytest.mark.parametrize(("algo", "options"), option_cases())
 def test_grouped_step_equals_per_array_calls(algo, options):
+    """Every option combination in float32 (float64 is covered by the mixed-dtype test: each
+    combination compiles a kernel of its own, and CI compiles them all from cold)."""
     rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.float64):
+    for dtype in (np.float32,):
         params = _arrays(rng, SIZES, dtype)
         mine = [p.copy() for p in params]
         grads = [_arrays(rng, SIZES, dtype) for _ in range(3)]
