@@ -91,15 +91,17 @@ def state_bytes(opt: fastrms.Optimizer) -> int:
     return sum(a.nbytes for arrays in opt.state.values() for a in arrays if a is not None)
 
 
-def run_case(name: str, options: dict, dtype=np.float32, exact=None, average=True) -> None:
+def run_case(
+    name: str, options: dict, dtype=np.float32, exact=None, average=True, reduce="reduce_scatter"
+) -> None:
     """k steps of the sharded and the single-process optimizer; then the state dicts."""
     cls = getattr(fastrms, name)
     exact = SIZE > 2 if exact is None else exact
     p0 = initial(SHAPES, dtype)
     params, ref_params = {k: v.copy() for k, v in p0.items()}, {k: v.copy() for k, v in p0.items()}
-    opt = ShardedOptimizer(cls, params, average=average, lr=LR[name], **options)
+    opt = ShardedOptimizer(cls, params, average=average, reduce=reduce, lr=LR[name], **options)
     ref = cls(ref_params, lr=LR[name], **options)
-    what = f"{name} {options} {np.dtype(dtype)} exact={exact} average={average}"
+    what = f"{name} {options} {np.dtype(dtype)} exact={exact} average={average} {reduce}"
     for k in range(STEPS):
         all_grads = grads_of(SHAPES, dtype, k, exact)
         opt.step(all_grads[RANK])
@@ -293,6 +295,7 @@ def check_bad_input() -> None:
         TypeError, lambda: ShardedOptimizer(fastrms.Adam, params, comm=MPI.COMM_NULL), "comm"
     )
     expect_all(TypeError, lambda: ShardedOptimizer("adam", params), "optimizer")
+    expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, params, reduce="ring"), "reduce")
     expect_all(TypeError, lambda: ShardedOptimizer(fastrms.Adam, params, lr=0.1, betaz=1), "betaz")
     mismatched = dict(params)
     if RANK == last:
@@ -317,10 +320,12 @@ def main() -> None:
     run_case("Adam", dict(amsgrad=True), dtype=np.float64)
     run_case("RMSProp", dict(momentum=0.9), average=False)
     run_case("AdaGrad", {}, exact=False)  # general gradients: bitwise with 2 ranks only
+    run_case("Adam", dict(amsgrad=True), reduce="reduce")
+    run_case("SGD", dict(momentum=0.9), reduce="reduce", average=False)
     check_layouts()
     check_bad_input()
     COMM.Barrier()
-    print(f"mpi_worker OK rank {RANK} of {SIZE}: {n + 3} optimizer cases", flush=True)
+    print(f"mpi_worker OK rank {RANK} of {SIZE}: {n + 5} optimizer cases", flush=True)
 
 
 if __name__ == "__main__":
