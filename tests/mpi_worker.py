@@ -147,13 +147,16 @@ def run_case(
 def check_layouts() -> None:
     """Single arrays, lists, mixed dtypes, parameters in one flat buffer, empty shards."""
     # One array; flat gradients too (the zero-copy paths).
-    for shape in [(41,), (SIZE - 1 or 1,), (6, 5)]:
+    cases = [((41,), "reduce_scatter"), ((SIZE - 1 or 1,), "reduce"), ((6, 5), "reduce_scatter"),
+             ((6, 5), "reduce")]  # fmt: skip
+    for shape, reduce in cases:
         p0 = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
         p, q = p0.copy(), p0.copy()
-        opt, ref = ShardedOptimizer(fastrms.Adam, p, lr=0.01), fastrms.Adam(q, lr=0.01)
+        opt = ShardedOptimizer(fastrms.Adam, p, lr=0.01, reduce=reduce)
+        ref = fastrms.Adam(q, lr=0.01)
         for k in range(STEPS):
             gs = grads_of({"x": shape}, np.float32, k, exact=True)
-            opt.step(gs[RANK]["x"])
+            opt.step(np.asfortranarray(gs[RANK]["x"]))  # not C-contiguous if 2-D
             ref.step(reduced(gs, True)["x"])
         assert np.array_equal(p, q), shape
         assert sum(COMM.allgather(opt.state_nbytes())) == state_bytes(ref)
