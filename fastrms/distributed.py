@@ -86,7 +86,6 @@ class _Group:
             [Piece(indices[p.index], p.start, p.stop, p.offset) for p in rank_pieces]
             for rank_pieces in partition(sizes, nranks)
         ]
-        self.every_piece = [(r, p) for r, mine in enumerate(self.pieces) for p in mine]
         flats = [params[i].reshape(-1) for i in indices]
         # Parameters laid end to end in one array already: gather straight into their memory.
         self.param_flat = _flat_view(flats)
@@ -140,11 +139,11 @@ class ShardedOptimizer:
     average : bool
         Average the ranks' gradients (default); ``False`` sums them.
     reduce : {"reduce_scatter", "reduce"}
-        How the gradients are reduced: one ``MPI_Reduce_scatter`` of a flat copy of them
-        (default; MPI's bandwidth-optimal algorithms as the ranks grow), or one ``MPI_Reduce``
-        per piece of each rank's shard, rooted at its owner, straight from the gradients'
-        memory: the same bytes sent, no copy, one call per piece (about one per tensor). With
-        Open MPI 5 on one machine the latter was several times faster (see the README).
+        How the gradients (copied into one flat buffer, unless they lie end to end in one
+        array already) are reduced: one ``MPI_Reduce_scatter`` (default; MPI's
+        bandwidth-optimal algorithms as the ranks grow), or one ``MPI_Reduce`` per rank's
+        range, rooted at its owner: the same bytes sent, in N calls. With Open MPI 5 on one
+        machine the latter was several times faster (see the README); the sums are the same.
     **hyperparameters
         As for ``optimizer`` (``lr=...``, ``backend=...``); each is an attribute, changeable
         between steps on every rank alike.
@@ -270,13 +269,14 @@ class ShardedOptimizer:
         t1 = time.perf_counter()
         MPI = self._MPI
         for g in self._groups:
+            send = g.send_buffer(flat)
             if self.reduce == "reduce_scatter":
-                self.comm.Reduce_scatter(g.send_buffer(flat), g.recv, g.counts, op=MPI.SUM)
-            else:  # straight from the gradients' memory, piece by piece: no copy
-                for r, p in g.every_piece:
-                    src = _flat(flat[p.index])[p.start : p.stop]
-                    dst = g.recv[p.offset - g.lo : p.offset - g.lo + p.stop - p.start]
-                    self.comm.Reduce(src, dst if r == self.rank else None, op=MPI.SUM, root=r)
+                self.comm.Reduce_scatter(send, g.recv, g.counts, op=MPI.SUM)
+            else:
+                for r, (n, at) in enumerate(zip(g.counts, g.displs)):
+                    if n:
+                        mine = g.recv if r == self.rank else None
+                        self.comm.Reduce(send[at : at + n], mine, op=MPI.SUM, root=r)
             if self.average and self.size > 1:
                 np.divide(g.recv, self.size, out=g.recv)
         t2 = time.perf_counter()
@@ -288,20 +288,23 @@ class ShardedOptimizer:
         self._agree(error, "", "local step", after_update=True)
         t3 = time.perf_counter()
         for g in self._groups:
-            self._all_gather(g, self.comm.Allgatherv)
+            self._all_gather(g)
         t4 = time.perf_counter()
         self.last_step_times = {
             "check": t1 - t0, "reduce_scatter": t2 - t1, "local_step": t3 - t2,
             "all_gather": t4 - t3,
         }  # fmt: skip
 
-    def _all_gather(self, g: _Group, collective, *root) -> None:
+    def _all_gather(self, g: _Group) -> None:
+        """Every rank's updated shard into every rank's parameters: through the flat buffer
+        (own pieces copied in, the others' copied out), or in place where the parameters lie
+        end to end in one array."""
         if g.param_flat is None:
             for dst, src in zip(g.mine_in_gathered, g.mine):
                 np.copyto(dst, src)
         if g.total:
             mpitype = self._mpitype(g.dtype)
-            collective(self._MPI.IN_PLACE, [g.gathered, g.counts, g.displs, mpitype], *root)
+            self.comm.Allgatherv(self._MPI.IN_PLACE, [g.gathered, g.counts, g.displs, mpitype])
         if g.param_flat is None:
             for dst, src in g.unpack:
                 np.copyto(dst, src)
@@ -571,10 +574,6 @@ def _check_params(params: list, names: list[str]) -> None:
 
 def _state_names(state_dict: Mapping) -> set[str]:
     return {k.split(".")[1] for k in state_dict if isinstance(k, str) and k.startswith("state.")}
-
-
-def _flat(a: np.ndarray) -> np.ndarray:
-    return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(-1)
 
 
 def _type_name(x: Any) -> str:
