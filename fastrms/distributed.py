@@ -15,6 +15,8 @@ DeepSpeed's flat partitions are. Importing this module does not import mpi4py; c
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import time
 import zlib
@@ -23,7 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .arrays import FLOAT_DTYPES, is_device_array
+from . import dispatch
+from .arrays import DEVICE, FLOAT_DTYPES, describe, extent
 from .optim import Optimizer
 
 Params = Any  # an array, a list/tuple of arrays, or a dict of str -> array
@@ -71,10 +74,10 @@ def partition(sizes: Sequence[int], nranks: int) -> list[list[Piece]]:
 class _Group:
     """The parameters of one dtype: their flat layout, partition and communication buffers."""
 
-    def __init__(self, dtype: np.dtype, indices: list[int], params: list, nranks: int, rank: int):
-        self.dtype = dtype
+    def __init__(self, mem, dtype: np.dtype, indices: list[int], params: list, nranks, rank):
+        self.mem, self.dtype = mem, dtype
         self.indices = indices  # positions in the flattened params
-        sizes = [params[i].size for i in indices]
+        sizes = [_size(params[i]) for i in indices]
         self.total = sum(sizes)
         self.offsets = np.cumsum([0, *sizes]).tolist()[:-1]
         b = bounds(self.total, nranks)
@@ -86,22 +89,22 @@ class _Group:
             [Piece(indices[p.index], p.start, p.stop, p.offset) for p in rank_pieces]
             for rank_pieces in partition(sizes, nranks)
         ]
-        flats = [params[i].reshape(-1) for i in indices]
+        flat = {i: mem.flat(params[i]) for i in indices}
         # Parameters laid end to end in one array already: gather straight into their memory.
-        self.param_flat = _flat_view(flats)
+        self.param_flat = mem.flat_view([flat[i] for i in indices])
         self.gathered = (
-            self.param_flat if self.param_flat is not None else _empty(self.total, dtype)
+            self.param_flat if self.param_flat is not None else mem.empty(self.total, dtype)
         )
         self.send = None  # the gradients' flat buffer, allocated on first need
-        self.recv = _empty(self.counts[rank], dtype)
-        self.mine = [params[p.index].reshape(-1)[p.start : p.stop] for p in self.pieces[rank]]
+        self.recv = mem.empty(self.counts[rank], dtype)
+        self.mine = [flat[p.index][p.start : p.stop] for p in self.pieces[rank]]
         self.mine_in_gathered = [self.gathered[p.offset : p.offset + p.stop - p.start]
                                  for p in self.pieces[rank]]  # fmt: skip
         self.grad_shard = [self.recv[p.offset - self.lo : p.offset - self.lo + p.stop - p.start]
                            for p in self.pieces[rank]]  # fmt: skip
         # (destination in params, source in the gathered buffer) for the other ranks' pieces.
         self.unpack = [
-            (params[p.index].reshape(-1)[p.start : p.stop],
+            (flat[p.index][p.start : p.stop],
              self.gathered[p.offset : p.offset + p.stop - p.start])
             for r, rank_pieces in enumerate(self.pieces) if r != rank
             for p in rank_pieces
@@ -110,16 +113,13 @@ class _Group:
     def send_buffer(self, grads: list) -> np.ndarray:
         """The gradients of this group as one flat array: a view if they are laid end to end
         already, else a copy into the persistent send buffer."""
-        flats = [grads[i].reshape(-1) if grads[i].flags.c_contiguous else None
-                 for i in self.indices]  # fmt: skip
-        flat = None if any(f is None for f in flats) else _flat_view(flats, writeable=False)
+        flat = self.mem.flat_view([grads[i] for i in self.indices], writeable=False)
         if flat is not None:
             return flat
         if self.send is None:
-            self.send = _empty(self.total, self.dtype)
+            self.send = self.mem.empty(self.total, self.dtype)
         for i, off in zip(self.indices, self.offsets):
-            g = grads[i]
-            np.copyto(self.send[off : off + g.size].reshape(g.shape), g)
+            self.mem.pack(self.send[off : off + _size(grads[i])], grads[i])
         return self.send
 
 
@@ -198,14 +198,14 @@ class ShardedOptimizer:
             if not self._params:
                 raise ValueError("params is empty")
             self._names = self._labels("params")
-            _check_params(self._params, self._names)
+            self._mem = _memory_for(self._params, self._names)
         except (TypeError, ValueError) as exc:
             error = exc
         signature = None
         if error is None:
             signature = (
                 optimizer.__name__, self._structure, self._keys, self.average, self.reduce,
-                [(p.shape, p.dtype.str) for p in self._params],
+                self._mem.kind, [(_shape(p), _dtype(p).str) for p in self._params],
                 repr(sorted(hyperparameters.items())),
             )  # fmt: skip
         self._agree(error, repr(signature), "params, optimizer and options")
@@ -215,8 +215,8 @@ class ShardedOptimizer:
         self._grad_shard = [v for g in self._groups for v in g.grad_shard]
         self._dummy = not self._shard  # a rank with no element steps one empty array
         if self._dummy:
-            self._shard = [np.empty(0, self._params[0].dtype)]
-            self._grad_shard = [np.empty(0, self._params[0].dtype)]
+            self._shard = [self._mem.empty(0, _dtype(self._params[0]))]
+            self._grad_shard = [self._mem.empty(0, _dtype(self._params[0]))]
         error = None
         try:
             object.__setattr__(self, "_inner", optimizer(self._shard, **hyperparameters))
@@ -267,18 +267,20 @@ class ShardedOptimizer:
             error = exc
         self._agree(error, self._step_signature(), "step count and hyperparameters")
         t1 = time.perf_counter()
-        MPI = self._MPI
+        MPI, mem = self._MPI, self._mem
+        mem.sync()  # CUDA: the gradients are complete before MPI reads them
         for g in self._groups:
             send = g.send_buffer(flat)
+            mem.sync()
             if self.reduce == "reduce_scatter":
-                self.comm.Reduce_scatter(send, g.recv, g.counts, op=MPI.SUM)
+                self.comm.Reduce_scatter(mem.mpi(send), mem.mpi(g.recv), g.counts, op=MPI.SUM)
             else:
                 for r, (n, at) in enumerate(zip(g.counts, g.displs)):
                     if n:
-                        mine = g.recv if r == self.rank else None
-                        self.comm.Reduce(send[at : at + n], mine, op=MPI.SUM, root=r)
+                        mine = mem.mpi(g.recv) if r == self.rank else None
+                        self.comm.Reduce(mem.mpi(send[at : at + n]), mine, op=MPI.SUM, root=r)
             if self.average and self.size > 1:
-                np.divide(g.recv, self.size, out=g.recv)
+                mem.divide(g.recv, self.size)
         t2 = time.perf_counter()
         error = None
         try:
@@ -286,9 +288,11 @@ class ShardedOptimizer:
         except (TypeError, ValueError) as exc:  # the same on every rank, as checked above
             error = exc
         self._agree(error, "", "local step", after_update=True)
+        mem.sync()
         t3 = time.perf_counter()
         for g in self._groups:
             self._all_gather(g)
+        mem.sync()
         t4 = time.perf_counter()
         self.last_step_times = {
             "check": t1 - t0, "reduce_scatter": t2 - t1, "local_step": t3 - t2,
@@ -299,15 +303,17 @@ class ShardedOptimizer:
         """Every rank's updated shard into every rank's parameters: through the flat buffer
         (own pieces copied in, the others' copied out), or in place where the parameters lie
         end to end in one array."""
+        mem = self._mem
         if g.param_flat is None:
             for dst, src in zip(g.mine_in_gathered, g.mine):
-                np.copyto(dst, src)
+                mem.copy(dst, src)
+            mem.sync()
         if g.total:
-            mpitype = self._mpitype(g.dtype)
-            self.comm.Allgatherv(self._MPI.IN_PLACE, [g.gathered, g.counts, g.displs, mpitype])
+            buffer = [mem.mpi(g.gathered), g.counts, g.displs, self._mpitype(g.dtype)]
+            self.comm.Allgatherv(self._MPI.IN_PLACE, buffer)
         if g.param_flat is None:
             for dst, src in g.unpack:
-                np.copyto(dst, src)
+                mem.copy(dst, src)
 
     def _mpitype(self, dtype: np.dtype):
         return self._MPI.FLOAT if dtype == np.float32 else self._MPI.DOUBLE
@@ -330,19 +336,21 @@ class ShardedOptimizer:
         elif len(arrays) != len(self._params):
             raise ValueError(f"grads has {len(arrays)} arrays but params has {len(self._params)}")
         for g, p, name in zip(arrays, self._params, self._labels("grads")):
-            if not isinstance(g, np.ndarray):
+            gi, pi = describe(g, name), describe(p, "param")
+            if gi.kind != pi.kind:
+                where = "on a CUDA device" if pi.kind == DEVICE else "in host memory (NumPy)"
+                raise TypeError(f"{name} must be {where}, like its parameter")
+            if gi.dtype != pi.dtype:
                 raise TypeError(
-                    f"{name} must be a NumPy array like its parameter, got {_type_name(g)}"
-                )
-            if g.dtype != p.dtype:
-                raise TypeError(
-                    f"{name} has dtype {g.dtype} but its parameter has dtype {p.dtype}: "
+                    f"{name} has dtype {gi.dtype} but its parameter has dtype {pi.dtype}: "
                     "fastrms does not cast arrays"
                 )
-            if g.shape != p.shape:
+            if gi.shape != pi.shape:
                 raise ValueError(
-                    f"{name} has shape {g.shape} but its parameter has shape {p.shape}"
+                    f"{name} has shape {gi.shape} but its parameter has shape {pi.shape}"
                 )
+            if gi.kind == DEVICE and not gi.c_contiguous:
+                raise ValueError(f"{name} is not C-contiguous (CUDA gradients must be)")
         return arrays
 
     def _step_signature(self) -> str:
@@ -393,8 +401,9 @@ class ShardedOptimizer:
                         self.comm.Gatherv(mine, [g_full, g.counts, g.displs, mpitype], root)
                 if receive:
                     for i, off in zip(g.indices, g.offsets):
-                        p = self._params[i]
-                        sd[self._state_key(name, i)] = g_full[off : off + p.size].reshape(p.shape)
+                        shape = _shape(self._params[i])
+                        n = int(np.prod(shape, dtype=np.int64))
+                        sd[self._state_key(name, i)] = g_full[off : off + n].reshape(shape)
         if not receive:
             return None
         state = sorted((k for k in sd if k.startswith("state.")), key=self._state_order)
@@ -440,11 +449,11 @@ class ShardedOptimizer:
             if key not in by_key:
                 raise ValueError(f"state_dict has unexpected key {key!r} for these params")
             s, i = by_key[key]
-            a, p = np.asarray(value), self._params[i]
-            if a.shape != p.shape or a.dtype != p.dtype:
+            a, shape, dtype = np.asarray(value), _shape(self._params[i]), _dtype(self._params[i])
+            if a.shape != shape or a.dtype != dtype:
                 raise ValueError(
                     f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
-                    f"parameter has shape {p.shape} and dtype {p.dtype}"
+                    f"parameter has shape {shape} and dtype {dtype}"
                 )
             full[s, i] = a.reshape(-1)
         for s in {s for s, _ in full}:
@@ -454,7 +463,7 @@ class ShardedOptimizer:
             if missing:
                 raise ValueError(f"state_dict lacks {missing[0]!r} (it has {s} for other params)")
             if self._dummy:
-                out[f"state.{s}.0"] = np.empty(0, self._shard[0].dtype)
+                out[f"state.{s}.0"] = np.empty(0, _dtype(self._shard[0]))
             for j, p in enumerate(self.pieces):
                 out[f"state.{s}.{j}"] = full[s, p.index][p.start : p.stop]
         return out
@@ -529,14 +538,17 @@ class ShardedOptimizer:
     def _make_groups(self) -> list[_Group]:
         by_dtype: dict[np.dtype, list[int]] = {}
         for i, p in enumerate(self._params):
-            by_dtype.setdefault(p.dtype, []).append(i)
-        return [_Group(dt, idx, self._params, self.size, self.rank) for dt, idx in by_dtype.items()]
+            by_dtype.setdefault(_dtype(p), []).append(i)
+        return [
+            _Group(self._mem, dt, idx, self._params, self.size, self.rank)
+            for dt, idx in by_dtype.items()
+        ]
 
     def __repr__(self) -> str:
         return (
             f"ShardedOptimizer({self.optimizer.__name__}, rank {self.rank} of {self.size}, "
             f"{sum(p.stop - p.start for p in self.pieces)} of "
-            f"{sum(p.size for p in self._params)} elements)"
+            f"{sum(_size(p) for p in self._params)} elements)"
         )
 
 
@@ -551,25 +563,134 @@ def _flatten(params: Params) -> tuple[str, list, list]:
     return "array", [None], [params]
 
 
-def _check_params(params: list, names: list[str]) -> None:
-    for p, name in zip(params, names):
-        if is_device_array(p):
-            raise TypeError(f"{name}: ShardedOptimizer supports NumPy arrays only (for now)")
-        if not isinstance(p, np.ndarray):
-            raise TypeError(f"{name} must be a NumPy array, got {_type_name(p)}")
-        if p.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must have dtype float32 or float64, got {p.dtype}")
-        if not p.flags.c_contiguous:
+def _memory_for(params: list, names: list[str]):
+    """Check the parameters; return how to allocate, copy and communicate their memory."""
+    infos = [describe(p, name) for p, name in zip(params, names)]
+    for info, name in zip(infos, names):
+        if info.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {info.dtype}")
+        if not info.c_contiguous:
             raise ValueError(f"{name} is not C-contiguous")
-        if not p.flags.writeable:
+        if not info.writeable:
             raise ValueError(f"{name} is read-only; fastrms updates it in place")
-    spans = sorted(
-        (p.__array_interface__["data"][0], p.nbytes, name) for p, name in zip(params, names)
-        if p.nbytes
-    )  # fmt: skip
-    for (a, n, name), (b, _, other) in zip(spans, spans[1:]):
-        if b < a + n:
+        if info.kind != infos[0].kind:
+            raise TypeError(f"{name} and {names[0]} must all be NumPy arrays or all CUDA arrays")
+    spans = sorted((*extent(p), name) for p, name in zip(params, names))
+    for (a, n, name), (b, m, other) in zip(spans, spans[1:]):
+        if n and m and b < a + n:
             raise ValueError(f"{other} overlaps {name} in memory; pass separate arrays")
+    return _Device() if infos[0].kind == DEVICE else _Host()
+
+
+class _Host:
+    """NumPy memory."""
+
+    kind = "host"
+
+    def flat(self, a):
+        return a.reshape(-1)
+
+    def flat_view(self, flats: list, writeable: bool = True):
+        if any(not f.flags.c_contiguous for f in flats):
+            return None
+        return _flat_view([f.reshape(-1) for f in flats], writeable)
+
+    def empty(self, n: int, dtype):
+        return np.empty(n, dtype)
+
+    def copy(self, dst, src) -> None:
+        np.copyto(dst, src)
+
+    def pack(self, dst, grad) -> None:
+        np.copyto(dst.reshape(grad.shape), grad)
+
+    def divide(self, a, n: int) -> None:
+        np.divide(a, n, out=a)
+
+    def sync(self) -> None:
+        pass
+
+    def mpi(self, a):
+        return a
+
+
+class _Device:
+    """CUDA memory (Numba views of any CUDA array), passed to a CUDA-aware MPI as is. Under
+    Numba's CUDA simulator the "device" memory is host memory, which any MPI takes."""
+
+    kind = "cuda"
+
+    def __init__(self) -> None:
+        from numba import cuda
+
+        self.cuda, self.backend = cuda, dispatch.get("cuda")
+        self.simulator = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+        if not self.simulator and not _mpi_is_cuda_aware():
+            raise TypeError(
+                "params are CUDA arrays, but this MPI library does not report CUDA support "
+                "(MPIX_Query_cuda_support); use a CUDA-aware MPI, or NumPy arrays"
+            )
+        self._scale = None
+
+    def flat(self, a):
+        return self.backend.view(a)
+
+    def flat_view(self, flats: list, writeable: bool = True):
+        return None  # always through the flat buffers
+
+    def empty(self, n: int, dtype):
+        return self.cuda.device_array(n, dtype)
+
+    def copy(self, dst, src) -> None:
+        if dst.size:
+            dst.copy_to_device(src)
+
+    def pack(self, dst, grad) -> None:
+        self.copy(dst, self.backend.view(grad))
+
+    def divide(self, a, n: int) -> None:
+        if self._scale is None:
+            cuda = self.cuda
+
+            @cuda.jit
+            def scale(x, n):
+                i = cuda.grid(1)
+                if i < x.size:
+                    x[i] = x[i] / n
+
+            self._scale = scale
+        if a.size:
+            self._scale[(a.size + 255) // 256, 256](a, a.dtype.type(n))
+
+    def sync(self) -> None:
+        self.cuda.synchronize()
+
+    def mpi(self, a):
+        return a._ary if self.simulator else a
+
+
+def _mpi_is_cuda_aware() -> bool:
+    """Whether the loaded MPI library says it supports CUDA memory (Open MPI, MPICH)."""
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "libmpi" in line and "/" in line}
+    for path in sorted(paths):
+        query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+        if query is not None:
+            query.restype = ctypes.c_int
+            return bool(query())
+    return False
+
+
+def _dtype(a) -> np.dtype:
+    return describe(a, "array").dtype
+
+
+def _shape(a) -> tuple:
+    return describe(a, "array").shape
+
+
+def _size(a) -> int:
+    return int(np.prod(_shape(a), dtype=np.int64))
 
 
 def _state_names(state_dict: Mapping) -> set[str]:
@@ -578,10 +699,6 @@ def _state_names(state_dict: Mapping) -> set[str]:
 
 def _type_name(x: Any) -> str:
     return f"{type(x).__module__}.{type(x).__qualname__}"
-
-
-def _empty(n: int, dtype: np.dtype) -> np.ndarray:
-    return np.empty(n, dtype)
 
 
 def _flat_view(flats: list[np.ndarray], writeable: bool = True) -> np.ndarray | None:
