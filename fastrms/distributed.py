@@ -650,15 +650,9 @@ class _Device:
 
     def divide(self, a, n: int) -> None:
         if self._scale is None:
+            global cuda
             cuda = self.cuda
-
-            @cuda.jit
-            def scale(x, n):
-                i = cuda.grid(1)
-                if i < x.size:
-                    x[i] = x[i] / n
-
-            self._scale = scale
+            self._scale = cuda.jit(_divide_kernel)
         if a.size:
             self._scale[(a.size + 255) // 256, 256](a, a.dtype.type(n))
 
@@ -667,6 +661,16 @@ class _Device:
 
     def mpi(self, a):
         return a._ary if self.simulator else a
+
+
+cuda: Any = None  # numba.cuda, imported by the first _Device (import fastrms must not)
+
+
+def _divide_kernel(x, n):
+    """``x /= n`` on the device (compiled with numba.cuda.jit on first use)."""
+    i = cuda.grid(1)
+    if i < x.size:
+        x[i] = x[i] / n
 
 
 def _mpi_is_cuda_aware() -> bool:

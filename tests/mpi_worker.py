@@ -315,7 +315,45 @@ def check_bad_input() -> None:
     unchanged()
 
 
+def check_cuda() -> None:
+    """CUDA arrays (under Numba's CUDA simulator: the code path, not a CUDA-aware MPI):
+    against the single-process optimizer on the same device, bit for bit."""
+    from numba import cuda
+
+    shapes = {"w": (3, 5), "b": (4,), "s": (1,)}
+    for name, options, reduce in [
+        ("Adam", dict(amsgrad=True, weight_decay=0.1), "reduce_scatter"),
+        ("RMSProp", dict(centered=True, momentum=0.9), "reduce"),
+    ]:
+        cls = getattr(fastrms, name)
+        p0 = initial(shapes, np.float32)
+        params = {k: cuda.to_device(v) for k, v in p0.items()}
+        ref_params = {k: cuda.to_device(v) for k, v in p0.items()}
+        opt = ShardedOptimizer(cls, params, reduce=reduce, lr=LR[name], **options)
+        ref = cls(ref_params, lr=LR[name], **options)
+        for k in range(STEPS):
+            all_grads = grads_of(shapes, np.float32, k, exact=True)
+            opt.step({k: cuda.to_device(v) for k, v in all_grads[RANK].items()})
+            ref.step({k: cuda.to_device(v) for k, v in reduced(all_grads, True).items()})
+        host = {k: v.copy_to_host() for k, v in params.items()}
+        same(host, {k: v.copy_to_host() for k, v in ref_params.items()}, f"cuda {name}")
+        same(opt.state_dict(), ref.state_dict(), f"cuda {name} state_dict")
+        opt.load_state_dict(ref.state_dict())
+        assert sum(COMM.allgather(opt.state_nbytes())) == state_bytes(ref)
+        # A host gradient for a device parameter: refused on every rank.
+        bad = {k: cuda.to_device(v) for k, v in all_grads[RANK].items()}
+        if RANK == 0:
+            bad["b"] = all_grads[RANK]["b"]
+        expect_all(TypeError, lambda: opt.step(bad), "grads['b']", "CUDA")  # noqa: B023
+        same({k: v.copy_to_host() for k, v in params.items()}, host, "cuda refused step")
+
+
 def main() -> None:
+    if "--cuda" in sys.argv:
+        check_cuda()
+        COMM.Barrier()
+        print(f"mpi_worker OK rank {RANK} of {SIZE}: CUDA (simulator)", flush=True)
+        return
     n = 0
     for name, options in CASES:
         run_case(name, options)

@@ -88,11 +88,10 @@ def _mpirun() -> str:
     return found
 
 
-@pytest.mark.parametrize("nranks", [2, 3])
-def test_sharded_optimizer_under_mpirun(nranks):
+def _run_worker(nranks: int, *args: str, **env: str) -> None:
     mpirun = _mpirun()
-    env = dict(os.environ, NUMBA_NUM_THREADS="1")
-    command = [mpirun, "-n", str(nranks), "--oversubscribe", sys.executable, str(WORKER)]
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", **env)
+    command = [mpirun, "-n", str(nranks), "--oversubscribe", sys.executable, str(WORKER), *args]
     try:
         done = subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
@@ -103,3 +102,16 @@ def test_sharded_optimizer_under_mpirun(nranks):
     assert done.returncode == 0, output
     for rank in range(nranks):
         assert f"mpi_worker OK rank {rank} of {nranks}" in done.stdout, output
+
+
+@pytest.mark.parametrize("nranks", [2, 3])
+def test_sharded_optimizer_under_mpirun(nranks):
+    _run_worker(nranks)
+
+
+def test_sharded_cuda_arrays_under_the_simulator():
+    # The CUDA code path (device buffers, copies, the division kernel, synchronization) with
+    # Numba's simulator, whose device memory is host memory: no CUDA-aware MPI is needed.
+    if importlib.util.find_spec("numba.cuda") is None:
+        pytest.skip('numba-cuda is not installed (pip install -e ".[cuda]")')
+    _run_worker(3, "--cuda", NUMBA_ENABLE_CUDASIM="1")
