@@ -131,9 +131,10 @@ class ShardedOptimizer:
     optimizer : type
         A fastrms optimizer class: ``fastrms.Adam``, ``AdamW``, ``RMSProp``, ``AdaGrad``, ``SGD``.
     params : array, list/tuple of arrays, or dict of str -> array
-        As for ``optimizer``: NumPy float32/float64 arrays, C-contiguous, writeable. Every rank
-        passes the same structure, shapes and dtypes (checked) and the same values (not
-        checked: after the first step every rank holds the owners' values).
+        As for ``optimizer``: float32/float64 arrays, C-contiguous, writeable; NumPy arrays,
+        or CUDA arrays with a CUDA-aware MPI (the device is synchronized around each MPI
+        call). Every rank passes the same structure, shapes and dtypes (checked) and the same
+        values (not checked: after the first step every rank holds the owners' values).
     comm : mpi4py.MPI.Intracomm, optional
         The communicator; default ``MPI.COMM_WORLD``.
     average : bool

@@ -68,7 +68,8 @@ def test_partition_splits_across_tensor_boundaries():
 def test_import_fastrms_does_not_import_mpi4py():
     code = (
         "import sys, fastrms, fastrms.distributed; "
-        "assert 'mpi4py' not in sys.modules, 'mpi4py imported'"
+        "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; "
+        "assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
