@@ -56,7 +56,8 @@ def mlp(seed: int = 0) -> torch.nn.Sequential:
 
 
 class _MlpLoop:
-    """One variant's model, optimizer and data; ``run()`` is one training step."""
+    """One variant's model, optimizer and data. ``prepare()`` runs the forward and backward
+    pass, ``opt.step()`` the step; ``run()`` is one training step, timing the step."""
 
     def __init__(self, make: Callable, seed: int) -> None:
         self.model = mlp(seed)
@@ -65,18 +66,25 @@ class _MlpLoop:
         self.x = torch.randn(BATCH, MLP_SIZES[0], generator=gen)
         self.y = torch.randint(0, MLP_SIZES[-1], (BATCH,), generator=gen)
 
-    def run(self) -> float:
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    def prepare(self) -> None:
+        self.opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
         loss.backward()
+
+    def run(self) -> float:
+        self.prepare()
         t0 = time.perf_counter()
         self.opt.step()
-        t = time.perf_counter() - t0
-        self.opt.zero_grad()
-        return t
+        return time.perf_counter() - t0
 
 
 class _ShapesLoop:
-    """Parameters of the given shapes with fixed random gradients; ``run()`` is one step."""
+    """Parameters of the given shapes with fixed random gradients; ``run()`` times one step
+    (``prepare()`` has nothing to do)."""
 
     def __init__(self, make: Callable, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -87,10 +95,25 @@ class _ShapesLoop:
             self.params.append(p)
         self.opt = make(self.params)
 
+    def prepare(self) -> None:
+        pass
+
     def run(self) -> float:
         t0 = time.perf_counter()
         self.opt.step()
         return time.perf_counter() - t0
+
+
+def make_loop(model: str, variant: str | Callable, seed: int = 0):
+    """One training loop: ``model`` ("mlp", "gpt2-tiny", "gpt2") stepped by ``variant`` (a
+    name from :data:`VARIANTS`, or a function of the parameter list making an optimizer).
+    It has ``params``, ``opt``, ``prepare()`` and ``run()`` (which returns the step's time)."""
+    make = VARIANTS[variant] if isinstance(variant, str) else variant
+    if model == "mlp":
+        return _MlpLoop(make, seed)
+    if model not in B.MODELS:
+        raise ValueError(f"model must be 'mlp' or one of {list(B.MODELS)}, got {model!r}")
+    return _ShapesLoop(make, B.gpt2_shapes(**B.MODELS[model]), seed)
 
 
 def model_size(model: str) -> tuple[int, int]:
@@ -129,14 +152,8 @@ def step_times(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    if model != "mlp" and model not in B.MODELS:
-        raise ValueError(f"model must be 'mlp' or one of {list(B.MODELS)}, got {model!r}")
     with B.thread_count(threads or numba.config.NUMBA_NUM_THREADS):
-        if model == "mlp":
-            loops = {v: _MlpLoop(VARIANTS[v], seed) for v in variants}
-        else:
-            shapes = B.gpt2_shapes(**B.MODELS[model])
-            loops = {v: _ShapesLoop(VARIANTS[v], shapes, seed) for v in variants}
+        loops = {v: make_loop(model, v, seed) for v in variants}
         for loop in loops.values():
             for _ in range(warmup):
                 loop.run()
