@@ -126,13 +126,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._views: dict[torch.Tensor, _Views] = {}
+        self._setups: dict[int, tuple] = {}
         super().__init__(params, defaults)
 
     # -- what each optimizer defines ---------------------------------------------------------
 
+    #: The param-group keys that are fastrms hyperparameters of the rule.
+    _hyper_keys: ClassVar[tuple[str, ...]]
+
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The group's hyperparameters as fastrms keywords (Python numbers)."""
-        raise NotImplementedError
+        """The group's hyperparameters as fastrms keywords (Python numbers, not tensors)."""
+        return {k: _scalar(k, group[k]) for k in self._hyper_keys}
 
     def _setup(self, options: dict[str, Any], step: int) -> functional.Setup:
         """Check ``options`` (raising TypeError/ValueError) and compute one step's scalars."""
@@ -163,6 +167,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._views = {}  # load_state_dict and copies bring new state tensors
+        self._setups = {}
         for group in self.param_groups:
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
@@ -201,9 +206,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 if not items:
-                    options = self._options(group)
-                    setup = self._setup(options, 1)
-                    names = tuple(self._torch_names.get(s, s) for s in setup.state)
+                    options, setup, names = self._group_setup(gi, group)
                 rec = self._views.get(p)
                 st = self.state.get(p)
                 if rec is None or st is None or not rec.current(p, st, names):
@@ -223,6 +226,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 self._views.pop(p, None)
             raise
         return buckets
+
+    def _group_setup(self, gi: int, group: dict) -> tuple[dict, functional.Setup, tuple]:
+        """The group's options, their checked step-1 setup and the torch names of the state
+        they use; kept while the group's values stay the same Python numbers."""
+        raw = tuple(group[k] for k in self._hyper_keys)
+        last = self._setups.get(gi)
+        if last is not None and last[0] == raw and _plain(raw):
+            return last[1]
+        options = self._options(group)
+        setup = self._setup(options, 1)
+        names = tuple(self._torch_names.get(s, s) for s in setup.state)
+        self._setups[gi] = (raw, (options, setup, names))
+        return options, setup, names
 
     def _sort(self, todo: list, created: list) -> list[_Bucket]:
         buckets: dict[tuple, _Bucket] = {}
@@ -344,12 +360,27 @@ def _check_fits_float32(setup: functional.Setup) -> None:
 
 
 def _scalar(name: str, x: Any) -> Any:
-    """A hyperparameter as a Python number (torch accepts 1-element tensors)."""
+    """A hyperparameter as a Python number (torch accepts 1-element tensors, and betas as a
+    pair of them)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} as a tensor must have one element, got shape {x.shape}")
         return x.item()
+    if isinstance(x, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in x):
+        return tuple(_scalar(f"{name}[{i}]", v) for i, v in enumerate(x))
     return x
+
+
+_PLAIN = (float, int, bool, type(None))
+
+
+def _plain(values: tuple) -> bool:
+    """Whether ``values`` are Python numbers (or pairs of them): a tensor can change in place,
+    so a setup computed from one cannot be kept."""
+    for v in values:
+        if type(v) not in _PLAIN and not (type(v) is tuple and all(type(x) in _PLAIN for x in v)):
+            return False
+    return True
 
 
 def _refuse(name: str, **flags: bool) -> None:
@@ -387,6 +418,9 @@ class RMSprop(_FusedOptimizer):
     """
 
     _rule = "rmsprop"
+    _hyper_keys = (
+        "lr", "alpha", "eps", "weight_decay", "momentum", "centered", "eps_in_sqrt", "maximize"
+    )  # fmt: skip
     _counts_steps = False
     _group_defaults = dict(
         momentum=0,
@@ -453,18 +487,6 @@ class RMSprop(_FusedOptimizer):
             **options,
         )
 
-    def _options(self, group):
-        return dict(
-            lr=_scalar("lr", group["lr"]),
-            alpha=_scalar("alpha", group["alpha"]),
-            eps=_scalar("eps", group["eps"]),
-            weight_decay=_scalar("weight_decay", group["weight_decay"]),
-            momentum=_scalar("momentum", group["momentum"]),
-            centered=group["centered"],
-            eps_in_sqrt=group["eps_in_sqrt"],
-            maximize=group["maximize"],
-        )
-
     def _setup(self, options, step):
         return functional.rmsprop_setup(**options)
 
@@ -491,6 +513,7 @@ class Adagrad(_FusedOptimizer):
     """
 
     _rule = "adagrad"
+    _hyper_keys = ("lr", "lr_decay", "weight_decay", "eps", "eps_in_sqrt", "maximize")
     _torch_names = {"state_sum": "sum"}
     _group_defaults = dict(
         foreach=None, maximize=False, differentiable=False, fused=None, eps_in_sqrt=False
@@ -535,16 +558,6 @@ class Adagrad(_FusedOptimizer):
         value = float(_scalar("initial_accumulator_value", group["initial_accumulator_value"]))
         return torch.full_like(p, value, memory_format=torch.preserve_format)
 
-    def _options(self, group):
-        return dict(
-            lr=_scalar("lr", group["lr"]),
-            lr_decay=_scalar("lr_decay", group["lr_decay"]),
-            weight_decay=_scalar("weight_decay", group["weight_decay"]),
-            eps=_scalar("eps", group["eps"]),
-            eps_in_sqrt=group["eps_in_sqrt"],
-            maximize=group["maximize"],
-        )
-
     def _setup(self, options, step):
         return functional.adagrad_setup(step=step, **options)
 
@@ -579,6 +592,9 @@ class Adam(_FusedOptimizer):
     """
 
     _rule = "adam"
+    _hyper_keys = (
+        "lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay", "maximize"
+    )  # fmt: skip
     _group_defaults = dict(
         amsgrad=False,
         maximize=False,
@@ -620,20 +636,6 @@ class Adam(_FusedOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults)
-
-    def _options(self, group):
-        betas = group["betas"]
-        if isinstance(betas, (tuple, list)) and len(betas) == 2:
-            betas = (_scalar("betas[0]", betas[0]), _scalar("betas[1]", betas[1]))
-        return dict(
-            lr=_scalar("lr", group["lr"]),
-            betas=betas,
-            eps=_scalar("eps", group["eps"]),
-            weight_decay=_scalar("weight_decay", group["weight_decay"]),
-            amsgrad=group["amsgrad"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            maximize=group["maximize"],
-        )
 
     def _setup(self, options, step):
         return functional.adam_setup(step=step, **options)
@@ -706,6 +708,7 @@ class SGD(_FusedOptimizer):
     """
 
     _rule = "sgd"
+    _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     _keeps_step = False
     _group_defaults = dict(
         nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None
@@ -738,16 +741,6 @@ class SGD(_FusedOptimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
-
-    def _options(self, group):
-        return dict(
-            lr=_scalar("lr", group["lr"]),
-            momentum=_scalar("momentum", group["momentum"]),
-            dampening=_scalar("dampening", group["dampening"]),
-            weight_decay=_scalar("weight_decay", group["weight_decay"]),
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
 
     def _setup(self, options, step):
         return functional.sgd_setup(step=step, **options)
