@@ -188,16 +188,22 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets = self._buckets()
-        for b in buckets:
-            _launch(self._rule, b.params, b.grads, b.state, b.step, b.options)
+        buckets, created = self._buckets()
+        for i, b in enumerate(buckets):
+            try:
+                _launch(self._rule, b.params, b.grads, b.state, b.step, b.options)
+            except Exception:
+                if i == 0:  # refused before anything was written: leave no new state either
+                    self._forget(created)
+                raise
         for b in buckets:
             for view, t in b.steps:
                 view[()] = t
         return loss
 
-    def _buckets(self) -> list[_Bucket]:
-        """Check everything, create missing state, and sort the work into buckets."""
+    def _buckets(self) -> tuple[list[_Bucket], list[torch.Tensor]]:
+        """Check everything, create missing state, and sort the work into buckets; return
+        them and the parameters whose state was created."""
         todo = []  # (group, options, fastrms state names, torch's, [(p, grad, views or None)])
         for gi, group in enumerate(self.param_groups):
             items = []
@@ -217,15 +223,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 items.append((p, g, rec))
             if items:
                 todo.append((group, options, setup, names, items))
-        created = []
+        created: list[torch.Tensor] = []
         try:
-            buckets = self._sort(todo, created)
+            return self._sort(todo, created), created
         except Exception:
-            for p in created:  # a refused step leaves no new state behind
-                self.state.pop(p, None)
-                self._views.pop(p, None)
+            self._forget(created)
             raise
-        return buckets
+
+    def _forget(self, created: list[torch.Tensor]) -> None:
+        """Drop the state of a refused step's new parameters, as if it had not been tried."""
+        for p in created:
+            self.state.pop(p, None)
+            self._views.pop(p, None)
 
     def _group_setup(self, gi: int, group: dict) -> tuple[dict, functional.Setup, tuple]:
         """The group's options, their checked step-1 setup and the torch names of the state

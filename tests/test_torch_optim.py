@@ -595,3 +595,15 @@ def test_cuda_matches_cpu(name):
         for k, v in opt_c.state[p].items():
             w = opt_g.state[q][k]
             np.testing.assert_allclose(w.cpu().numpy(), v.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_overlapping_parameters_are_refused_leaving_no_state():
+    """Two parameters that share memory (views of one tensor) would corrupt each other."""
+    base = torch.zeros(10)
+    params = [base[:6].requires_grad_(), base[4:].requires_grad_()]
+    opt = ft.Adam(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="overlaps"):
+        opt.step()
+    assert not opt.state and torch.equal(base, torch.zeros(10))
