@@ -270,10 +270,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         _check_fits_float32(setup)
                 if rec.step_view is not None:
                     b.steps.append((rec.step_view, float(t)))
-                if not g.is_contiguous():  # read only: a contiguous copy is enough
-                    g = g.contiguous()
                 if g.requires_grad:  # backward(create_graph=True)
                     g = g.detach()
+                if not g.is_contiguous():  # read only: a contiguous copy is enough
+                    g = g.contiguous()
                 arrays = rec.arrays
                 if rec.cuda:
                     if p.device not in streams:  # 0, torch's default stream, is named None

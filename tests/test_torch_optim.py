@@ -607,3 +607,15 @@ def test_overlapping_parameters_are_refused_leaving_no_state():
     with pytest.raises(ValueError, match="overlaps"):
         opt.step()
     assert not opt.state and torch.equal(base, torch.zeros(10))
+
+
+def test_noncontiguous_and_graph_gradients_are_read():
+    """A transposed gradient is read through a contiguous copy, and one from
+    backward(create_graph=True) through a detached view; both give torch's step."""
+    ours, opt_a, theirs, opt_b = pair("Adam", torch.float64, {})
+    gen = torch.Generator().manual_seed(10)
+    grads = grads_for(ours, gen)
+    grads[0] = grads[0].t().contiguous().t()  # same values, transposed layout
+    grads[1] = grads[1].clone().requires_grad_()
+    step_both(ours, opt_a, theirs, opt_b, grads)
+    assert_state_matches(opt_a, ours, opt_b, theirs, "step 1")
