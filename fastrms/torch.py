@@ -196,7 +196,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if i == 0:  # refused before anything was written: leave no new state either
                     self._forget(created)
                 raise
-        for b in buckets:
             for view, t in b.steps:
                 view[()] = t
         return loss
@@ -250,9 +249,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return options, setup, names
 
     def _sort(self, todo: list, created: list) -> list[_Bucket]:
+        """Sort the checked work into buckets of (group, device, dtype, step), creating the
+        state that is missing (the parameters whose state was empty go to ``created``)."""
         buckets: dict[tuple, _Bucket] = {}
         streams: dict[torch.device, int | None] = {}
-        for gi, (group, options, setup, names, items) in enumerate(todo):
+        for k, (group, options, setup, names, items) in enumerate(todo):
             slots = setup.state
             for p, g, rec in items:
                 fresh = False
@@ -262,7 +263,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     t = int(rec.step_view.item()) + 1
                 else:  # SGD: a new momentum buffer is set to the gradient itself (step 1)
                     t = 1 if fresh else 2
-                key = (gi, rec.cuda, rec.dtype, t if self._counts_steps else 1)
+                key = (k, rec.cuda, rec.dtype, t if self._counts_steps else 1)
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(options, key[3], slots)
