@@ -49,9 +49,38 @@ _F32_MAX = float(np.finfo(np.float32).max)
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
 
-def _launch(rule: str, params: list, grads: list, state: dict, step: int, options: dict) -> None:
-    """The one place that runs fastrms's kernels: one call per bucket."""
-    functional.multi_tensor_step(rule, params, grads, state, step=step, **options)
+try:  # the cached, grouped multi-tensor step (fastrms >= the grouped launch)
+    from .grouped import StepPlan
+    from .specs import SPECS
+except ImportError:  # pragma: no cover - older fastrms: one functional call per bucket
+    StepPlan = SPECS = None
+
+#: Cached plans per optimizer kept at most (a plan per bucket; buckets change rarely).
+_MAX_PLANS = 64
+
+
+def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> None:
+    """The one place that runs fastrms's kernels: one call per bucket.
+
+    With :class:`fastrms.grouped.StepPlan`, a bucket's plan (its arrays checked and laid out
+    once) is kept in ``plans`` while the bucket holds the same parameter and state arrays;
+    a step then checks only the new gradients. Without it, each step is one
+    :func:`fastrms.functional.multi_tensor_step` call. ``name(*b.where[i])`` names the i-th
+    parameter in errors.
+    """
+    if StepPlan is None:
+        functional.multi_tensor_step(rule, b.params, b.grads, b.state, step=b.step, **b.options)
+        return
+    setup = SPECS[rule].setup(b.step, **b.options)
+    key = (setup.rule, setup.flags, *map(id, b.params))
+    plan = plans.get(key)
+    if plan is None or not plan.matches(setup, b.state, "auto"):
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        names = [name(*w) for w in b.where]
+        grad_names = [f"the gradient of {n}" for n in names]
+        plan = plans[key] = StepPlan(setup, b.params, b.state, names, grad_names=grad_names)
+    plan.run(b.grads, setup)
 
 
 class _CudaArray:
@@ -99,10 +128,13 @@ class _Views:
 
 
 class _Bucket:
-    __slots__ = ("grads", "options", "params", "state", "step", "steps")
+    """The parameters of one group, device, dtype and step count, as the kernels take them."""
+
+    __slots__ = ("grads", "options", "params", "state", "step", "steps", "where")
 
     def __init__(self, options: dict, step: int, slots: tuple[str, ...]) -> None:
         self.options, self.step = options, step
+        self.where: list[tuple] = []  # (group, index, index in group, param) of each
         self.params: list = []
         self.grads: list = []
         self.state: dict[str, list] = {s: [] for s in slots}  # fastrms's names
@@ -127,6 +159,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._views: dict[torch.Tensor, _Views] = {}
         self._setups: dict[int, tuple] = {}
+        self._plans: dict[tuple, Any] = {}
         super().__init__(params, defaults)
 
     # -- what each optimizer defines ---------------------------------------------------------
@@ -168,6 +201,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._views = {}  # load_state_dict and copies bring new state tensors
         self._setups = {}
+        self._plans = {}
         for group in self.param_groups:
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
@@ -191,7 +225,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         buckets, created = self._buckets()
         for i, b in enumerate(buckets):
             try:
-                _launch(self._rule, b.params, b.grads, b.state, b.step, b.options)
+                _launch(self._rule, b, self._plans, self._name)
             except Exception:
                 if i == 0:  # refused before anything was written: leave no new state either
                     self._forget(created)
@@ -203,7 +237,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _buckets(self) -> tuple[list[_Bucket], list[torch.Tensor]]:
         """Check everything, create missing state, and sort the work into buckets; return
         them and the parameters whose state was created."""
-        todo = []  # (group, options, fastrms state names, torch's, [(p, grad, views or None)])
+        todo = []  # (gi, group, options, setup, torch state names, [(pi, p, grad, views)])
         for gi, group in enumerate(self.param_groups):
             items = []
             for pi, p in enumerate(group["params"]):
@@ -219,9 +253,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     rec = None
                 if g.layout is not torch.strided or g.dtype is not p.dtype:
                     self._check_grad(group, gi, pi, p, g)
-                items.append((p, g, rec))
+                items.append((pi, p, g, rec))
             if items:
-                todo.append((group, options, setup, names, items))
+                todo.append((gi, group, options, setup, names, items))
         created: list[torch.Tensor] = []
         try:
             return self._sort(todo, created), created
@@ -253,9 +287,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         state that is missing (the parameters whose state was empty go to ``created``)."""
         buckets: dict[tuple, _Bucket] = {}
         streams: dict[torch.device, int | None] = {}
-        for k, (group, options, setup, names, items) in enumerate(todo):
+        for gi, group, options, setup, names, items in todo:
             slots = setup.state
-            for p, g, rec in items:
+            for pi, p, g, rec in items:
                 fresh = False
                 if rec is None:
                     rec, fresh = self._views_of(group, p, names, created)
@@ -263,7 +297,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     t = int(rec.step_view.item()) + 1
                 else:  # SGD: a new momentum buffer is set to the gradient itself (step 1)
                     t = 1 if fresh else 2
-                key = (k, rec.cuda, rec.dtype, t if self._counts_steps else 1)
+                key = (gi, rec.cuda, rec.dtype, t if self._counts_steps else 1)
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(options, key[3], slots)
@@ -285,6 +319,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 else:
                     b.grads.append(g.numpy())
                 b.params.append(arrays[0])
+                b.where.append((group, gi, pi, p))
                 for s, a in zip(slots, arrays[1:]):
                     b.state[s].append(a)
         return list(buckets.values())
