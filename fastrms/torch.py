@@ -23,7 +23,8 @@ Differences from ``torch.optim``:
 - ``eps`` must be > 0 and RMSprop's ``alpha`` at most 1; ``capturable=True`` and
   ``differentiable=True`` are refused. ``foreach`` and ``fused`` are accepted and ignored:
   every step is fused.
-- ``eps_in_sqrt`` (RMSprop, Adagrad) and :meth:`RMSprop.graves` are fastrms's own options.
+- ``eps_in_sqrt`` (RMSprop, Adagrad) and :meth:`RMSprop.graves` are fastrms's own options;
+  :class:`Lion` has no torch counterpart.
 - Adagrad starts a parameter's ``sum`` at its own group's ``initial_accumulator_value``
   (torch uses the value given to the constructor for every group).
 
@@ -41,7 +42,7 @@ import torch
 
 from . import functional, hyper
 
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "RMSprop"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -789,3 +790,54 @@ class SGD(_FusedOptimizer):
 
     def _setup(self, options, step):
         return functional.sgd_setup(step=step, **options)
+
+
+class Lion(_FusedOptimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), with the
+    signature and state of the ``lion-pytorch`` package; decoupled weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize)
+        c = beta1 * m + (1 - beta1) * g
+        p = (1 - lr * weight_decay) * p - lr * sign(c)
+        m = beta2 * m + (1 - beta2) * g                                  (exp_avg)
+
+    torch has no Lion. Every element moves by exactly ``lr`` (plus decay): use a learning rate
+    3-10x smaller than AdamW's and a weight decay 3-10x larger, as the paper advises. Needs a
+    fastrms with the Lion rule (:func:`fastrms.functional.lion`).
+
+    Parameters
+    ----------
+    params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts
+    lr : float or 1-element tensor
+        Default 1e-4.
+    betas : (float, float)
+        Default ``(0.9, 0.99)``.
+    weight_decay : float
+        Default 0.
+    maximize : bool
+    """
+
+    _rule = "lion"
+    _keeps_step = False
+    _counts_steps = False
+    _hyper_keys = ("lr", "betas", "weight_decay", "maximize")
+    _group_defaults = dict(maximize=False)
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        if SPECS is None or "lion" not in SPECS:
+            raise RuntimeError("fastrms.torch.Lion needs a fastrms with the Lion rule")
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def _setup(self, options, step):
+        return SPECS["lion"].setup(step, **options)

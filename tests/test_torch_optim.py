@@ -619,3 +619,62 @@ def test_noncontiguous_and_graph_gradients_are_read():
     grads[1] = grads[1].clone().requires_grad_()
     step_both(ours, opt_a, theirs, opt_b, grads)
     assert_state_matches(opt_a, ours, opt_b, theirs, "step 1")
+
+
+# -- Lion (where fastrms has the rule) -----------------------------------------------------------
+
+has_lion = pytest.mark.skipif(
+    ft.SPECS is None or "lion" not in ft.SPECS, reason="this fastrms has no Lion rule"
+)
+
+
+@has_lion
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "options", [{}, dict(weight_decay=0.1), dict(maximize=True), dict(tensor_lr=True)], ids=_id
+)
+def test_lion_matches_its_formula(options, dtype):
+    """Against Lion written out in torch ops (lion-pytorch's update), two param groups, a
+    skipped gradient; the state is lion-pytorch's (``exp_avg`` only)."""
+    options = dict(options)
+    tensor_lr = options.pop("tensor_lr", False)
+    lr, (b1, b2), wd = 1e-2, (0.9, 0.99), options.get("weight_decay", 0.0)
+    sign = -1.0 if options.get("maximize") else 1.0
+    params = make_params(dtype)
+    lr0 = torch.tensor(lr, dtype=torch.float64) if tensor_lr else lr
+    opt = ft.Lion([{"params": params[:2]}, {"params": params[2:], "lr": lr / 2}], lr=lr0, **options)
+    ref = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in ref]
+    gen = torch.Generator().manual_seed(11)
+    for t in range(STEPS):
+        grads = grads_for(params, gen)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if (i == 1 and t == 3) else g
+            if p.grad is None:
+                continue
+            rate = lr if i < 2 else lr / 2
+            g = sign * g
+            c = b1 * m[i] + (1 - b1) * g
+            ref[i] = (1 - rate * wd) * ref[i] - rate * torch.sign(c)
+            m[i] = b2 * m[i] + (1 - b2) * g
+        opt.step()
+        for i, p in enumerate(params):
+            assert_close(p.detach().numpy(), ref[i].numpy(), f"param {i}, step {t}")
+            assert opt.state[p].keys() == {"exp_avg"}
+            assert_close(opt.state[p]["exp_avg"].numpy(), m[i].numpy(), f"exp_avg {i}, {t}")
+
+
+@has_lion
+def test_lion_checkpoint_round_trip():
+    params = make_params(torch.float32)
+    opt = ft.Lion(params, lr=1e-3, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    copy = clone(params)
+    other = ft.Lion(copy)
+    other.load_state_dict(_roundtrip(opt.state_dict()))
+    assert other.param_groups[0]["lr"] == 1e-3
+    step_both(params, opt, copy, other, grads_for(params, torch.Generator().manual_seed(12)))
+    for a, b in zip(params, copy):
+        assert torch.equal(a.detach(), b.detach())
