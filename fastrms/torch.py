@@ -1,0 +1,843 @@
+"""``torch.optim`` drop-ins backed by fastrms's fused kernels.
+
+::
+
+    import fastrms.torch
+    opt = fastrms.torch.Adam(model.parameters(), lr=1e-3)   # was torch.optim.Adam(...)
+
+Each class is a :class:`torch.optim.Optimizer` with torch's signature, defaults, parameter
+groups and state (torch's buffer names, ``state["step"]`` a float32 0-d tensor), so that
+``state_dict()`` has torch's format: a checkpoint of ``torch.optim.Adam`` loads into
+``fastrms.torch.Adam`` and back. Schedulers, ``torch.amp.GradScaler``, optimizer hooks and
+``torch.distributed.optim.ZeroRedundancyOptimizer`` work as with torch's own classes.
+
+A step sorts the parameters that have a gradient into buckets of (param group, device, dtype,
+step count) and updates each bucket with one :func:`fastrms.functional.multi_tensor_step`
+call: CPU tensors through zero-copy NumPy views on the ``cpu`` kernels, CUDA tensors on the
+``cuda`` kernels, on torch's current stream. Parameters whose ``.grad`` is None are skipped.
+
+Differences from ``torch.optim``:
+
+- Only dense float32/float64 tensors. A sparse gradient, a complex parameter or another dtype
+  is refused with a ``TypeError`` naming the parameter, before anything is written.
+- ``eps`` must be > 0 and RMSprop's ``alpha`` at most 1; ``capturable=True`` and
+  ``differentiable=True`` are refused. ``foreach`` and ``fused`` are accepted and ignored:
+  every step is fused.
+- ``eps_in_sqrt`` (RMSprop, Adagrad) and :meth:`RMSprop.graves` are fastrms's own options;
+  :class:`Lion` has no torch counterpart.
+- Adagrad starts a parameter's ``sum`` at its own group's ``initial_accumulator_value``
+  (torch uses the value given to the constructor for every group).
+
+Importing this module imports torch; ``import fastrms`` does not.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from . import functional, hyper
+
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
+
+
+try:  # the cached, grouped multi-tensor step (fastrms >= the grouped launch)
+    from .grouped import StepPlan
+    from .specs import SPECS
+except ImportError:  # pragma: no cover - older fastrms: one functional call per bucket
+    StepPlan = SPECS = None
+
+#: Cached plans per optimizer kept at most (a plan per bucket; buckets change rarely).
+_MAX_PLANS = 64
+
+
+def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> None:
+    """The one place that runs fastrms's kernels: one call per bucket.
+
+    With :class:`fastrms.grouped.StepPlan`, a bucket's plan (its arrays checked and laid out
+    once) is kept in ``plans`` while the bucket holds the same parameter and state arrays;
+    a step then checks only the new gradients. Without it, each step is one
+    :func:`fastrms.functional.multi_tensor_step` call. ``name(*b.where[i])`` names the i-th
+    parameter in errors.
+    """
+    if StepPlan is None:
+        functional.multi_tensor_step(rule, b.params, b.grads, b.state, step=b.step, **b.options)
+        return
+    setup = SPECS[rule].setup(b.step, **b.options)
+    key = (setup.rule, setup.flags, *map(id, b.params))
+    plan = plans.get(key)
+    if plan is None or not plan.matches(setup, b.state, "auto"):
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        names = [name(*w) for w in b.where]
+        grad_names = [f"the gradient of {n}" for n in names]
+        plan = plans[key] = StepPlan(setup, b.params, b.state, names, grad_names=grad_names)
+    plan.run(b.grads, setup)
+
+
+class _CudaArray:
+    """A CUDA tensor's ``__cuda_array_interface__`` (computed once, torch's is slow) that also
+    names torch's current stream: torch exports none (version 2), and the kernels launch on
+    the stream that the parameter's interface names, else on the default stream."""
+
+    __slots__ = ("__cuda_array_interface__", "device")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.__cuda_array_interface__ = {**t.__cuda_array_interface__, "version": 3}
+        self.device = t.device
+
+    def on(self, stream: int | None) -> _CudaArray:
+        self.__cuda_array_interface__["stream"] = stream  # None: torch's default stream
+        return self
+
+
+class _Views:
+    """A parameter's arrays as the kernels take them (NumPy views on the CPU, interface
+    wrappers on CUDA), cached across steps; rebuilt when its data or state tensors change."""
+
+    __slots__ = ("arrays", "cuda", "dtype", "names", "ptr", "step", "step_view", "tensors")
+
+    def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> None:
+        self.ptr = p.data_ptr()
+        self.dtype = p.dtype
+        self.names = names
+        self.cuda = p.is_cuda
+        self.tensors = tuple(state[n] for n in names)
+        self.step = state.get("step")
+        self.step_view = None if self.step is None else self.step.numpy()
+        if self.cuda:
+            self.arrays = tuple(_CudaArray(t) for t in (p.detach(), *self.tensors))
+        else:
+            self.arrays = tuple(t.numpy() for t in (p.detach(), *self.tensors))
+
+    def current(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> bool:
+        if names != self.names or p.data_ptr() != self.ptr or state.get("step") is not self.step:
+            return False
+        for n, t in zip(names, self.tensors):
+            if state.get(n) is not t:
+                return False
+        return True
+
+
+class _Bucket:
+    """The parameters of one group, device, dtype and step count, as the kernels take them."""
+
+    __slots__ = ("grads", "options", "params", "state", "step", "steps", "where")
+
+    def __init__(self, options: dict, step: int, slots: tuple[str, ...]) -> None:
+        self.options, self.step = options, step
+        self.where: list[tuple] = []  # (group, index, index in group, param) of each
+        self.params: list = []
+        self.grads: list = []
+        self.state: dict[str, list] = {s: [] for s in slots}  # fastrms's names
+        self.steps: list = []  # (view of state["step"], its new value)
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """What the five optimizers share: checks, state, buckets and the step."""
+
+    #: The fastrms rule that :func:`fastrms.functional.multi_tensor_step` runs.
+    _rule: ClassVar[str]
+    #: Every param-group key with its default, for checkpoints that lack some (torch's own
+    #: ``__setstate__`` does the same).
+    _group_defaults: ClassVar[dict[str, Any]]
+    #: fastrms state names that torch spells differently.
+    _torch_names: ClassVar[dict[str, str]] = {}
+    #: Whether ``state["step"]`` is kept (not by SGD, as in torch).
+    _keeps_step: ClassVar[bool] = True
+    #: Whether the update depends on the step count (bias corrections, lr decay).
+    _counts_steps: ClassVar[bool] = True
+
+    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+        self._views: dict[torch.Tensor, _Views] = {}
+        self._setups: dict[int, tuple] = {}
+        self._plans: dict[tuple, Any] = {}
+        super().__init__(params, defaults)
+
+    # -- what each optimizer defines ---------------------------------------------------------
+
+    #: The param-group keys that are fastrms hyperparameters of the rule.
+    _hyper_keys: ClassVar[tuple[str, ...]]
+
+    def _options(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyperparameters as fastrms keywords (Python numbers, not tensors)."""
+        return {k: _scalar(k, group[k]) for k in self._hyper_keys}
+
+    def _setup(self, options: dict[str, Any], step: int) -> functional.Setup:
+        """Check ``options`` (raising TypeError/ValueError) and compute one step's scalars."""
+        raise NotImplementedError
+
+    def _new_state(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # -- groups and checkpoints ---------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the group's hyperparameters are
+        checked now (``ValueError``/``TypeError`` naming them, and the group is not added)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for flag in ("capturable", "differentiable"):
+                if group.get(flag):
+                    raise ValueError(
+                        f"fastrms.torch.{type(self).__name__}: {flag}=True is not "
+                        "supported (use torch.optim for it)"
+                    )
+            self._setup(self._options(group), 1)
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._views = {}  # load_state_dict and copies bring new state tensors
+        self._setups = {}
+        self._plans = {}
+        for group in self.param_groups:
+            for key, value in self._group_defaults.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not torch.is_tensor(st["step"]):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that has a gradient, in place; return ``closure()``'s loss.
+
+        Every gradient, state tensor and hyperparameter is checked before anything is written:
+        a bad one raises ``TypeError``/``ValueError`` naming the parameter.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets, created = self._buckets()
+        for i, b in enumerate(buckets):
+            try:
+                _launch(self._rule, b, self._plans, self._name)
+            except Exception:
+                if i == 0:  # refused before anything was written: leave no new state either
+                    self._forget(created)
+                raise
+            for view, t in b.steps:
+                view[()] = t
+        return loss
+
+    def _buckets(self) -> tuple[list[_Bucket], list[torch.Tensor]]:
+        """Check everything, create missing state, and sort the work into buckets; return
+        them and the parameters whose state was created."""
+        todo = []  # (gi, group, options, setup, torch state names, [(pi, p, grad, views)])
+        for gi, group in enumerate(self.param_groups):
+            items = []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if not items:
+                    options, setup, names = self._group_setup(gi, group)
+                rec = self._views.get(p)
+                st = self.state.get(p)
+                if rec is None or st is None or not rec.current(p, st, names):
+                    self._check_param(group, gi, pi, p, st, names)
+                    rec = None
+                if g.layout is not torch.strided or g.dtype is not p.dtype:
+                    self._check_grad(group, gi, pi, p, g)
+                items.append((pi, p, g, rec))
+            if items:
+                todo.append((gi, group, options, setup, names, items))
+        created: list[torch.Tensor] = []
+        try:
+            return self._sort(todo, created), created
+        except Exception:
+            self._forget(created)
+            raise
+
+    def _forget(self, created: list[torch.Tensor]) -> None:
+        """Drop the state of a refused step's new parameters, as if it had not been tried."""
+        for p in created:
+            self.state.pop(p, None)
+            self._views.pop(p, None)
+
+    def _group_setup(self, gi: int, group: dict) -> tuple[dict, functional.Setup, tuple]:
+        """The group's options, their checked step-1 setup and the torch names of the state
+        they use; kept while the group's values stay the same Python numbers."""
+        raw = tuple(group[k] for k in self._hyper_keys)
+        last = self._setups.get(gi)
+        if last is not None and last[0] == raw and _plain(raw):
+            return last[1]
+        options = self._options(group)
+        setup = self._setup(options, 1)
+        names = tuple(self._torch_names.get(s, s) for s in setup.state)
+        self._setups[gi] = (raw, (options, setup, names))
+        return options, setup, names
+
+    def _sort(self, todo: list, created: list) -> list[_Bucket]:
+        """Sort the checked work into buckets of (group, device, dtype, step), creating the
+        state that is missing (the parameters whose state was empty go to ``created``)."""
+        buckets: dict[tuple, _Bucket] = {}
+        streams: dict[torch.device, int | None] = {}
+        for gi, group, options, setup, names, items in todo:
+            slots = setup.state
+            for pi, p, g, rec in items:
+                fresh = False
+                if rec is None:
+                    rec, fresh = self._views_of(group, p, names, created)
+                if self._keeps_step:
+                    t = int(rec.step_view.item()) + 1
+                else:  # SGD: a new momentum buffer is set to the gradient itself (step 1)
+                    t = 1 if fresh else 2
+                key = (gi, rec.cuda, rec.dtype, t if self._counts_steps else 1)
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = _Bucket(options, key[3], slots)
+                    if rec.dtype is torch.float32:  # the scalars are largest on step 1
+                        _check_fits_float32(setup)
+                if rec.step_view is not None:
+                    b.steps.append((rec.step_view, float(t)))
+                if g.requires_grad:  # backward(create_graph=True)
+                    g = g.detach()
+                if not g.is_contiguous():  # read only: a contiguous copy is enough
+                    g = g.contiguous()
+                arrays = rec.arrays
+                if rec.cuda:
+                    if p.device not in streams:  # 0, torch's default stream, is named None
+                        streams[p.device] = torch.cuda.current_stream(p.device).cuda_stream or None
+                    stream = streams[p.device]
+                    arrays = [a.on(stream) for a in arrays]
+                    b.grads.append(g)
+                else:
+                    b.grads.append(g.numpy())
+                b.params.append(arrays[0])
+                b.where.append((group, gi, pi, p))
+                for s, a in zip(slots, arrays[1:]):
+                    b.state[s].append(a)
+        return list(buckets.values())
+
+    def _views_of(self, group: dict, p: torch.Tensor, names: tuple, created: list):
+        """The parameter's views, and whether a state buffer was created for them (state
+        that is missing is created here, as torch does on a parameter's first step)."""
+        st = self.state[p]
+        if not st:
+            created.append(p)
+        fresh = False
+        if self._keeps_step:
+            step = st.get("step")
+            if step is None:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+            elif step.device.type != "cpu":  # e.g. from a fused or capturable checkpoint
+                st["step"] = step.to("cpu", torch.float32)
+        for n in names:
+            if n not in st:
+                st[n] = self._new_state(group, p, n)
+                fresh = True
+        rec = self._views[p] = _Views(p, st, names)
+        return rec, fresh
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _name(self, group: dict, gi: int, pi: int, p: torch.Tensor) -> str:
+        where = f"param_groups[{gi}]['params'][{pi}]"
+        names = group.get("param_names")
+        if names is not None and pi < len(names):
+            where = f"{names[pi]!r} ({where})"
+        return f"parameter {where} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+
+    def _check_param(self, group, gi, pi, p, st, names) -> None:
+        what = self._name(group, gi, pi, p)
+        cls = f"fastrms.torch.{type(self).__name__}"
+        if p.is_complex():
+            raise TypeError(f"{cls} does not support complex tensors: {what}")
+        if p.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{cls} supports float32 and float64 tensors only: {what}")
+        if p.layout is not torch.strided:
+            raise TypeError(f"{cls} does not support sparse parameters: {what}")
+        if p.device.type not in ("cpu", "cuda"):
+            raise TypeError(f"{cls} runs on CPU and CUDA tensors only: {what}")
+        if not p.is_contiguous():
+            raise ValueError(
+                f"{cls} needs contiguous parameters (it updates them in place): {what} is not"
+            )
+        for n in names if st else ():
+            t = st.get(n)
+            if t is None:
+                continue
+            if not (
+                torch.is_tensor(t)
+                and t.dtype is p.dtype
+                and t.shape == p.shape
+                and t.device == p.device
+                and t.is_contiguous()
+            ):
+                desc = (
+                    f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
+                    if torch.is_tensor(t)
+                    else type(t).__name__
+                )
+                raise ValueError(f"state[{n!r}] ({desc}) does not match {what}")
+
+    def _check_grad(self, group, gi, pi, p, g) -> None:
+        what = self._name(group, gi, pi, p)
+        cls = f"fastrms.torch.{type(self).__name__}"
+        if g.layout is not torch.strided:
+            raise TypeError(f"{cls} does not support sparse gradients: the gradient of {what}")
+        if g.dtype is not p.dtype:
+            raise TypeError(f"the gradient of {what} has dtype {g.dtype}")
+
+
+@functools.lru_cache(maxsize=256)
+def _check_fits_float32(setup: functional.Setup) -> None:
+    """Scalars valid in float64 can overflow float32 or (eps) underflow to 0; found here, before
+    any bucket is written, rather than by the launch of a later bucket."""
+    for name, x in zip(functional.SCALARS[setup.rule], setup.scalars):
+        if abs(x) > _F32_MAX or (name == "eps" and np.float32(x) == 0):
+            raise ValueError(f"{name} = {x!r} does not fit in float32, the parameters' dtype")
+
+
+def _scalar(name: str, x: Any) -> Any:
+    """A hyperparameter as a Python number (torch accepts 1-element tensors, and betas as a
+    pair of them)."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} as a tensor must have one element, got shape {x.shape}")
+        return x.item()
+    if isinstance(x, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in x):
+        return tuple(_scalar(f"{name}[{i}]", v) for i, v in enumerate(x))
+    return x
+
+
+_PLAIN = (float, int, bool, type(None))
+
+
+def _plain(values: tuple) -> bool:
+    """Whether ``values`` are Python numbers (or pairs of them): a tensor can change in place,
+    so a setup computed from one cannot be kept."""
+    for v in values:
+        if type(v) not in _PLAIN and not (type(v) is tuple and all(type(x) in _PLAIN for x in v)):
+            return False
+    return True
+
+
+def _refuse(name: str, **flags: bool) -> None:
+    for flag, value in flags.items():
+        if value:
+            raise ValueError(
+                f"fastrms.torch.{name}: {flag}=True is not supported (use torch.optim for it)"
+            )
+
+
+# -- the optimizers ----------------------------------------------------------------------------
+
+
+class RMSprop(_FusedOptimizer):
+    """RMSprop with ``torch.optim.RMSprop``'s signature, defaults, state and semantics.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        v = alpha * v + (1 - alpha) * g**2                                   (square_avg)
+        centered:  m = alpha * m + (1 - alpha) * g;  v_hat = v - m**2        (grad_avg)
+        d = sqrt(v_hat) + eps         (torch)   or   sqrt(v_hat + eps)   (eps_in_sqrt=True)
+        momentum > 0:  b = momentum * b + g / d;  p = p - lr * b             (momentum_buffer)
+        else:          p = p - lr * g / d
+
+    Parameters
+    ----------
+    params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts
+    lr, alpha, eps, weight_decay, momentum, centered, maximize
+        As ``torch.optim.RMSprop``; ``lr`` may be a 1-element tensor.
+    eps_in_sqrt : bool
+        Put eps inside the square root (TF/Keras, Optax); not in torch (pytorch issue 23796).
+    capturable, foreach, differentiable
+        torch's; ``foreach`` is ignored, ``capturable``/``differentiable`` must be False.
+    """
+
+    _rule = "rmsprop"
+    _hyper_keys = (
+        "lr", "alpha", "eps", "weight_decay", "momentum", "centered", "eps_in_sqrt", "maximize"
+    )  # fmt: skip
+    _counts_steps = False
+    _group_defaults = dict(
+        momentum=0,
+        centered=False,
+        foreach=None,
+        maximize=False,
+        differentiable=False,
+        capturable=False,
+        eps_in_sqrt=False,
+    )
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        momentum: float = 0,
+        centered: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        differentiable: bool = False,
+        *,
+        eps_in_sqrt: bool = False,
+    ) -> None:
+        _refuse("RMSprop", capturable=capturable, differentiable=differentiable)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            alpha=alpha,
+            eps=eps,
+            centered=centered,
+            weight_decay=weight_decay,
+            capturable=capturable,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+        super().__init__(params, defaults)
+
+    @classmethod
+    def graves(
+        cls,
+        params: Params,
+        lr: float = 1e-4,
+        alpha: float = 0.95,
+        momentum: float = 0.9,
+        eps: float = 1e-4,
+        **options: Any,
+    ) -> RMSprop:
+        """Chainer's ``RMSpropGraves`` (Graves 2013, eq. 38-41), with its defaults: centered
+        RMSprop with momentum and eps inside the sqrt (see :meth:`fastrms.RMSProp.graves`)."""
+        return cls(
+            params,
+            lr=lr,
+            alpha=alpha,
+            eps=eps,
+            momentum=momentum,
+            centered=True,
+            eps_in_sqrt=True,
+            **options,
+        )
+
+    def _setup(self, options, step):
+        return functional.rmsprop_setup(**options)
+
+
+class Adagrad(_FusedOptimizer):
+    """Adagrad with ``torch.optim.Adagrad``'s signature, defaults, state and semantics.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        clr = lr / (1 + (step - 1) * lr_decay)
+        s = s + g**2                                (sum, starts at initial_accumulator_value)
+        p = p - clr * g / (sqrt(s) + eps)    or, with eps_in_sqrt:  p - clr * g / sqrt(s + eps)
+
+    Parameters
+    ----------
+    params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts
+    lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize
+        As ``torch.optim.Adagrad``; ``lr`` may be a 1-element tensor.
+    eps_in_sqrt : bool
+        Put eps inside the square root (Keras, Optax: with ``initial_accumulator_value=0.1``).
+    foreach, differentiable, fused
+        torch's; ``foreach``/``fused`` are ignored, ``differentiable`` must be False.
+    """
+
+    _rule = "adagrad"
+    _hyper_keys = ("lr", "lr_decay", "weight_decay", "eps", "eps_in_sqrt", "maximize")
+    _torch_names = {"state_sum": "sum"}
+    _group_defaults = dict(
+        foreach=None, maximize=False, differentiable=False, fused=None, eps_in_sqrt=False
+    )
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        eps_in_sqrt: bool = False,
+    ) -> None:
+        _refuse("Adagrad", differentiable=differentiable)
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            eps=eps,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+            eps_in_sqrt=eps_in_sqrt,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:  # torch creates Adagrad's state at once
+            for p in group["params"]:
+                st = self.state[p]
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["sum"] = self._new_state(group, p, "sum")
+
+    def _new_state(self, group, p, name):
+        value = float(_scalar("initial_accumulator_value", group["initial_accumulator_value"]))
+        return torch.full_like(p, value, memory_format=torch.preserve_format)
+
+    def _setup(self, options, step):
+        return functional.adagrad_setup(step=step, **options)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        value = self.param_groups[-1]["initial_accumulator_value"]
+        try:
+            hyper.nonneg("initial_accumulator_value", _scalar("initial_accumulator_value", value))
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+
+class Adam(_FusedOptimizer):
+    """Adam / AMSGrad with ``torch.optim.Adam``'s signature, defaults, state and semantics.
+
+    ::
+
+        decoupled_weight_decay (AdamW):  p = (1 - lr * weight_decay) * p
+        g = grad (or -grad if maximize) + weight_decay * p        (L2 decay: Adam only)
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
+        amsgrad:  v_max = max(v_max, v), used in place of v             (max_exp_avg_sq)
+        p = p - lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
+
+    Parameters
+    ----------
+    params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts
+    lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
+        As ``torch.optim.Adam``; ``lr`` and ``betas`` may be 1-element tensors.
+    foreach, capturable, differentiable, fused
+        torch's; ``foreach``/``fused`` are ignored, the others must be False.
+    """
+
+    _rule = "adam"
+    _hyper_keys = (
+        "lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay", "maximize"
+    )  # fmt: skip
+    _group_defaults = dict(
+        amsgrad=False,
+        maximize=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        decoupled_weight_decay=False,
+        fused=None,
+    )
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        _refuse(type(self).__name__, capturable=capturable, differentiable=differentiable)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def _setup(self, options, step):
+        return functional.adam_setup(step=step, **options)
+
+
+class AdamW(Adam):
+    """AdamW: :class:`Adam` with decoupled weight decay, default 1e-2 (``torch.optim.AdamW``).
+
+    ::
+
+        p = (1 - lr * weight_decay) * p, then the Adam update with g = grad (no L2 term)
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+class SGD(_FusedOptimizer):
+    """SGD with ``torch.optim.SGD``'s signature, defaults, state and semantics.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        momentum > 0:  b = momentum * b + (1 - dampening) * g     (first step: b = g)
+                       g = g + momentum * b  (nesterov)   or   g = b
+        p = p - lr * g
+
+    As in torch, there is no ``state["step"]``; a parameter's ``momentum_buffer`` is created
+    on its first step with momentum, and that step sets it to the gradient.
+
+    Parameters
+    ----------
+    params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts
+    lr, momentum, dampening, weight_decay, nesterov, maximize
+        As ``torch.optim.SGD``; ``lr`` and ``weight_decay`` may be 1-element tensors.
+    foreach, differentiable, fused
+        torch's; ``foreach``/``fused`` are ignored, ``differentiable`` must be False.
+    """
+
+    _rule = "sgd"
+    _hyper_keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    _keeps_step = False
+    _group_defaults = dict(
+        nesterov=False, maximize=False, foreach=None, differentiable=False, fused=None
+    )
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        _refuse("SGD", differentiable=differentiable)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _setup(self, options, step):
+        return functional.sgd_setup(step=step, **options)
+
+
+class Lion(_FusedOptimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), with the
+    signature and state of the ``lion-pytorch`` package; decoupled weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize)
+        c = beta1 * m + (1 - beta1) * g
+        p = (1 - lr * weight_decay) * p - lr * sign(c)
+        m = beta2 * m + (1 - beta2) * g                                  (exp_avg)
+
+    torch has no Lion. Every element moves by exactly ``lr`` (plus decay): use a learning rate
+    3-10x smaller than AdamW's and a weight decay 3-10x larger, as the paper advises. Needs a
+    fastrms with the Lion rule (:func:`fastrms.functional.lion`).
+
+    Parameters
+    ----------
+    params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts
+    lr : float or 1-element tensor
+        Default 1e-4.
+    betas : (float, float)
+        Default ``(0.9, 0.99)``.
+    weight_decay : float
+        Default 0.
+    maximize : bool
+    """
+
+    _rule = "lion"
+    _keeps_step = False
+    _counts_steps = False
+    _hyper_keys = ("lr", "betas", "weight_decay", "maximize")
+    _group_defaults = dict(maximize=False)
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        if SPECS is None or "lion" not in SPECS:
+            raise RuntimeError("fastrms.torch.Lion needs a fastrms with the Lion rule")
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+
+    def _setup(self, options, step):
+        return SPECS["lion"].setup(step, **options)
