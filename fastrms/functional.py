@@ -91,9 +91,8 @@ def cast_array(rule: str, scalars: tuple, dtype: np.dtype) -> np.ndarray:
     :data:`HYPER_WIDTH`, checked to fit in it (cached as :func:`cast` is)."""
     if dtype.type is np.float32:
         specs.check_fits_float32(LAYOUTS[rule], scalars)
-    out = np.zeros(HYPER_WIDTH, dtype)
-    out[: len(scalars)] = scalars
-    out.flags.writeable = False
+    out = np.array(scalars + (0.0,) * (HYPER_WIDTH - len(scalars)), dtype)
+    out.flags.writeable = False  # shared by the cache
     return out
 
 

@@ -178,7 +178,9 @@ class Spec:
         if type(step) is not int or step < 1:
             step = hyper.step("step", step)
         checked = self._check_values(options)
-        return self._prepared(step if self.counts_steps else 1, checked)
+        if self.counts_steps:  # new scalars every step: a cache would only miss
+            return self._prepared.__wrapped__(step, checked)
+        return self._prepared(1, checked)
 
     @functools.cached_property
     def _prepared(self) -> Callable[[int, tuple], Setup]:

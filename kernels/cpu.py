@@ -7,7 +7,7 @@ from numba import njit, prange
 from numba.extending import register_jitable
 
 from ._options import FASTMATH, RULES_TOKEN
-from .pointers import as_array
+from .pointers import as_array_from
 
 #: Below this many elements a step runs on one thread: starting the thread team (about 8 us on
 #: the 2-core CI machine) costs more than it saves; at 10^5 elements two threads win.
@@ -70,9 +70,10 @@ def grouped_loops(rule, flags):
     param's address and are never touched). Part ``k`` of the work is the pieces
     ``items[part_ptr[k]:part_ptr[k + 1]]``, each an ``(array, start, stop)`` row: the parallel
     kernel hands the parts to the threads (see :func:`fastrms.grouped.schedule`), the serial
-    one runs them in order. :func:`~fastrms.kernels.pointers.as_array` turns the addresses back
-    into arrays, so each piece runs the same inlined, vectorized loop as the single-array
-    kernels, and the results are bit for bit theirs.
+    one runs them in order. :func:`~fastrms.kernels.pointers.as_array_from` turns the
+    addresses back into arrays (each piece's own, indexed from 0), so each piece runs the same
+    inlined, vectorized loop as the single-array kernels, and the results are bit for bit
+    theirs.
     """
     token = RULES_TOKEN  # read below only so that it is part of the closure, hence the cache key
 
@@ -83,16 +84,16 @@ def grouped_loops(rule, flags):
         like = hyper[0]
         for k in prange(part_ptr.size - 1):
             for j in range(part_ptr[k], part_ptr[k + 1]):
-                row = items[j, 0]
-                n = table[row, 0]
+                row, start = items[j, 0], items[j, 1]
+                n = items[j, 2] - start
                 arrays = (
-                    as_array(table[row, 1], n, like),
-                    as_array(table[row, 2], n, like),
-                    as_array(table[row, 3], n, like),
-                    as_array(table[row, 4], n, like),
-                    as_array(table[row, 5], n, like),
+                    as_array_from(table[row, 1], start, n, like),
+                    as_array_from(table[row, 2], start, n, like),
+                    as_array_from(table[row, 3], start, n, like),
+                    as_array_from(table[row, 4], start, n, like),
+                    as_array_from(table[row, 5], start, n, like),
                 )
-                for i in range(items[j, 1], items[j, 2]):
+                for i in range(n):
                     rule(i, arrays, hyper, flags)
 
     @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -101,16 +102,16 @@ def grouped_loops(rule, flags):
         hyper = _unpack(scalars)
         like = hyper[0]
         for j in range(part_ptr[0], part_ptr[part_ptr.size - 1]):
-            row = items[j, 0]
-            n = table[row, 0]
+            row, start = items[j, 0], items[j, 1]
+            n = items[j, 2] - start
             arrays = (
-                as_array(table[row, 1], n, like),
-                as_array(table[row, 2], n, like),
-                as_array(table[row, 3], n, like),
-                as_array(table[row, 4], n, like),
-                as_array(table[row, 5], n, like),
+                as_array_from(table[row, 1], start, n, like),
+                as_array_from(table[row, 2], start, n, like),
+                as_array_from(table[row, 3], start, n, like),
+                as_array_from(table[row, 4], start, n, like),
+                as_array_from(table[row, 5], start, n, like),
             )
-            for i in range(items[j, 1], items[j, 2]):
+            for i in range(n):
                 rule(i, arrays, hyper, flags)
 
     return parallel, serial

@@ -49,6 +49,38 @@ def as_array(typingctx, address, size, like):
 
 
 @intrinsic
+def as_array_from(typingctx, address, start, size, like):
+    """``as_array_from(address, start, size, like)``: as :func:`as_array`, for the ``size``
+    elements from element ``start`` on.
+
+    A kernel then indexes the piece from 0, as the single-array loops do: with a loop from an
+    unknown ``start``, Numba would wrap negative indices on every access and the loop would
+    not vectorize (4.8x slower, measured).
+    """
+    if not isinstance(like, types.Float):
+        return None
+    array_type = types.Array(like, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        address, start, size, _ = args
+        data_type = context.get_data_type(like)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
+        base = builder.inttoptr(address, data_type.as_pointer())
+        array = make_array(array_type)(context, builder)
+        populate_array(
+            array,
+            data=builder.gep(base, [start]),
+            shape=cgutils.pack_array(builder, [size]),
+            strides=cgutils.pack_array(builder, [itemsize]),
+            itemsize=itemsize,
+            meminfo=None,
+        )
+        return array._getvalue()
+
+    return array_type(types.int64, types.int64, types.int64, like), codegen
+
+
+@intrinsic
 def load_int64(typingctx, address):
     """``load_int64(address)``: the int64 stored at ``address``."""
     if not isinstance(address, types.Integer):
