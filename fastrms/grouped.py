@@ -210,6 +210,10 @@ class _Spans:
         """``(index, label)`` of the first range that overlaps a written one, else None."""
         if not len(starts) or not len(self.starts):
             return None
+        compiled = _compiled_overlap()
+        if compiled is not None:  # one compiled call: NumPy's small-array calls cost more
+            j, k = compiled(self.starts, self.ends, starts, nbytes)
+            return None if j < 0 else (int(j), self.labels[int(k)])
         ends = starts + nbytes
         # The written ranges are disjoint and sorted, so only the last one starting before a
         # range's end can overlap it.
@@ -221,6 +225,21 @@ class _Spans:
         return j, self.labels[int(k[j])]
 
 
+def _compiled_overlap():
+    """kernels.pointers.first_overlap, where numba loads (else None: NumPy does it)."""
+    global _overlap
+    if _overlap is None:
+        try:
+            from .kernels.pointers import first_overlap
+        except ImportError:
+            first_overlap = False
+        _overlap = first_overlap
+    return _overlap or None
+
+
+_overlap = None
+
+
 # -- the groups ---------------------------------------------------------------------------------
 
 
@@ -230,6 +249,7 @@ class _Group:
     def __init__(self, setup, backend, auto, dtype, rows, arrays):
         self.setup, self.backend, self.auto, self.dtype = setup, backend, auto, np.dtype(dtype)
         self.rows = rows  # indices of the step's parameters
+        self._rows = np.asarray(rows, np.int64)
         self.arrays = arrays  # per parameter: [param, grad (set per step), state...]
 
     def set_grads(self, addresses: np.ndarray) -> None:
@@ -285,7 +305,7 @@ class _CpuGroup(_Group):
         self._kernel = None
 
     def set_grads(self, addresses):
-        self.table[:, 2] = addresses[self.rows]
+        self.table[:, 2] = addresses[self._rows]
 
     def cast(self, setup):
         return cast_array(setup.rule, setup.scalars, self.dtype)
@@ -381,7 +401,7 @@ class _CudaGroup(_Group):
         self.table = self._table()
 
     def set_grads(self, addresses):
-        self.table[:, 2] = addresses[self.rows]
+        self.table[:, 2] = addresses[self._rows]
 
     def prepare(self):
         self._launch = self.backend.grouped_launcher()

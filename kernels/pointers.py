@@ -100,3 +100,19 @@ def load_words(addresses):
     for i in range(addresses.size):
         out[i] = load_int64(addresses[i])
     return out
+
+
+@njit(cache=True)
+def first_overlap(starts, ends, query_starts, query_nbytes):
+    """The index of the first query range ``[query_starts[i], + query_nbytes[i])`` that
+    overlaps one of the sorted, disjoint ranges ``[starts[k], ends[k])``, else -1; and that
+    ``k``. Binary search per query: only the last range starting before a query's end can
+    overlap it."""
+    for i in range(query_starts.size):
+        if query_nbytes[i] == 0:
+            continue
+        end = query_starts[i] + query_nbytes[i]
+        k = np.searchsorted(starts, end) - 1  # side="left": the ranges starting before end
+        if k >= 0 and ends[k] > query_starts[i]:
+            return i, k
+    return -1, -1
