@@ -23,7 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 import fastrms
-from fastrms import benchmarks as B
+from fastrms import models as M
 from fastrms.distributed import REDUCTIONS, ShardedOptimizer
 
 PHASES = ("check", "reduce_scatter", "local_step", "all_gather")
@@ -49,7 +49,7 @@ def idle_until_all_arrive(comm) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt2", choices=sorted(B.MODELS))
+    parser.add_argument("--model", default="gpt2", choices=sorted(M.MODELS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--layout", default="separate", choices=("separate", "flat"))
     parser.add_argument("--json", help="write the results here (rank 0)")
@@ -60,7 +60,7 @@ def main() -> None:
     # mpirun binds each rank to one core; unbind, so that the single-process step can use all.
     cores = os.cpu_count() or 1
     os.sched_setaffinity(0, range(cores))
-    shapes = B.gpt2_shapes(**B.MODELS[args.model])
+    shapes = M.MODELS[args.model]()
     flat = args.layout == "flat"
     params = arrays(shapes, flat, seed=0)  # the same on every rank
     grads = arrays(shapes, flat, seed=1 + rank)

@@ -32,10 +32,7 @@ import torch
 import fastrms.torch as ft
 from fastrms import benchmarks as B
 
-try:
-    from fastrms.models import gpt2_shapes
-except ImportError:  # before the model workloads moved to fastrms.models
-    from fastrms.benchmarks import gpt2_shapes
+from fastrms.models import gpt2_shapes
 
 #: Optimizer variants by name: each makes an optimizer over the given parameters.
 VARIANTS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
