@@ -31,7 +31,6 @@ import torch
 
 import fastrms.torch as ft
 from fastrms import benchmarks as B
-
 from fastrms.models import gpt2_shapes
 
 #: Optimizer variants by name: each makes an optimizer over the given parameters.
