@@ -212,8 +212,13 @@ class _Spans:
             return None
         compiled = _compiled_overlap()
         if compiled is not None:  # one compiled call: NumPy's small-array calls cost more
-            j, k = compiled(self.starts, self.ends, starts, nbytes)
-            return None if j < 0 else (int(j), self.labels[int(k)])
+            try:
+                j, k = compiled(self.starts, self.ends, starts, nbytes)
+            except Exception:  # it cannot compile here: NumPy does it from now on
+                global _overlap
+                _overlap = False
+            else:
+                return None if j < 0 else (int(j), self.labels[int(k)])
         ends = starts + nbytes
         # The written ranges are disjoint and sorted, so only the last one starting before a
         # range's end can overlap it.
