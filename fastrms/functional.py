@@ -1,4 +1,4 @@
-"""One optimizer step on one parameter array: the functions the optimizer classes call.
+"""One optimizer step on one parameter array, and :func:`multi_tensor_step` over many.
 
 Each function updates ``param`` and its state arrays in place, on the backend that
 ``backend`` selects (see :mod:`fastrms.dispatch`). Every argument is checked before anything is
@@ -8,10 +8,12 @@ array. Scalars are cast to the arrays' dtype, so float32 arrays are updated in f
 NaN or Inf in a gradient propagate into the parameter and state, as in PyTorch; fastrms does
 not inspect array values.
 
-Each rule has a ``*_setup`` function that checks the hyperparameters and computes the scalars
-of one step (bias corrections, decayed learning rate) on the host, once; :func:`plan` then
-checks one parameter's arrays and returns a :class:`Plan` to run. The optimizer classes use
-these to check every parameter of a step before updating any.
+Each optimizer's :class:`fastrms.specs.Spec` checks the hyperparameters and computes the
+scalars of one step (bias corrections, decayed learning rate) on the host, once
+(``SPECS[name].setup(step, **options)``; ``rmsprop_setup`` and the like are shorthands);
+:func:`plan` then checks one parameter's arrays and returns a :class:`Plan` to run. The
+optimizer classes step all their parameters through :class:`fastrms.grouped.StepPlan`
+instead, which checks them once and runs each group of them as one call.
 """
 
 from __future__ import annotations
