@@ -77,9 +77,9 @@ def grouped_loops(rule, flags):
     """
     token = RULES_TOKEN  # read below only so that it is part of the closure, hence the cache key
 
-    # The two bodies repeat each other on purpose: Numba's parfor pass fails on the arrays
-    # returned by an inlined helper (an array-analysis assertion in Numba 0.68), and one
-    # Python function compiled twice would share one disk-cache entry.
+    # The two bodies repeat each other on purpose: factored into an inlined helper that
+    # returns the piece's arrays, the parallel one fails Numba 0.68's parfor array analysis
+    # (an assertion), while the serial one compiles.
     @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
     def parallel(table, part_ptr, items, scalars):
         token  # noqa: B018
