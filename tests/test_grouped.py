@@ -20,9 +20,15 @@ from fastrms import grouped
 from fastrms.errors import BackendUnavailableError, FallbackWarning
 from fastrms.specs import SPECS
 
-#: Uneven sizes: empty, one element, odd ones, and enough in all (> 2^16) for the parallel
-#: kernel, with one array longer than a thread's part so that it spans parts.
-SIZES = (0, 1, 7, 1000, 3, 70_001, 0, 129, 40_000, 1)
+#: Uneven sizes: empty, one element, odd ones, and enough in all (> PARALLEL_THRESHOLD) for the
+#: parallel kernel, with one array longer than a thread's part so that it spans parts.
+SIZES = (0, 1, 7, 1000, 3, 100_001, 0, 129, 40_000, 1)
+
+
+def test_sizes_reach_the_parallel_kernel():
+    from fastrms.kernels.cpu import PARALLEL_THRESHOLD
+
+    assert sum(SIZES) >= PARALLEL_THRESHOLD
 
 
 def _arrays(rng, sizes, dtype):

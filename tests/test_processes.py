@@ -39,7 +39,7 @@ OPTIMIZERS = {
     "sgd": (fastrms.SGD, dict(lr=5e-2, momentum=0.9, nesterov=True)),
 }
 #: Sizes of the parameters of one grouped step: parallel and serial kernels, odd lengths.
-MULTI_SIZES = (N, (1 << 16) + 7, 300, 5000)
+MULTI_SIZES = (N, (1 << 17) + 7, 300, 5000)
 TBB_IS_A_DEPENDENCY = sys.platform == "linux" and os.uname().machine == "x86_64"
 
 

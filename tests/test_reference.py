@@ -27,17 +27,17 @@ from fastrms.kernels.cpu import PARALLEL_THRESHOLD
 
 STEPS = 6  # covers SGD's first step (buffer = gradient) and changing bias corrections
 
-#: 1-D sizes from the issue: 10**5 runs the parallel (prange) kernel, the others the serial one.
-SIZES = (0, 1, 7, 1000, 10**5)
+#: 1-D sizes: 150,000 runs the parallel (prange) kernel, the others the serial one.
+SIZES = (0, 1, 7, 1000, 150_000)
 #: Other shapes: the kernels see a flat view, whose writes must reach the caller's array.
-SHAPES = {"0d": (), "2d-7x3": (7, 3), "2d-0x5": (0, 5), "2d-250x400-parallel": (250, 400)}
+SHAPES = {"0d": (), "2d-7x3": (7, 3), "2d-0x5": (0, 5), "2d-400x400-parallel": (400, 400)}
 
 DTYPE_IDS = [np.dtype(d).name for d in DTYPES]
 
 
 def test_sizes_cover_both_loops():
     assert max(SIZES) >= PARALLEL_THRESHOLD > 1000
-    assert np.prod(SHAPES["2d-250x400-parallel"]) >= PARALLEL_THRESHOLD
+    assert np.prod(SHAPES["2d-400x400-parallel"]) >= PARALLEL_THRESHOLD
 
 
 def _cpu_vs_numpy(algo: str, options: dict, dtype, shape, seed: int = 0) -> None:
