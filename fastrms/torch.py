@@ -15,6 +15,9 @@ A step sorts the parameters that have a gradient into buckets of (param group, d
 step count) and updates each bucket with one :func:`fastrms.functional.multi_tensor_step`
 call: CPU tensors through zero-copy NumPy views on the ``cpu`` kernels, CUDA tensors on the
 ``cuda`` kernels, on torch's current stream. Parameters whose ``.grad`` is None are skipped.
+A step that repeats the last one (the same parameters with gradients, the same state and data
+tensors, each bucket's step count one further) reuses the last step's buckets and plans after
+checking only what can change between steps (``_FusedOptimizer._repeat``).
 
 Differences from ``torch.optim``:
 
@@ -34,6 +37,7 @@ Importing this module imports torch; ``import fastrms`` does not.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -60,18 +64,18 @@ except ImportError:  # pragma: no cover - older fastrms: one functional call per
 _MAX_PLANS = 64
 
 
-def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> None:
+def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> Any:
     """The one place that runs fastrms's kernels: one call per bucket.
 
     With :class:`fastrms.grouped.StepPlan`, a bucket's plan (its arrays checked and laid out
     once) is kept in ``plans`` while the bucket holds the same parameter and state arrays;
     a step then checks only the new gradients. Without it, each step is one
     :func:`fastrms.functional.multi_tensor_step` call. ``name(*b.where[i])`` names the i-th
-    parameter in errors.
+    parameter in errors. Returns the plan (None without StepPlan).
     """
     if StepPlan is None:
         functional.multi_tensor_step(rule, b.params, b.grads, b.state, step=b.step, **b.options)
-        return
+        return None
     setup = SPECS[rule].setup(b.step, **b.options)
     key = (setup.rule, setup.flags, *map(id, b.params))
     plan = plans.get(key)
@@ -82,6 +86,7 @@ def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> Non
         grad_names = [f"the gradient of {n}" for n in names]
         plan = plans[key] = StepPlan(setup, b.params, b.state, names, grad_names=grad_names)
     plan.run(b.grads, setup)
+    return plan
 
 
 class _CudaArray:
@@ -131,15 +136,38 @@ class _Views:
 class _Bucket:
     """The parameters of one group, device, dtype and step count, as the kernels take them."""
 
-    __slots__ = ("grads", "options", "params", "state", "step", "steps", "where")
+    __slots__ = ("grads", "options", "params", "recs", "state", "step", "steps", "where")
 
     def __init__(self, options: dict, step: int, slots: tuple[str, ...]) -> None:
         self.options, self.step = options, step
         self.where: list[tuple] = []  # (group, index, index in group, param) of each
+        self.recs: list[_Views] = []
         self.params: list = []
         self.grads: list = []
         self.state: dict[str, list] = {s: [] for s in slots}  # fastrms's names
         self.steps: list = []  # (view of state["step"], its new value)
+
+
+class _Run:
+    """One bucket of the last step: its plan, rows in the flat parameter list, views and
+    step count."""
+
+    __slots__ = ("checked", "group", "plan", "recs", "rows", "step")
+
+    def __init__(self, group: int, step: int, plan: Any, rows: list[int], recs: list) -> None:
+        self.group, self.step, self.plan, self.rows, self.recs = group, step, plan, rows, recs
+        self.checked = None  # the setup last checked against float32
+
+
+class _Repeat:
+    """The last step: every parameter (flattened over the groups), which had a gradient, the
+    number of groups, the state names of each group that ran, and the buckets that ran."""
+
+    __slots__ = ("groups", "has_grad", "names", "params", "runs")
+
+    def __init__(self, params, has_grad, groups: int, names: dict, runs: list[_Run]) -> None:
+        self.params, self.has_grad, self.groups, self.names = params, has_grad, groups, names
+        self.runs = runs
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -161,6 +189,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._views: dict[torch.Tensor, _Views] = {}
         self._setups: dict[int, tuple] = {}
         self._plans: dict[tuple, Any] = {}
+        self._last: _Repeat | None = None
         super().__init__(params, defaults)
 
     # -- what each optimizer defines ---------------------------------------------------------
@@ -185,6 +214,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.add_param_group``; the group's hyperparameters are
         checked now (``ValueError``/``TypeError`` naming them, and the group is not added)."""
         super().add_param_group(param_group)
+        self._last = None
         group = self.param_groups[-1]
         try:
             for flag in ("capturable", "differentiable"):
@@ -203,6 +233,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._views = {}  # load_state_dict and copies bring new state tensors
         self._setups = {}
         self._plans = {}
+        self._last = None
         for group in self.param_groups:
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
@@ -223,17 +254,113 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        last, self._last = self._last, None
+        if last is not None and self._repeat(last):
+            self._last = last
+            return loss
         buckets, created = self._buckets()
+        plans = []
         for i, b in enumerate(buckets):
             try:
-                _launch(self._rule, b, self._plans, self._name)
+                plans.append(_launch(self._rule, b, self._plans, self._name))
             except Exception:
                 if i == 0:  # refused before anything was written: leave no new state either
                     self._forget(created)
                 raise
             for view, t in b.steps:
                 view[()] = t
+        self._last = self._record(buckets, plans)
         return loss
+
+    # -- the step again: the same parameters with gradients as last time ---------------------
+
+    def _record(self, buckets: list[_Bucket], plans: list) -> _Repeat | None:
+        """What a next step needs to repeat this one without sorting the parameters again."""
+        if not plans or None in plans:
+            return None
+        groups = self.param_groups
+        flat = [p for group in groups for p in group["params"]]
+        offsets = [0]
+        for group in groups:
+            offsets.append(offsets[-1] + len(group["params"]))
+        runs = []
+        for b, plan in zip(buckets, plans):
+            gi = b.where[0][1]
+            rows = [offsets[w[1]] + w[2] for w in b.where]
+            runs.append(_Run(gi, b.step, plan, rows, b.recs))
+        has_grad = [p.grad is not None for p in flat]
+        names = {run.group: self._setups[run.group][1][2] for run in runs}
+        return _Repeat(flat, has_grad, len(groups), names, runs)
+
+    def _repeat(self, last: _Repeat) -> bool:
+        """Step as last time, if the same parameters have gradients, their state tensors are
+        the same and each bucket's step count moved on by one; return whether it did.
+
+        It checks what the full route checks that can change between steps (the gradients'
+        dtype, layout and contiguity, the hyperparameters by value, the state tensors and
+        step counts); anything else, or anything that it would refuse, goes the full route,
+        which explains the problem. This saves sorting the parameters into buckets again
+        (most of a small model's step)."""
+        groups = self.param_groups
+        if len(groups) != last.groups:
+            return False
+        flat = [p for group in groups for p in group["params"]]
+        if len(flat) != len(last.params) or not all(map(operator.is_, flat, last.params)):
+            return False
+        grads = [p.grad for p in flat]
+        if [g is not None for g in grads] != last.has_grad:
+            return False
+        setups = {}
+        for gi, state_names in last.names.items():
+            options, setup, names = self._group_setup(gi, groups[gi])
+            if names != state_names:
+                return False
+            setups[gi] = (options, setup)
+        state, keeps, counts = self.state, self._keeps_step, self._counts_steps
+        work = []
+        for run in last.runs:
+            options, setup = setups[run.group]
+            # SGD's momentum buffers take the gradient itself at step 1 only, then step is 2.
+            step = run.step + 1 if keeps and counts else (2 if counts else 1)
+            names = run.recs[0].names if run.recs else ()
+            arrays = []
+            for i, rec in zip(run.rows, run.recs):
+                p, g = flat[i], grads[i]
+                st = state.get(p)
+                if st is None or not rec.current(p, st, names):
+                    return False
+                if keeps and counts and float(rec.step_view) != run.step:
+                    return False
+                if g.dtype is not rec.dtype or g.layout is not torch.strided or g.requires_grad:
+                    return False
+                if not g.is_contiguous():
+                    return False
+                arrays.append(g if rec.cuda else g.numpy())
+            if run.recs and run.recs[0].dtype is torch.float32 and setup is not run.checked:
+                _check_fits_float32(setup)
+                run.checked = setup
+            if run.recs and run.recs[0].cuda:  # on torch's current stream, as _sort does
+                streams = {}
+                for rec in run.recs:
+                    device = rec.arrays[0].device
+                    if device not in streams:
+                        streams[device] = torch.cuda.current_stream(device).cuda_stream or None
+                    for a in rec.arrays:
+                        a.on(streams[device])
+            work.append((run, step, arrays, SPECS[self._rule].setup(step, **options)))
+        for k, (run, step, arrays, setup) in enumerate(work):
+            try:
+                run.plan.run(arrays, setup)
+            except (TypeError, ValueError):
+                if k == 0:  # nothing written: the full route says what is wrong
+                    return False
+                raise
+            run.step = step
+            if keeps:
+                for rec in run.recs:
+                    view = rec.step_view
+                    view[()] = step if counts else float(view) + 1
+        return True
 
     def _buckets(self) -> tuple[list[_Bucket], list[torch.Tensor]]:
         """Check everything, create missing state, and sort the work into buckets; return
@@ -321,6 +448,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     b.grads.append(g.numpy())
                 b.params.append(arrays[0])
                 b.where.append((group, gi, pi, p))
+                b.recs.append(rec)
                 for s, a in zip(slots, arrays[1:]):
                     b.state[s].append(a)
         return list(buckets.values())

@@ -678,3 +678,112 @@ def test_lion_checkpoint_round_trip():
     step_both(params, opt, copy, other, grads_for(params, torch.Generator().manual_seed(12)))
     for a, b in zip(params, copy):
         assert torch.equal(a.detach(), b.detach())
+
+
+# -- repeated steps: the short route (fastrms.torch._FusedOptimizer._repeat) -------------------
+
+#: What happens before each step of test_repeated_steps_equal_the_full_route: each changes
+#: something the short route must notice (or may ignore, where it changes nothing it uses).
+_EVENTS = {
+    3: "lr",  # a scheduler's change of a group's lr
+    5: "no grad",  # one parameter without a gradient
+    6: "grad back",
+    7: "step count",  # a step count set in place
+    8: "new data",  # p.data replaced by another tensor
+    9: "reload",  # load_state_dict(state_dict()): new state tensors
+    10: "same grads",  # zero_grad(set_to_none=False): the same gradient tensors again
+}
+
+
+def _event(opt, params, grads, event):
+    if event == "lr":
+        opt.param_groups[0]["lr"] *= 0.5
+    elif event == "no grad":
+        grads[1] = None
+    elif event == "step count" and "step" in opt.state[params[0]]:
+        opt.state[params[0]]["step"].fill_(1.0)
+    elif event == "new data":
+        params[2].data = params[2].data.clone()
+    elif event == "reload":
+        opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", [*NAMES, "Lion"])
+def test_repeated_steps_equal_the_full_route(name, dtype, monkeypatch):
+    """Steps that repeat the last one's buckets take the short route; they give, bit for bit,
+    what the full route gives, also when something changes between steps."""
+    cls = getattr(ft, name)
+    options = FULL.get(name, dict(weight_decay=0.1))
+    short, full = make_params(dtype), make_params(dtype)
+    opts = [cls([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}], lr=0.1, **options)
+            for ps in (short, full)]  # fmt: skip
+    monkeypatch.setattr(opts[1], "_repeat", lambda last: False)
+    taken = []
+    repeat = opts[0]._repeat
+    monkeypatch.setattr(opts[0], "_repeat", lambda last: taken.append(repeat(last)) or taken[-1])
+    gen = torch.Generator().manual_seed(3)
+    for t in range(1, 13):
+        grads = grads_for(short, gen)
+        same = _EVENTS.get(t) == "same grads"
+        for opt, ps in zip(opts, (short, full)):
+            gs = list(grads)
+            _event(opt, ps, gs, _EVENTS.get(t))
+            for p, g in zip(ps, gs):
+                if same and p.grad is not None and g is not None:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = None if g is None else g.clone()
+            opt.step()
+        for a, b in zip(short, full):
+            assert torch.equal(a, b), t
+            assert opts[0].state[a].keys() == opts[1].state[b].keys()
+            for k, v in opts[0].state[a].items():
+                assert torch.equal(v, opts[1].state[b][k]), (t, k)
+    # Short: steps 2, 3 (lr), 4, 10 (same grads), 11 and 12, and 7 where no step count is
+    # kept and used. Steps 1 and 9 (reload) have no last step to repeat.
+    short_steps = {2, 3, 4, 10, 11, 12}
+    if not (opts[0]._counts_steps and opts[0]._keeps_step):
+        short_steps.add(7)
+    assert taken == [t in short_steps for t in range(2, 13) if t != 9]
+
+
+def test_bad_gradient_on_a_repeated_step_changes_nothing():
+    """A gradient that the short route cannot take sends the step down the full route, which
+    refuses it naming the parameter, before anything is written."""
+    params = make_params(torch.float32)
+    opt = ft.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.1)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        for p, g in zip(params, grads_for(params, gen)):
+            p.grad = g
+        opt.step()
+    assert opt._last is not None  # the next step would take the short route
+    params[2].grad = params[2].grad.to_sparse()
+    snapshot = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    where = r"param_groups\[1\]\['params'\]\[0\]"
+    with pytest.raises(TypeError, match=f"sparse gradients.*{where}"):
+        opt.step()
+    for p, s, st in zip(params, snapshot, state):
+        assert torch.equal(p.detach(), s)
+        for k, v in st.items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
+def test_overlapping_gradient_on_a_repeated_step_changes_nothing():
+    """The plan's own check (a gradient that is another parameter) also holds on the short
+    route."""
+    params = make_params(torch.float32)
+    opt = ft.RMSprop(params, lr=0.1)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    params[0].grad = torch.ones_like(params[0])
+    params[1].grad = params[1].detach()  # the gradient is the parameter itself
+    snapshot = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="overlaps"):
+        opt.step()
+    for p, s in zip(params, snapshot):
+        assert torch.equal(p.detach(), s)
