@@ -63,6 +63,9 @@ class StepPlan:
     backend : {"auto", "cuda", "cpu", "numpy"}
     grad_names : list of str, optional
         How errors name each gradient (default: ``names`` with ``params`` -> ``grads``).
+    parallel_threshold : int, optional
+        A ``cpu`` group of fewer elements in all runs on one thread (default: the backend's,
+        ``kernels.cpu.PARALLEL_THRESHOLD``).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class StepPlan:
         names: list[str],
         backend: str = "auto",
         grad_names: list[str] | None = None,
+        parallel_threshold: int | None = None,
     ) -> None:
         self.key = (setup.rule, setup.flags, setup.state, backend)
         self._params = params
@@ -109,7 +113,9 @@ class StepPlan:
                 [params[i], None, *[state[s][i] if s in setup.state else params[i] for s in slots]]
                 for i in rows
             ]
-            self.groups.append(_GROUPS[name](setup, dispatch.get(name), auto, dtype, rows, arrays))
+            group = _GROUPS[name](setup, dispatch.get(name), auto, dtype, rows, arrays)
+            group.threshold = parallel_threshold
+            self.groups.append(group)
         self._grads: list | None = None
         self._ready = False
 
@@ -256,6 +262,7 @@ class _Group:
         self.rows = rows  # indices of the step's parameters
         self._rows = np.asarray(rows, np.int64)
         self.arrays = arrays  # per parameter: [param, grad (set per step), state...]
+        self.threshold: int | None = None  # cpu: fewer elements run on one thread
 
     def set_grads(self, addresses: np.ndarray) -> None:
         pass
@@ -322,9 +329,7 @@ class _CpuGroup(_Group):
             empty = np.zeros(1, np.int64)
             hyper = self.cast(self.setup)
             # A call over no parts compiles the kernel for these types and writes nothing.
-            kernel = (
-                self._serial if self.total < self.backend.parallel_threshold else self._parallel
-            )
+            kernel = self._serial if self.total < self._serial_below() else self._parallel
             kernel(self.table, empty, np.zeros((0, 3), np.int64), hyper)
         except BackendUnavailableError:
             if not self.auto:
@@ -343,6 +348,11 @@ class _CpuGroup(_Group):
             return self._fall_back()
         return self
 
+    def _serial_below(self) -> int:
+        if self.threshold is not None:
+            return self.threshold
+        return self.backend.parallel_threshold
+
     def _fall_back(self):
         numpy = dispatch.fall_back(self.backend._reason)
         return _NumpyGroup(self.setup, numpy, False, self.dtype, self.rows, self.arrays)
@@ -355,7 +365,7 @@ class _CpuGroup(_Group):
         return functools.partial(kernel, self.table, *self._schedule, hyper)
 
     def launch(self, hyper, grads):
-        if self.total < self.backend.parallel_threshold:
+        if self.total < self._serial_below():
             if self._threads != 1:
                 self._threads = 1
                 self._schedule = schedule(self.table[:, 0], 1)

@@ -60,6 +60,13 @@ try:  # the cached, grouped multi-tensor step (fastrms >= the grouped launch)
 except ImportError:  # pragma: no cover - older fastrms: one functional call per bucket
     StepPlan = SPECS = None
 
+#: A CPU bucket of fewer elements runs on one thread. Higher than fastrms's own threshold
+#: (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): right after torch's backward pass, starting
+#: Numba's second thread costs more. Measured inside the MLP training loop of
+#: ``bench.torch_loop`` (Adam, 2 cores, widths scaled): one thread took 0.76x, 0.80x, 0.86x
+#: the two threads' time at 63K, 151K, 399K elements, and 1.22x at 1.19M.
+PARALLEL_THRESHOLD = 1 << 19
+
 #: Cached plans per optimizer kept at most (a plan per bucket; buckets change rarely).
 _MAX_PLANS = 64
 
@@ -84,7 +91,10 @@ def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> Any
             plans.clear()
         names = [name(*w) for w in b.where]
         grad_names = [f"the gradient of {n}" for n in names]
-        plan = plans[key] = StepPlan(setup, b.params, b.state, names, grad_names=grad_names)
+        plan = plans[key] = StepPlan(
+            setup, b.params, b.state, names, grad_names=grad_names,
+            parallel_threshold=PARALLEL_THRESHOLD,
+        )  # fmt: skip
     plan.run(b.grads, setup)
     return plan
 

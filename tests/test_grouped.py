@@ -281,3 +281,45 @@ def test_schedule_covers_every_element_once_in_equal_parts(parts):
 def test_schedule_of_nothing():
     part_ptr, items = grouped.schedule(np.array([0, 0]), 4)
     assert items.shape == (0, 3) and list(part_ptr) == [0, 0]
+
+
+@pytest.mark.parametrize("threshold", [None, 0, 1 << 40], ids=["default", "parallel", "serial"])
+def test_parallel_threshold_chooses_the_kernel_not_the_result(threshold):
+    """A plan's own ``parallel_threshold`` (fastrms.torch's is higher) picks the one-thread or
+    the parallel kernel; both give the bits of the default plan."""
+    import numba
+
+    rng = np.random.default_rng(7)
+    params = _arrays(rng, SIZES, np.float32)
+    grads = _arrays(rng, SIZES, np.float32)
+    setup = SPECS["adam"].setup(1, lr=1e-2)
+    results = []
+    for t in (None, threshold):
+        ps = [p.copy() for p in params]
+        state = {s: [np.zeros_like(p) for p in ps] for s in setup.state}
+        names = [f"params[{i}]" for i in range(len(ps))]
+        plan = grouped.StepPlan(setup, ps, state, names, "cpu", parallel_threshold=t)
+        plan.run(grads, setup)
+        results.append((ps, state, plan.groups[0]._threads))
+    (ref, ref_state, _), (got, got_state, threads) = results
+    if threshold == 1 << 40:
+        assert threads == 1
+    else:  # SIZES reach the default threshold
+        assert threads == numba.get_num_threads()
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert_same_bits(a, b, f"params[{i}]")
+        for s in setup.state:
+            assert_same_bits(got_state[s][i], ref_state[s][i], f"{s}[{i}]")
+
+
+def test_torch_buckets_run_on_one_thread_below_their_threshold():
+    torch = pytest.importorskip("torch")
+    import fastrms.torch as ft
+
+    p = torch.zeros(ft.PARALLEL_THRESHOLD - 1, requires_grad=True)
+    opt = ft.Adam([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    (plan,) = opt._plans.values()
+    assert plan.groups[0]._threads == 1
+    assert torch.allclose(p.detach(), torch.full_like(p, -0.1))
