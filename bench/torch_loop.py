@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -174,6 +175,7 @@ def main() -> None:  # pragma: no cover - a manual measurement
     parser.add_argument("--variants", default="fastrms-adam,torch-adam-fused")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", help="also write the times and the machine to this file")
     args = parser.parse_args()
     names = args.variants.split(",")
     t = step_times(args.model, names, repeats=args.repeats, steps=args.steps)
@@ -181,6 +183,26 @@ def main() -> None:  # pragma: no cover - a manual measurement
     print(f"{args.model}: {tensors} tensors, {size:,} parameters; median opt.step():")
     for v in names:
         print(f"  {v:24s} {t[v] * 1e6:10.1f} us   ({t[v] / t[names[0]]:.2f}x {names[0]})")
+    if args.json:
+        import json
+
+        import numba
+
+        from fastrms.report import machine_info
+
+        result = {
+            "command": "python -m bench.torch_loop " + " ".join(sys.argv[1:]),
+            "model": args.model,
+            "tensors": tensors,
+            "parameters": size,
+            "repeats": args.repeats,
+            "steps": args.steps,
+            "median_step_seconds": t,
+            "machine": machine_info(numba.config.NUMBA_NUM_THREADS),
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
 
 
 if __name__ == "__main__":  # pragma: no cover
