@@ -585,6 +585,11 @@ def _plain(values: tuple) -> bool:
     return True
 
 
+def _arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's ``locals()`` as torch's ``defaults``: every argument but ``params``."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
+
+
 def _refuse(name: str, **flags: bool) -> None:
     for flag, value in flags.items():
         if value:
@@ -651,20 +656,7 @@ class RMSprop(_FusedOptimizer):
         eps_in_sqrt: bool = False,
     ) -> None:
         _refuse("RMSprop", capturable=capturable, differentiable=differentiable)
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            alpha=alpha,
-            eps=eps,
-            centered=centered,
-            weight_decay=weight_decay,
-            capturable=capturable,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            eps_in_sqrt=eps_in_sqrt,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, _arguments(locals()))
 
     @classmethod
     def graves(
@@ -737,19 +729,7 @@ class Adagrad(_FusedOptimizer):
         eps_in_sqrt: bool = False,
     ) -> None:
         _refuse("Adagrad", differentiable=differentiable)
-        defaults = dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            eps=eps,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            fused=fused,
-            eps_in_sqrt=eps_in_sqrt,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, _arguments(locals()))
         for group in self.param_groups:  # torch creates Adagrad's state at once
             for p in group["params"]:
                 st = self.state[p]
@@ -824,20 +804,7 @@ class Adam(_FusedOptimizer):
         decoupled_weight_decay: bool = False,
     ) -> None:
         _refuse(type(self).__name__, capturable=capturable, differentiable=differentiable)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, _arguments(locals()))
 
     def _setup(self, options, step):
         return functional.adam_setup(step=step, **options)
@@ -931,18 +898,7 @@ class SGD(_FusedOptimizer):
         fused: bool | None = None,
     ) -> None:
         _refuse("SGD", differentiable=differentiable)
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            foreach=foreach,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, _arguments(locals()))
 
     def _setup(self, options, step):
         return functional.sgd_setup(step=step, **options)
@@ -992,8 +948,7 @@ class Lion(_FusedOptimizer):
     ) -> None:
         if SPECS is None or "lion" not in SPECS:
             raise RuntimeError("fastrms.torch.Lion needs a fastrms with the Lion rule")
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, _arguments(locals()))
 
     def _setup(self, options, step):
         return SPECS["lion"].setup(step, **options)
