@@ -114,7 +114,7 @@ class StepPlan:
                 for i in rows
             ]
             group = _GROUPS[name](setup, dispatch.get(name), auto, dtype, rows, arrays)
-            group.threshold = parallel_threshold
+            group.serial_below = parallel_threshold
             self.groups.append(group)
         self._grads: list | None = None
         self._ready = False
@@ -262,7 +262,8 @@ class _Group:
         self.rows = rows  # indices of the step's parameters
         self._rows = np.asarray(rows, np.int64)
         self.arrays = arrays  # per parameter: [param, grad (set per step), state...]
-        self.threshold: int | None = None  # cpu: fewer elements run on one thread
+        #: cpu: a group of fewer elements runs on one thread (None: the backend's threshold).
+        self.serial_below: int | None = None
 
     def set_grads(self, addresses: np.ndarray) -> None:
         pass
@@ -328,8 +329,10 @@ class _CpuGroup(_Group):
             self._parallel, self._serial = kernels
             empty = np.zeros(1, np.int64)
             hyper = self.cast(self.setup)
+            if self.serial_below is None:
+                self.serial_below = self.backend.parallel_threshold
             # A call over no parts compiles the kernel for these types and writes nothing.
-            kernel = self._serial if self.total < self._serial_below() else self._parallel
+            kernel = self._serial if self.total < self.serial_below else self._parallel
             kernel(self.table, empty, np.zeros((0, 3), np.int64), hyper)
         except BackendUnavailableError:
             if not self.auto:
@@ -348,11 +351,6 @@ class _CpuGroup(_Group):
             return self._fall_back()
         return self
 
-    def _serial_below(self) -> int:
-        if self.threshold is not None:
-            return self.threshold
-        return self.backend.parallel_threshold
-
     def _fall_back(self):
         numpy = dispatch.fall_back(self.backend._reason)
         return _NumpyGroup(self.setup, numpy, False, self.dtype, self.rows, self.arrays)
@@ -365,7 +363,7 @@ class _CpuGroup(_Group):
         return functools.partial(kernel, self.table, *self._schedule, hyper)
 
     def launch(self, hyper, grads):
-        if self.total < self._serial_below():
+        if self.total < self.serial_below:
             if self._threads != 1:
                 self._threads = 1
                 self._schedule = schedule(self.table[:, 0], 1)

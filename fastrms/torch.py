@@ -12,12 +12,13 @@ groups and state (torch's buffer names, ``state["step"]`` a float32 0-d tensor),
 ``torch.distributed.optim.ZeroRedundancyOptimizer`` work as with torch's own classes.
 
 A step sorts the parameters that have a gradient into buckets of (param group, device, dtype,
-step count) and updates each bucket with one :func:`fastrms.functional.multi_tensor_step`
-call: CPU tensors through zero-copy NumPy views on the ``cpu`` kernels, CUDA tensors on the
-``cuda`` kernels, on torch's current stream. Parameters whose ``.grad`` is None are skipped.
-A step that repeats the last one (the same parameters with gradients, the same state and data
-tensors, each bucket's step count one further) reuses the last step's buckets and plans after
-checking only what can change between steps (``_FusedOptimizer._repeat``).
+step count) and updates each bucket with one grouped call (a cached
+:class:`fastrms.grouped.StepPlan`): CPU tensors through zero-copy NumPy views on the ``cpu``
+kernels, CUDA tensors on the ``cuda`` kernels, on torch's current stream. Parameters whose
+``.grad`` is None are skipped. A step that repeats the last one (the same parameters with
+gradients, the same state and data tensors, each bucket's step count one further) reuses the
+last step's buckets and plans after checking only what can change between steps
+(``_FusedOptimizer._repeat``).
 
 Differences from ``torch.optim``:
 
@@ -41,24 +42,18 @@ import operator
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from . import functional, hyper
+from .grouped import StepPlan
+from .specs import LAYOUTS, SPECS, check_fits_float32
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-_F32_MAX = float(np.finfo(np.float32).max)
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
-
-try:  # the cached, grouped multi-tensor step (fastrms >= the grouped launch)
-    from .grouped import StepPlan
-    from .specs import SPECS
-except ImportError:  # pragma: no cover - older fastrms: one functional call per bucket
-    StepPlan = SPECS = None
 
 #: A CPU bucket of fewer elements runs on one thread. Higher than fastrms's own threshold
 #: (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): right after torch's backward pass, starting
@@ -71,18 +66,13 @@ PARALLEL_THRESHOLD = 1 << 19
 _MAX_PLANS = 64
 
 
-def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> Any:
-    """The one place that runs fastrms's kernels: one call per bucket.
+def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> StepPlan:
+    """The one place that runs fastrms's kernels: one call per bucket; returns its plan.
 
-    With :class:`fastrms.grouped.StepPlan`, a bucket's plan (its arrays checked and laid out
-    once) is kept in ``plans`` while the bucket holds the same parameter and state arrays;
-    a step then checks only the new gradients. Without it, each step is one
-    :func:`fastrms.functional.multi_tensor_step` call. ``name(*b.where[i])`` names the i-th
-    parameter in errors. Returns the plan (None without StepPlan).
+    A bucket's :class:`fastrms.grouped.StepPlan` (its arrays checked and laid out once) is
+    kept in ``plans`` while the bucket holds the same parameter and state arrays; a step then
+    checks only the new gradients. ``name(*b.where[i])`` names the i-th parameter in errors.
     """
-    if StepPlan is None:
-        functional.multi_tensor_step(rule, b.params, b.grads, b.state, step=b.step, **b.options)
-        return None
     setup = SPECS[rule].setup(b.step, **b.options)
     key = (setup.rule, setup.flags, *map(id, b.params))
     plan = plans.get(key)
@@ -92,9 +82,13 @@ def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> Any
         names = [name(*w) for w in b.where]
         grad_names = [f"the gradient of {n}" for n in names]
         plan = plans[key] = StepPlan(
-            setup, b.params, b.state, names, grad_names=grad_names,
+            setup,
+            b.params,
+            b.state,
+            names,
+            grad_names=grad_names,
             parallel_threshold=PARALLEL_THRESHOLD,
-        )  # fmt: skip
+        )
     plan.run(b.grads, setup)
     return plan
 
@@ -183,7 +177,7 @@ class _Repeat:
 class _FusedOptimizer(torch.optim.Optimizer):
     """What the five optimizers share: checks, state, buckets and the step."""
 
-    #: The fastrms rule that :func:`fastrms.functional.multi_tensor_step` runs.
+    #: The fastrms rule (a key of :data:`fastrms.specs.SPECS`) that the step runs.
     _rule: ClassVar[str]
     #: Every param-group key with its default, for checkpoints that lack some (torch's own
     #: ``__setstate__`` does the same).
@@ -286,7 +280,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _record(self, buckets: list[_Bucket], plans: list) -> _Repeat | None:
         """What a next step needs to repeat this one without sorting the parameters again."""
-        if not plans or None in plans:
+        if not plans:
             return None
         groups = self.param_groups
         flat = [p for group in groups for p in group["params"]]
@@ -332,7 +326,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             options, setup = setups[run.group]
             # SGD's momentum buffers take the gradient itself at step 1 only, then step is 2.
             step = run.step + 1 if keeps and counts else (2 if counts else 1)
-            names = run.recs[0].names if run.recs else ()
+            first = run.recs[0]  # a bucket has one parameter at least
+            names = first.names
             arrays = []
             for i, rec in zip(run.rows, run.recs):
                 p, g = flat[i], grads[i]
@@ -346,10 +341,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if not g.is_contiguous():
                     return False
                 arrays.append(g if rec.cuda else g.numpy())
-            if run.recs and run.recs[0].dtype is torch.float32 and setup is not run.checked:
+            if first.dtype is torch.float32 and setup is not run.checked:
                 _check_fits_float32(setup)
                 run.checked = setup
-            if run.recs and run.recs[0].cuda:  # on torch's current stream, as _sort does
+            if first.cuda:  # on torch's current stream, as _sort does
                 streams = {}
                 for rec in run.recs:
                     device = rec.arrays[0].device
@@ -538,9 +533,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
 def _check_fits_float32(setup: functional.Setup) -> None:
     """Scalars valid in float64 can overflow float32 or (eps) underflow to 0; found here, before
     any bucket is written, rather than by the launch of a later bucket."""
-    for name, x in zip(functional.SCALARS[setup.rule], setup.scalars):
-        if abs(x) > _F32_MAX or (name == "eps" and np.float32(x) == 0):
-            raise ValueError(f"{name} = {x!r} does not fit in float32, the parameters' dtype")
+    check_fits_float32(LAYOUTS[setup.rule], setup.scalars)
 
 
 #: Where each state buffer goes relative to its parameter, in KiB modulo 4 KiB (see below).
