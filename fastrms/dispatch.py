@@ -124,6 +124,12 @@ class _CpuBackend(_NumpyBackend):
         parallel, serial = self._cpu.grouped_loops(self._rules[rule], flags)
         return threads.guard(parallel), serial  # a serial loop starts no thread team
 
+    def grouped_team_body(self, rule: str, flags: tuple, dtype: np.dtype) -> int:
+        """The address of a C function that runs a grouped step on a team of threads that
+        another library starts (see kernels.cpu.grouped_team_body)."""
+        self._launcher()
+        return self._cpu.grouped_team_body(self._rules[rule], flags, np.dtype(dtype)).address
+
     @property
     def parallel_threshold(self) -> int:
         """Below this many elements in all, a step runs on one thread."""

@@ -23,8 +23,10 @@ before the first write, and so does compiling each group's kernel: a bad gradien
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import operator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,12 +41,25 @@ from .arrays import (
     host_addresses,
 )
 from .errors import BackendUnavailableError
-from .functional import SLOTS, cast, cast_array
+from .functional import HYPER_WIDTH, SLOTS, cast, cast_array
 from .specs import Setup
 
 #: Address columns of a group's table: param, grad and up to three state arrays (a rule with
 #: fewer state arrays gets the parameter's address in the rest, which it never touches).
 TABLE_WIDTH = 6
+
+
+class Team(Protocol):
+    """A team of threads that another library owns and starts, such as PyTorch's OpenMP
+    team: ``run(function, args, threads)`` calls the C function ``void function(int64
+    args)`` (by address) on ``threads`` threads at once, the caller's among them, and returns
+    when all have returned."""
+
+    def threads(self) -> int:
+        """How many threads a parallel step should use now."""
+        ...
+
+    def run(self, function: int, args: int, threads: int) -> None: ...
 
 
 class StepPlan:
@@ -66,6 +81,9 @@ class StepPlan:
     parallel_threshold : int, optional
         A ``cpu`` group of fewer elements in all runs on one thread (default: the backend's,
         ``kernels.cpu.PARALLEL_THRESHOLD``).
+    team : Team, optional
+        Threads of another library to run the parallel ``cpu`` steps on, instead of Numba's
+        threading layer (``fastrms.torch`` passes PyTorch's OpenMP team).
     """
 
     def __init__(
@@ -77,6 +95,7 @@ class StepPlan:
         backend: str = "auto",
         grad_names: list[str] | None = None,
         parallel_threshold: int | None = None,
+        team: Team | None = None,
     ) -> None:
         self.key = (setup.rule, setup.flags, setup.state, backend)
         self._params = params
@@ -115,6 +134,7 @@ class StepPlan:
             ]
             group = _GROUPS[name](setup, dispatch.get(name), auto, dtype, rows, arrays)
             group.serial_below = parallel_threshold
+            group.team = team
             self.groups.append(group)
         self._grads: list | None = None
         self._ready = False
@@ -145,6 +165,32 @@ class StepPlan:
         hypers = [g.cast(setup) for g in self.groups]
         for group, hyper in zip(self.groups, hypers):
             group.launch(hyper, grads)
+
+    def run_addresses(self, addresses: np.ndarray, setup: Setup) -> None:
+        """Step a plan of host arrays with gradients given by their data addresses (int64).
+
+        For callers that hold the gradients in another array library (``fastrms.torch``) and
+        have checked them: each must be C-contiguous, of its parameter's dtype and size, and
+        alive during the call. This checks only that none overlaps an array the step writes;
+        it keeps no reference to the gradients, so they may be freed after the call.
+        """
+        if (setup.rule, setup.flags, setup.state) != self.key[:3]:
+            raise ValueError("this plan was made for other options; make a new one")
+        if not self._all_host or len(addresses) != len(self._params):
+            raise ValueError("run_addresses needs a plan of host arrays and one address each")
+        hit = self._spans[HOST].first_overlap(addresses, self._nbytes)
+        if hit is not None:
+            j, label = hit
+            raise ValueError(
+                f"{self._grad_names[j]} overlaps {label} in memory; pass separate arrays"
+            )
+        if not self._ready:
+            self._prepare()
+        self._grads = None  # the next run() checks its gradients in full
+        grads = None if self._compiled else _AddressViews(addresses, self._shapes, self._dtypes)
+        for group in self.groups:
+            group.set_grads(addresses)
+            group.launch(group.cast(setup), grads)
 
     def _check_grads(self, grads: list, last: list | None) -> None:
         n = len(grads)
@@ -196,7 +242,23 @@ class StepPlan:
         """Load and compile every group's kernel before any group writes."""
         for k, group in enumerate(self.groups):
             self.groups[k] = group.prepare()
+        # Compiled groups take gradients by address; the numpy group needs arrays.
+        self._compiled = all(isinstance(g, _CpuGroup) for g in self.groups)
         self._ready = True
+
+
+class _AddressViews:
+    """NumPy arrays over host addresses, made when indexed (only the numpy backend needs
+    them; the compiled kernels take the addresses themselves)."""
+
+    def __init__(self, addresses: np.ndarray, shapes: list, dtypes: list) -> None:
+        self.addresses, self.shapes, self.dtypes = addresses, shapes, dtypes
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shape, dtype = self.shapes[i], self.dtypes[i]
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        memory = (ctypes.c_char * size).from_address(int(self.addresses[i]))
+        return np.frombuffer(memory, dtype).reshape(shape)
 
 
 def _kind(a: Any) -> str:
@@ -260,10 +322,14 @@ class _Group:
     def __init__(self, setup, backend, auto, dtype, rows, arrays):
         self.setup, self.backend, self.auto, self.dtype = setup, backend, auto, np.dtype(dtype)
         self.rows = rows  # indices of the step's parameters
-        self._rows = np.asarray(rows, np.int64)
+        # A slice where the rows run in order (a view, not a copy, of the step's addresses).
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False
+        self._rows = slice(rows[0], rows[0] + len(rows)) if consecutive else np.asarray(rows)
         self.arrays = arrays  # per parameter: [param, grad (set per step), state...]
         #: cpu: a group of fewer elements runs on one thread (None: the backend's threshold).
         self.serial_below: int | None = None
+        #: cpu: the threads that run parallel steps, if not Numba's own (see :class:`Team`).
+        self.team: Team | None = None
 
     def set_grads(self, addresses: np.ndarray) -> None:
         pass
@@ -315,13 +381,18 @@ class _CpuGroup(_Group):
         self.table = self._table()
         self.total = int(self.table[:, 0].sum())
         self._threads = None
-        self._kernel = None
+        self._cast_of = None  # the scalars that self._hyper holds
 
     def set_grads(self, addresses):
         self.table[:, 2] = addresses[self._rows]
 
     def cast(self, setup):
-        return cast_array(setup.rule, setup.scalars, self.dtype)
+        # The last step's array while the scalars stay (RMSprop's do); a new one when they
+        # change (Adam's bias corrections, every step), kept out of cast_array's shared cache.
+        if setup.scalars != self._cast_of:
+            self._hyper = cast_array.__wrapped__(setup.rule, setup.scalars, self.dtype)
+            self._cast_of = setup.scalars
+        return self._hyper
 
     def prepare(self):
         try:
@@ -349,32 +420,63 @@ class _CpuGroup(_Group):
                     f"the cpu backend is unavailable: {self.backend._reason}"
                 ) from exc
             return self._fall_back()
+        if self.team is not None:
+            self._prepare_team()
         return self
+
+    def _prepare_team(self) -> None:
+        from numba.core.errors import NumbaError
+
+        try:
+            body = self.backend.grouped_team_body(self.setup.rule, self.setup.flags, self.dtype)
+        except NumbaError:  # Numba's own threads run the parallel steps instead
+            self.team = None
+            return
+        # The argument block of kernels.cpu.grouped_team_body, and the scalars it points to.
+        self._scalars = np.zeros(HYPER_WIDTH, self.dtype)
+        self._team_args = np.zeros(6, np.int64)
+        self._team_call = (body, self._team_args.ctypes.data)
 
     def _fall_back(self):
         numpy = dispatch.fall_back(self.backend._reason)
         return _NumpyGroup(self.setup, numpy, False, self.dtype, self.rows, self.arrays)
 
     def kernel_call(self, hyper):
-        import functools
+        self.launch(hyper, None)  # sets the schedule and the team's scalars
+        if self._threads == 1:
+            return functools.partial(self._serial, self.table, *self._schedule, hyper)
+        if self.team is None:
+            return functools.partial(self._parallel, self.table, *self._schedule, hyper)
+        body, args, threads, counter = *self._team_call, self._threads, self._team_args
 
-        self.launch(hyper, None)  # sets the schedule
-        kernel = self._serial if self._threads == 1 else self._parallel
-        return functools.partial(kernel, self.table, *self._schedule, hyper)
+        def team_call():
+            counter[5] = 0
+            self.team.run(body, args, threads)
+
+        return team_call
 
     def launch(self, hyper, grads):
         if self.total < self.serial_below:
-            if self._threads != 1:
-                self._threads = 1
-                self._schedule = schedule(self.table[:, 0], 1)
-            kernel = self._serial
+            threads = 1
         else:
-            threads = self.backend.threads()
-            if threads != self._threads:
-                self._threads = threads
-                self._schedule = schedule(self.table[:, 0], PARTS_PER_THREAD * threads)
-            kernel = self._parallel
-        kernel(self.table, *self._schedule, hyper)
+            threads = (self.team or self.backend).threads()
+        if threads != self._threads:
+            self._schedule = schedule(self.table[:, 0], PARTS_PER_THREAD * threads)
+            self._threads = threads
+            if self.team is not None:
+                part_ptr, items = self._schedule
+                self._team_args[:4] = (self.table.ctypes.data, part_ptr.ctypes.data,
+                                       items.ctypes.data, part_ptr.size - 1)  # fmt: skip
+                self._team_args[4] = self._scalars.ctypes.data
+        if threads == 1:
+            self._serial(self.table, *self._schedule, hyper)
+        elif self.team is not None:
+            self._scalars[:] = hyper
+            self._team_args[5] = 0  # the counter the team's threads claim parts with
+            body, args = self._team_call
+            self.team.run(body, args, threads)
+        else:
+            self._parallel(self.table, *self._schedule, hyper)
 
 
 #: Equal parts per thread: a little slack for threads that start late or run slower.

@@ -182,22 +182,42 @@ class Spec:
             return self._prepared.__wrapped__(step, checked)
         return self._prepared(1, checked)
 
+    def stepper(self, **options: Any) -> Callable[[int], Setup]:
+        """Check ``options`` once; return ``setup_at(step)``, the :class:`Setup` of step
+        ``step`` (an int >= 1, not checked again) for these options.
+
+        For a loop that steps many times with the same options: :meth:`setup` checks the
+        options at every call, this only computes each step's scalars.
+        """
+        checked = self._check_values(options)
+        if not self.counts_steps:
+            setup = self._prepared(1, checked)
+            return lambda step: setup
+        kwargs, make = self._keywords(checked), self._make_setup
+        return lambda step: make(step, kwargs)
+
+    def _keywords(self, checked: tuple) -> dict[str, Any]:
+        """Checked values as ``prepare``'s keywords (every option but the init ones)."""
+        names, _, init, _ = self._names
+        return {n: v for n, v in zip(names, checked) if n not in init}
+
+    def _make_setup(self, step: int, kwargs: dict[str, Any]) -> Setup:
+        scalars, flags, state = self.prepare(step, **kwargs)
+        layout = self.layout
+        return Setup(
+            layout.name,
+            tuple(map(flags.__getitem__, layout.flags)),
+            tuple(map(scalars.__getitem__, layout.scalars)),
+            state,
+        )
+
     @functools.cached_property
     def _prepared(self) -> Callable[[int, tuple], Setup]:
         """``prepare`` on checked values, as a :class:`Setup`; cached by value (for a spec
         whose scalars do not depend on the step, a training loop computes them once)."""
-        names, _, init, _ = self._names
-        keep = [k for k, n in enumerate(names) if n not in init]
-        layout = self.layout
 
         def prepared(step: int, checked: tuple) -> Setup:
-            scalars, flags, state = self.prepare(step, **{names[k]: checked[k] for k in keep})
-            return Setup(
-                layout.name,
-                tuple(map(flags.__getitem__, layout.flags)),
-                tuple(map(scalars.__getitem__, layout.scalars)),
-                state,
-            )
+            return self._make_setup(step, self._keywords(checked))
 
         return _by_value(prepared)
 

@@ -37,16 +37,19 @@ Importing this module imports torch; ``import fastrms`` does not.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import operator
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from . import functional, hyper
+from . import hyper
 from .grouped import StepPlan
-from .specs import LAYOUTS, SPECS, check_fits_float32
+from .specs import LAYOUTS, SPECS, Setup, check_fits_float32
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
 
@@ -62,16 +65,26 @@ Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str,
 #: the two threads' time at 63K, 151K, 399K elements, and 1.22x at 1.19M.
 PARALLEL_THRESHOLD = 1 << 19
 
+#: With PyTorch's OpenMP team (:func:`_torch_team`), a CPU bucket of fewer elements runs on
+#: one thread. The team's threads are awake after torch's own ops, so two of them paid off
+#: early: in the MLP training loop of ``bench.torch_loop`` (Adam, 2 cores, widths scaled),
+#: the team took 0.95x, 0.81x, 0.80x, 0.92x and 0.62x the one-thread time at 884, 13K, 28K,
+#: 63K and 151K elements (within this machine's noise at the smallest).
+TEAM_THRESHOLD = 1 << 13
+
 #: Cached plans per optimizer kept at most (a plan per bucket; buckets change rarely).
 _MAX_PLANS = 64
 
 
-def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> StepPlan:
+def _launch(
+    rule: str, b: _Bucket, plans: dict, name: Callable[..., str], team: bool = True
+) -> StepPlan:
     """The one place that runs fastrms's kernels: one call per bucket; returns its plan.
 
     A bucket's :class:`fastrms.grouped.StepPlan` (its arrays checked and laid out once) is
     kept in ``plans`` while the bucket holds the same parameter and state arrays; a step then
     checks only the new gradients. ``name(*b.where[i])`` names the i-th parameter in errors.
+    ``team``: run parallel CPU steps on torch's OpenMP team where there is one.
     """
     setup = SPECS[rule].setup(b.step, **b.options)
     key = (setup.rule, setup.flags, *map(id, b.params))
@@ -81,16 +94,63 @@ def _launch(rule: str, b: _Bucket, plans: dict, name: Callable[..., str]) -> Ste
             plans.clear()
         names = [name(*w) for w in b.where]
         grad_names = [f"the gradient of {n}" for n in names]
+        team = _torch_team() if team and not b.recs[0].cuda else None
         plan = plans[key] = StepPlan(
             setup,
             b.params,
             b.state,
             names,
             grad_names=grad_names,
-            parallel_threshold=PARALLEL_THRESHOLD,
+            parallel_threshold=PARALLEL_THRESHOLD if team is None else TEAM_THRESHOLD,
+            team=team,
         )
     plan.run(b.grads, setup)
     return plan
+
+
+class _OpenMPTeam:
+    """PyTorch's OpenMP team, as a :class:`fastrms.grouped.Team`: fastrms's parallel CPU
+    steps run on the threads that torch's own ops run on, instead of starting Numba's thread
+    pool beside them. Right after torch's ops (a backward pass, a GradScaler's unscale) those
+    threads are awake, while Numba's have gone to sleep and take long to wake; and two pools
+    of busy threads would oversubscribe the cores.
+
+    It starts the team through ``GOMP_parallel``, GNU OpenMP's entry point for a
+    ``#pragma omp parallel`` region (LLVM's OpenMP runtime provides it too), taken from the
+    runtime that torch's own library loaded; torch builds that do not run on OpenMP, or whose
+    runtime lacks it, use Numba's threads. In a forked child, whose copy of the team may not
+    survive the fork, steps run on one thread.
+    """
+
+    def __init__(self, parallel: Callable[..., None]) -> None:
+        self._parallel = parallel
+        self._pid = os.getpid()
+
+    def threads(self) -> int:
+        return torch.get_num_threads() if os.getpid() == self._pid else 1
+
+    def run(self, function: int, args: int, threads: int) -> None:
+        self._parallel(function, args, threads, 0)
+
+
+@functools.cache
+def _torch_team() -> _OpenMPTeam | None:
+    """PyTorch's OpenMP team, where torch's CPU ops run on OpenMP; else None (Numba's own
+    threads then run the parallel steps). ``FASTRMS_TORCH_TEAM=0`` turns it off."""
+    if os.environ.get("FASTRMS_TORCH_TEAM", "1") == "0":
+        return None
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:  # looked up from torch's extension, so found in the OpenMP runtime torch loaded
+        runtime = ctypes.CDLL(torch._C.__file__)
+        parallel, max_threads = runtime.GOMP_parallel, runtime.omp_get_max_threads
+    except (OSError, AttributeError):
+        return None
+    if max_threads() != torch.get_num_threads():  # not the runtime torch's threads come from
+        return None
+    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    return _OpenMPTeam(parallel)
 
 
 class _CudaArray:
@@ -113,7 +173,9 @@ class _Views:
     """A parameter's arrays as the kernels take them (NumPy views on the CPU, interface
     wrappers on CUDA), cached across steps; rebuilt when its data or state tensors change."""
 
-    __slots__ = ("arrays", "cuda", "dtype", "names", "ptr", "step", "step_view", "tensors")
+    __slots__ = (
+        "arrays", "cuda", "dtype", "held", "keys", "names", "ptr", "step", "step_view", "tensors"
+    )  # fmt: skip
 
     def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> None:
         self.ptr = p.data_ptr()
@@ -123,6 +185,9 @@ class _Views:
         self.tensors = tuple(state[n] for n in names)
         self.step = state.get("step")
         self.step_view = None if self.step is None else self.step.numpy()
+        # The state tensors by key, "step" included, for the short route's check.
+        self.keys = names if self.step is None else (*names, "step")
+        self.held = self.tensors if self.step is None else (*self.tensors, self.step)
         if self.cuda:
             self.arrays = tuple(_CudaArray(t) for t in (p.detach(), *self.tensors))
         else:
@@ -153,25 +218,36 @@ class _Bucket:
 
 
 class _Run:
-    """One bucket of the last step: its plan, rows in the flat parameter list, views and
-    step count."""
+    """One bucket of the last step: its plan, rows in the flat parameter list, views, state
+    dicts and step count."""
 
-    __slots__ = ("checked", "group", "plan", "recs", "rows", "step")
+    __slots__ = ("checked", "cuda", "dicts", "float32", "group", "plan", "recs", "rows", "step")
 
-    def __init__(self, group: int, step: int, plan: Any, rows: list[int], recs: list) -> None:
+    def __init__(
+        self, group: int, step: int, plan: Any, rows: list[int], recs: list, dicts: list
+    ) -> None:
         self.group, self.step, self.plan, self.rows, self.recs = group, step, plan, rows, recs
-        self.checked = None  # the setup last checked against float32
+        self.dicts = dicts  # each parameter's dict in the optimizer's state
+        self.cuda, self.float32 = recs[0].cuda, recs[0].dtype is torch.float32
+        self.checked = None  # the group's setup last checked against float32
 
 
 class _Repeat:
     """The last step: every parameter (flattened over the groups), which had a gradient, the
-    number of groups, the state names of each group that ran, and the buckets that ran."""
+    number of groups, the state names of each group that ran, the buckets that ran, and the
+    optimizer's state mapping with its keys and values then."""
 
-    __slots__ = ("groups", "has_grad", "names", "params", "runs")
+    __slots__ = ("groups", "has_grad", "names", "params", "runs", "state", "state_items")
 
-    def __init__(self, params, has_grad, groups: int, names: dict, runs: list[_Run]) -> None:
+    def __init__(self, params, has_grad, groups: int, names: dict, runs: list[_Run], state):
         self.params, self.has_grad, self.groups, self.names = params, has_grad, groups, names
-        self.runs = runs
+        self.runs, self.state, self.state_items = runs, state, _items(state)
+
+
+def _items(state: dict) -> list:
+    """A dict's keys then values, to tell by identity that it maps the same objects to the same
+    objects (in C: a tensor key would be hashed by a Python method)."""
+    return [*state, *state.values()]
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -188,6 +264,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
     _keeps_step: ClassVar[bool] = True
     #: Whether the update depends on the step count (bias corrections, lr decay).
     _counts_steps: ClassVar[bool] = True
+    #: Whether parallel CPU steps run on torch's OpenMP team (:class:`_OpenMPTeam`) where there
+    #: is one, rather than on Numba's threads (the benchmarks compare the two).
+    _torch_team: ClassVar[bool] = True
 
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self._views: dict[torch.Tensor, _Views] = {}
@@ -204,10 +283,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as fastrms keywords (Python numbers, not tensors)."""
         return {k: _scalar(k, group[k]) for k in self._hyper_keys}
-
-    def _setup(self, options: dict[str, Any], step: int) -> functional.Setup:
-        """Check ``options`` (raising TypeError/ValueError) and compute one step's scalars."""
-        raise NotImplementedError
 
     def _new_state(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
         return _zeros_like(p, name)
@@ -227,7 +302,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         f"fastrms.torch.{type(self).__name__}: {flag}=True is not "
                         "supported (use torch.optim for it)"
                     )
-            self._setup(self._options(group), 1)
+            SPECS[self._rule].setup(1, **self._options(group))
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -266,7 +341,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         plans = []
         for i, b in enumerate(buckets):
             try:
-                plans.append(_launch(self._rule, b, self._plans, self._name))
+                plans.append(_launch(self._rule, b, self._plans, self._name, self._torch_team))
             except Exception:
                 if i == 0:  # refused before anything was written: leave no new state either
                     self._forget(created)
@@ -291,10 +366,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for b, plan in zip(buckets, plans):
             gi = b.where[0][1]
             rows = [offsets[w[1]] + w[2] for w in b.where]
-            runs.append(_Run(gi, b.step, plan, rows, b.recs))
+            dicts = [self.state[w[3]] for w in b.where]
+            runs.append(_Run(gi, b.step, plan, rows, b.recs, dicts))
         has_grad = [p.grad is not None for p in flat]
-        names = {run.group: self._setups[run.group][1][2] for run in runs}
-        return _Repeat(flat, has_grad, len(groups), names, runs)
+        names = {run.group: self._setups[run.group][3][2] for run in runs}
+        return _Repeat(flat, has_grad, len(groups), names, runs, self.state)
 
     def _repeat(self, last: _Repeat) -> bool:
         """Step as last time, if the same parameters have gradients, their state tensors are
@@ -303,8 +379,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         It checks what the full route checks that can change between steps (the gradients'
         dtype, layout and contiguity, the hyperparameters by value, the state tensors and
         step counts); anything else, or anything that it would refuse, goes the full route,
-        which explains the problem. This saves sorting the parameters into buckets again
-        (13 of 77 us of Python on the 8-tensor MLP, measured warm on two cores)."""
+        which explains the problem. It saves sorting the parameters into buckets and checking
+        the hyperparameters again; CPU gradients go to the kernels as bare addresses (no NumPy
+        view each), and nothing keeps them alive after the step.
+        """
         groups = self.param_groups
         if len(groups) != last.groups:
             return False
@@ -314,37 +392,45 @@ class _FusedOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in flat]
         if [g is not None for g in grads] != last.has_grad:
             return False
+        state = self.state  # the same mapping: then each parameter's dict is the one recorded
+        items = _items(state)
+        if state is not last.state or len(items) != len(last.state_items):
+            return False
+        if not all(map(operator.is_, items, last.state_items)):
+            return False
         setups = {}
         for gi, state_names in last.names.items():
-            options, setup, names = self._group_setup(gi, groups[gi])
+            _, setup, names, stepper = self._group_setup(gi, groups[gi])
             if names != state_names:
                 return False
-            setups[gi] = (options, setup)
-        state, keeps, counts = self.state, self._keeps_step, self._counts_steps
+            setups[gi] = (setup, stepper)
+        keeps, counts = self._keeps_step, self._counts_steps
+        strided, is_ = torch.strided, operator.is_
         work = []
         for run in last.runs:
-            options, setup = setups[run.group]
+            setup, stepper = setups[run.group]
+            if run.float32 and setup is not run.checked:  # step 1's scalars are the largest
+                _check_fits_float32(setup)
+                run.checked = setup
             # SGD's momentum buffers take the gradient itself at step 1 only, then step is 2.
             step = run.step + 1 if keeps and counts else (2 if counts else 1)
-            first = run.recs[0]  # a bucket has one parameter at least
-            names = first.names
-            arrays = []
-            for i, rec in zip(run.rows, run.recs):
+            cuda = run.cuda
+            taken = []  # CPU: the gradients' addresses; CUDA: the gradients
+            for i, rec, st in zip(run.rows, run.recs, run.dicts):
                 p, g = flat[i], grads[i]
-                st = state.get(p)
-                if st is None or not rec.current(p, st, names):
+                if p.data_ptr() != rec.ptr or not all(map(is_, map(st.get, rec.keys), rec.held)):
                     return False
                 if keeps and counts and float(rec.step_view) != run.step:
                     return False
-                if g.dtype is not rec.dtype or g.layout is not torch.strided or g.requires_grad:
+                if g.layout is not strided or g.dtype is not rec.dtype or not g.is_contiguous():
                     return False
-                if not g.is_contiguous():
-                    return False
-                arrays.append(g if rec.cuda else g.numpy())
-            if first.dtype is torch.float32 and setup is not run.checked:
-                _check_fits_float32(setup)
-                run.checked = setup
-            if first.cuda:  # on torch's current stream, as _sort does
+                if cuda:
+                    if g.requires_grad:  # torch gives no CUDA interface for these
+                        return False
+                    taken.append(g)
+                else:
+                    taken.append(g.data_ptr())
+            if cuda:  # on torch's current stream, as _sort does
                 streams = {}
                 for rec in run.recs:
                     device = rec.arrays[0].device
@@ -352,10 +438,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         streams[device] = torch.cuda.current_stream(device).cuda_stream or None
                     for a in rec.arrays:
                         a.on(streams[device])
-            work.append((run, step, arrays, SPECS[self._rule].setup(step, **options)))
-        for k, (run, step, arrays, setup) in enumerate(work):
+            work.append((run, step, stepper(step), taken))
+        for k, (run, step, setup, taken) in enumerate(work):
             try:
-                run.plan.run(arrays, setup)
+                if run.cuda:
+                    run.plan.run(taken, setup)
+                else:
+                    run.plan.run_addresses(np.array(taken, np.int64), setup)
             except (TypeError, ValueError):
                 if k == 0:  # nothing written: the full route says what is wrong
                     return False
@@ -378,7 +467,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if g is None:
                     continue
                 if not items:
-                    options, setup, names = self._group_setup(gi, group)
+                    options, setup, names, _ = self._group_setup(gi, group)
                 rec = self._views.get(p)
                 st = self.state.get(p)
                 if rec is None or st is None or not rec.current(p, st, names):
@@ -402,18 +491,26 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self.state.pop(p, None)
             self._views.pop(p, None)
 
-    def _group_setup(self, gi: int, group: dict) -> tuple[dict, functional.Setup, tuple]:
-        """The group's options, their checked step-1 setup and the torch names of the state
-        they use; kept while the group's values stay the same Python numbers."""
-        raw = tuple(group[k] for k in self._hyper_keys)
+    def _group_setup(self, gi: int, group: dict) -> tuple[dict, Setup, tuple, Callable]:
+        """The group's options, their checked step-1 setup, the torch names of the state they
+        use, and the setup of any step (:meth:`fastrms.specs.Spec.stepper`); kept while the
+        group's values stay equal Python numbers of the same types (a tensor can change in
+        place, so a setup computed from one is not reused)."""
+        raw = _hyper_values(self._hyper_keys)(group)
+        types = tuple(map(type, raw))
         last = self._setups.get(gi)
-        if last is not None and last[0] == raw and _plain(raw):
-            return last[1]
+        if last is not None and last[0] and last[1] == types:
+            try:
+                if last[2] == raw:  # a tensor in betas compares by value
+                    return last[3]
+            except RuntimeError:  # a tensor of several values: _options says what is wrong
+                pass
         options = self._options(group)
-        setup = self._setup(options, 1)
+        stepper = SPECS[self._rule].stepper(**options)
+        setup = stepper(1)
         names = tuple(self._torch_names.get(s, s) for s in setup.state)
-        self._setups[gi] = (raw, (options, setup, names))
-        return options, setup, names
+        self._setups[gi] = (_plain(raw), types, raw, (options, setup, names, stepper))
+        return options, setup, names, stepper
 
     def _sort(self, todo: list, created: list) -> list[_Bucket]:
         """Sort the checked work into buckets of (group, device, dtype, step), creating the
@@ -530,7 +627,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
 
 @functools.lru_cache(maxsize=256)
-def _check_fits_float32(setup: functional.Setup) -> None:
+def _check_fits_float32(setup: Setup) -> None:
     """Scalars valid in float64 can overflow float32 or (eps) underflow to 0; found here, before
     any bucket is written, rather than by the launch of a later bucket."""
     check_fits_float32(LAYOUTS[setup.rule], setup.scalars)
@@ -564,6 +661,14 @@ def _scalar(name: str, x: Any) -> Any:
     if isinstance(x, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in x):
         return tuple(_scalar(f"{name}[{i}]", v) for i, v in enumerate(x))
     return x
+
+
+@functools.cache
+def _hyper_values(keys: tuple[str, ...]) -> Callable[[dict], tuple]:
+    """A function of a param group giving the values of ``keys``, as a tuple (in C)."""
+    if len(keys) == 1:
+        return lambda group: (group[keys[0]],)
+    return operator.itemgetter(*keys)
 
 
 _PLAIN = (float, int, bool, type(None))
@@ -674,9 +779,6 @@ class RMSprop(_FusedOptimizer):
             **options,
         )
 
-    def _setup(self, options, step):
-        return functional.rmsprop_setup(**options)
-
 
 class Adagrad(_FusedOptimizer):
     """Adagrad with ``torch.optim.Adagrad``'s signature, defaults, state and semantics.
@@ -732,9 +834,6 @@ class Adagrad(_FusedOptimizer):
     def _new_state(self, group, p, name):
         value = float(_scalar("initial_accumulator_value", group["initial_accumulator_value"]))
         return _zeros_like(p, name).fill_(value)
-
-    def _setup(self, options, step):
-        return functional.adagrad_setup(step=step, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -798,9 +897,6 @@ class Adam(_FusedOptimizer):
     ) -> None:
         _refuse(type(self).__name__, capturable=capturable, differentiable=differentiable)
         super().__init__(params, _arguments(locals()))
-
-    def _setup(self, options, step):
-        return functional.adam_setup(step=step, **options)
 
 
 class AdamW(Adam):
@@ -893,9 +989,6 @@ class SGD(_FusedOptimizer):
         _refuse("SGD", differentiable=differentiable)
         super().__init__(params, _arguments(locals()))
 
-    def _setup(self, options, step):
-        return functional.sgd_setup(step=step, **options)
-
 
 class Lion(_FusedOptimizer):
     """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), with the
@@ -942,6 +1035,3 @@ class Lion(_FusedOptimizer):
         if SPECS is None or "lion" not in SPECS:
             raise RuntimeError("fastrms.torch.Lion needs a fastrms with the Lion rule")
         super().__init__(params, _arguments(locals()))
-
-    def _setup(self, options, step):
-        return SPECS["lion"].setup(step, **options)

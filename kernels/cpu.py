@@ -3,11 +3,12 @@ array or for a table of many."""
 
 from functools import cache
 
-from numba import njit, prange
+import numpy as np
+from numba import cfunc, njit, prange, types
 from numba.extending import register_jitable
 
 from ._options import FASTMATH, RULES_TOKEN
-from .pointers import as_array_from
+from .pointers import as_array, as_array_from, fetch_add, load_int64
 
 #: Below this many elements (in all, for a grouped step) a step runs on one thread: waking the
 #: thread team costs more than it saves. Measured on the 2-core CI machine with the TBB layer
@@ -121,3 +122,57 @@ def grouped_loops(rule, flags):
                 rule(i, arrays, hyper, flags)
 
     return parallel, serial
+
+
+#: The int64 words of a team step's argument block (see :func:`grouped_team_body`).
+TEAM_ARGS = ("table", "part_ptr", "items", "parts", "scalars", "counter")
+
+
+@cache
+def grouped_team_body(rule, flags, dtype):
+    """Return a C function ``void body(int64 args)`` that runs a grouped step (the work of
+    :func:`grouped_loops`' kernels) on a team of threads that someone else starts.
+
+    Every thread of an OpenMP team calls ``body(args)`` with the same ``args``: the address
+    of an int64 block of the words named by :data:`TEAM_ARGS`: the addresses of ``table``,
+    ``part_ptr`` and ``items`` (as :func:`grouped_loops` takes them; ``table`` has six
+    columns), the number of parts, the address of the scalars (an array of ``dtype``, padded
+    to :data:`HYPER_WIDTH`) and a counter that starts at 0. Each thread claims the next part
+    by an atomic increment of the counter until none is left, so parts go to the threads
+    that are free, as Numba's own schedulers hand them out. Each piece runs the same
+    vectorized loop as the other kernels, so the results are bit for bit theirs.
+
+    fastrms.torch runs it on PyTorch's own OpenMP team, whose threads are awake after
+    torch's ops, instead of starting Numba's thread pool beside it.
+    """
+    token = RULES_TOKEN  # read below only so that it is part of the closure, hence the cache key
+    zero = np.dtype(dtype).type(0)
+
+    @cfunc(types.void(types.int64), cache=True, fastmath=FASTMATH, error_model="numpy")
+    def body(args):
+        token  # noqa: B018
+        table = load_int64(args)
+        part_ptr = load_int64(args + 8)
+        items = load_int64(args + 16)
+        parts = load_int64(args + 24)
+        hyper = _unpack(as_array(load_int64(args + 32), HYPER_WIDTH, zero))
+        like = hyper[0]
+        k = fetch_add(args + 40)
+        while k < parts:
+            for j in range(load_int64(part_ptr + 8 * k), load_int64(part_ptr + 8 * k + 8)):
+                item = items + 24 * j
+                row, start = load_int64(item), load_int64(item + 8)
+                n = load_int64(item + 16) - start
+                columns = table + 48 * row
+                arrays = (
+                    as_array_from(load_int64(columns + 8), start, n, like),
+                    as_array_from(load_int64(columns + 16), start, n, like),
+                    as_array_from(load_int64(columns + 24), start, n, like),
+                    as_array_from(load_int64(columns + 32), start, n, like),
+                    as_array_from(load_int64(columns + 40), start, n, like),
+                )
+                for i in range(n):
+                    rule(i, arrays, hyper, flags)
+            k = fetch_add(args + 40)
+
+    return body

@@ -93,6 +93,21 @@ def load_int64(typingctx, address):
     return types.int64(address), codegen
 
 
+@intrinsic
+def fetch_add(typingctx, address):
+    """``fetch_add(address)``: atomically add 1 to the int64 at ``address``; return its value
+    before. Threads that share a counter so each take a different value."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        one = ir.Constant(ir.IntType(64), 1)
+        return builder.atomic_rmw("add", pointer, one, "monotonic")
+
+    return types.int64(address), codegen
+
+
 @njit(cache=True)
 def load_words(addresses):
     """The int64 at each of ``addresses`` (an int64 array), as a new array."""

@@ -316,10 +316,133 @@ def test_torch_buckets_run_on_one_thread_below_their_threshold():
     torch = pytest.importorskip("torch")
     import fastrms.torch as ft
 
-    p = torch.zeros(ft.PARALLEL_THRESHOLD - 1, requires_grad=True)
+    threshold = ft.PARALLEL_THRESHOLD if ft._torch_team() is None else ft.TEAM_THRESHOLD
+    p = torch.zeros(threshold - 1, requires_grad=True)
     opt = ft.Adam([p], lr=0.1)
     p.grad = torch.ones_like(p)
     opt.step()
     (plan,) = opt._plans.values()
     assert plan.groups[0]._threads == 1
     assert torch.allclose(p.detach(), torch.full_like(p, -0.1))
+
+
+# -- another library's threads (fastrms.torch runs parallel steps on PyTorch's OpenMP team) ----
+
+
+class ThreadTeam:
+    """A :class:`fastrms.grouped.Team` made of Python threads: ctypes releases the GIL while
+    the C function runs, so they claim the step's parts concurrently."""
+
+    def __init__(self, threads: int) -> None:
+        self.count, self.runs = threads, 0
+
+    def threads(self) -> int:
+        return self.count
+
+    def run(self, function: int, args: int, threads: int) -> None:
+        import ctypes
+        import threading
+
+        body = ctypes.CFUNCTYPE(None, ctypes.c_int64)(function)
+        team = [threading.Thread(target=body, args=(args,)) for _ in range(threads - 1)]
+        for t in team:
+            t.start()
+        body(args)
+        for t in team:
+            t.join()
+        self.runs += 1
+
+
+def _flag_cases() -> list:
+    """One option case per distinct kernel (rule and flags), in both dtypes."""
+    seen, cases = set(), []
+    for case in option_cases():
+        algo, options = case.values
+        setup = SPECS[algo].setup(1, **{k: v for k, v in options.items()
+                                        if k in SPECS[algo].step_options})  # fmt: skip
+        if (setup.rule, setup.flags) not in seen:
+            seen.add((setup.rule, setup.flags))
+            cases += [pytest.param(algo, options, d, id=f"{case.id}-{d.__name__}")
+                      for d in (np.float32, np.float64)]  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize(("algo", "options", "dtype"), _flag_cases())
+def test_a_team_runs_the_parallel_step_bit_for_bit(algo, options, dtype):
+    """Through kernels.cpu.grouped_team_body, three threads claiming parts as they go give
+    the bits of Numba's own parallel kernel, on arrays that span parts."""
+    rng = np.random.default_rng(8)
+    options = {k: v for k, v in options.items() if k in SPECS[algo].step_options}
+    setup = SPECS[algo].setup(2, lr=ALGOS[algo].lr, **options)
+    params = _arrays(rng, SIZES, dtype)
+    grads = _arrays(rng, SIZES, dtype)
+    names = [f"params[{i}]" for i in range(len(params))]
+    results = []
+    for team in (None, ThreadTeam(3)):
+        ps = [p.copy() for p in params]
+        srng = np.random.default_rng(9)  # the same state for both
+        state = {s: [randn(srng, p.shape, dtype) ** 2 for p in ps] for s in setup.state}
+        plan = grouped.StepPlan(setup, ps, state, names, "cpu", team=team)
+        plan.run(grads, setup)
+        results.append((ps, state))
+    assert team.runs == 1
+    assert plan.groups[0]._team_args[5] == 3 * 4 + 3  # every part claimed, then one miss each
+    (ref, ref_state), (got, got_state) = results
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert_same_bits(a, b, f"params[{i}]")
+        for s in setup.state:
+            assert_same_bits(got_state[s][i], ref_state[s][i], f"{s}[{i}]")
+
+
+def test_a_team_of_one_thread_runs_the_serial_kernel():
+    rng = np.random.default_rng(10)
+    setup = SPECS["rmsprop"].setup(1, lr=1e-2)
+    ps = _arrays(rng, SIZES, np.float32)
+    state = {"square_avg": [np.zeros_like(p) for p in ps]}
+    team = ThreadTeam(1)
+    plan = grouped.StepPlan(setup, ps, state, [f"p{i}" for i in range(len(ps))], team=team)
+    plan.run(_arrays(rng, SIZES, np.float32), setup)
+    assert team.runs == 0 and plan.groups[0]._threads == 1
+
+
+def test_run_addresses_equals_run_and_refuses_overlaps():
+    """Gradients given by their addresses (as fastrms.torch gives them) step as the arrays
+    do; one that overlaps a parameter is refused, naming both, before anything is written."""
+    rng = np.random.default_rng(11)
+    setup = SPECS["adam"].setup(1, lr=1e-2)
+    params = _arrays(rng, SIZES, np.float32)
+    grads = _arrays(rng, SIZES, np.float32)
+    names = [f"params[{i}]" for i in range(len(params))]
+    got = []
+    for by_address in (False, True):
+        ps = [p.copy() for p in params]
+        state = {s: [np.zeros_like(p) for p in ps] for s in setup.state}
+        plan = grouped.StepPlan(setup, ps, state, names, "cpu")
+        if by_address:
+            plan.run_addresses(np.array([g.ctypes.data for g in grads], np.int64), setup)
+        else:
+            plan.run(grads, setup)
+        got.append((ps, state))
+    for a, b in zip(*[r[0] for r in got]):
+        assert_same_bits(a, b)
+    addresses = np.array([g.ctypes.data for g in grads], np.int64)
+    addresses[3] = ps[5].ctypes.data  # the fourth gradient is (the start of) params[5]
+    snapshot = Snapshot(
+        {f"a{i}": a for i, a in enumerate(ps + [a for v in state.values() for a in v])}
+    )
+    with pytest.raises(ValueError, match=r"grads\[3\] overlaps params\[5\]"):
+        plan.run_addresses(addresses, setup)
+    snapshot.assert_unchanged()
+
+
+def test_run_addresses_on_the_numpy_backend():
+    """The reference backend reads the gradients through views of their addresses."""
+    rng = np.random.default_rng(12)
+    setup = SPECS["sgd"].setup(1, lr=0.5)
+    ps = [randn(rng, (3, 4), np.float64), np.zeros(0), randn(rng, 5, np.float64)]
+    grads = [randn(rng, p.shape, np.float64) for p in ps]
+    want = [p - 0.5 * g for p, g in zip(ps, grads)]
+    plan = grouped.StepPlan(setup, ps, {}, ["a", "b", "c"], "numpy")
+    plan.run_addresses(np.array([g.ctypes.data for g in grads], np.int64), setup)
+    for p, w in zip(ps, want):
+        assert_same_bits(p, w)

@@ -136,3 +136,21 @@ def test_lion_moves_every_element_by_lr():
 
 def test_lion_is_in_the_test_tables():
     assert "lion" in ALGOS and ALGOS["lion"].cls is fastrms.Lion
+
+
+@pytest.mark.parametrize(("algo", "options"), option_cases())
+def test_stepper_gives_each_steps_setup(algo, options):
+    """``Spec.stepper`` checks the options once, then gives what ``Spec.setup`` gives for
+    every step (SGD's step 1 differs from the rest; Adam's and AdaGrad's scalars move)."""
+    spec = SPECS[algo]
+    options = {k: v for k, v in options.items() if k in spec.step_options}
+    setup_at = spec.stepper(lr=ALGOS[algo].lr, **options)
+    for step in (1, 2, 3, 10, 1000):
+        assert setup_at(step) == spec.setup(step, lr=ALGOS[algo].lr, **options), step
+
+
+def test_stepper_checks_the_options_at_once():
+    with pytest.raises(ValueError, match="lr"):
+        SPECS["adam"].stepper(lr=-1.0)
+    with pytest.raises(TypeError, match="momentum"):
+        SPECS["adam"].stepper(momentum=0.9)

@@ -692,6 +692,7 @@ _EVENTS = {
     8: "new data",  # p.data replaced by another tensor
     9: "reload",  # load_state_dict(state_dict()): new state tensors
     10: "same grads",  # zero_grad(set_to_none=False): the same gradient tensors again
+    11: "new state dict",  # opt.state[p] replaced: a new dict holding a copy of one tensor
 }
 
 
@@ -706,6 +707,10 @@ def _event(opt, params, grads, event):
         params[2].data = params[2].data.clone()
     elif event == "reload":
         opt.load_state_dict(opt.state_dict())
+    elif event == "new state dict":
+        st = opt.state[params[2]]
+        name = next(k for k in st if k != "step")
+        opt.state[params[2]] = {**st, name: st[name].clone()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -740,9 +745,9 @@ def test_repeated_steps_equal_the_full_route(name, dtype, monkeypatch):
             assert opts[0].state[a].keys() == opts[1].state[b].keys()
             for k, v in opts[0].state[a].items():
                 assert torch.equal(v, opts[1].state[b][k]), (t, k)
-    # Short: steps 2, 3 (lr), 4, 10 (same grads), 11 and 12, and 7 where no step count is
-    # kept and used. Steps 1 and 9 (reload) have no last step to repeat.
-    short_steps = {2, 3, 4, 10, 11, 12}
+    # Short: steps 2, 3 (lr), 4, 10 (same grads) and 12, and 7 where no step count is kept
+    # and used. Steps 1 and 9 (reload) have no last step to repeat.
+    short_steps = {2, 3, 4, 10, 12}
     if not (opts[0]._counts_steps and opts[0]._keeps_step):
         short_steps.add(7)
     assert taken == [t in short_steps for t in range(2, 13) if t != 9]
@@ -787,3 +792,90 @@ def test_overlapping_gradient_on_a_repeated_step_changes_nothing():
         opt.step()
     for p, s in zip(params, snapshot):
         assert torch.equal(p.detach(), s)
+
+
+# -- parallel steps on torch's own OpenMP team (fastrms.torch._OpenMPTeam) ---------------------
+
+#: Shapes whose bucket is above TEAM_THRESHOLD, so that a step runs in parallel.
+BIG_SHAPES = ((100, 90), (9001,), (3,))
+
+
+def _team_or_skip():
+    team = ft._torch_team()
+    if team is None:
+        pytest.skip("torch's CPU ops do not run on an OpenMP team here")
+    assert sum(torch.Size(s).numel() for s in BIG_SHAPES) >= ft.TEAM_THRESHOLD
+    return team
+
+
+@pytest.fixture
+def two_torch_threads():
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", [*NAMES, "Lion"])
+def test_parallel_steps_on_torchs_team_equal_one_thread(
+    name, dtype, monkeypatch, two_torch_threads
+):
+    """A bucket above TEAM_THRESHOLD runs on torch's OpenMP team, bit for bit as without it
+    (on one thread: the bucket is below PARALLEL_THRESHOLD), over steps that take the full
+    and the short route."""
+    team = _team_or_skip()
+    cls, options = getattr(ft, name), FULL.get(name, dict(weight_decay=0.1))
+    gen = torch.Generator().manual_seed(13)
+    start = [torch.randn(s, generator=gen, dtype=dtype) for s in BIG_SHAPES]
+    ours, numbas = ([p.clone().requires_grad_() for p in start] for _ in range(2))
+    opts = [cls(ps, lr=1e-2, **options) for ps in (ours, numbas)]
+    for t in range(4):
+        grads = grads_for(ours, gen)
+        for opt, ps in zip(opts, (ours, numbas)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            with monkeypatch.context() as m:
+                if opt is opts[1]:
+                    m.setattr(ft, "_torch_team", lambda: None)
+                opt.step()
+        for a, b in zip(ours, numbas):
+            assert torch.equal(a, b), t
+            for k, v in opts[0].state[a].items():
+                assert torch.equal(v, opts[1].state[b][k]), (t, k)
+    (mine,), (theirs,) = opts[0]._plans.values(), opts[1]._plans.values()
+    assert mine.groups[0].team is team and mine.groups[0]._threads == 2
+    assert theirs.groups[0].team is None and theirs.groups[0]._threads == 1
+
+
+def _step_in_child(opt, params, grads, conn) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    (plan,) = opt._plans.values()
+    conn.send(([p.detach().numpy().tobytes() for p in params], plan.groups[0]._threads))
+
+
+def test_a_forked_child_steps_on_one_thread(two_torch_threads):
+    """A child forked after the parent's team ran steps on one thread (its copy of the team
+    may not survive the fork), and gets the parent's bits."""
+    import multiprocessing
+
+    _team_or_skip()
+    gen = torch.Generator().manual_seed(14)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in BIG_SHAPES]
+    opt = ft.Adam(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    grads = grads_for(params, gen)
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    child = ctx.Process(target=_step_in_child, args=(opt, params, grads, child_end))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    got, threads = parent_end.recv()
+    _step_in_child(opt, params, grads, child_end)  # the same step here, on the team
+    want, parent_threads = parent_end.recv()
+    assert (threads, parent_threads) == (1, 2)
+    assert got == want
