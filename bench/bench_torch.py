@@ -1,7 +1,8 @@
 """``opt.step()`` of ``fastrms.torch`` against ``torch.optim`` inside a torch training loop.
 
 The 8-tensor MLP (:mod:`bench.torch_loop`) with Adam and RMSprop, and GPT-2-tiny's shapes with
-RMSprop (GPT-2 small with ``--bench-large``). Only the step is timed: ``benchmark.pedantic``
+RMSprop (GPT-2 small with ``--bench-large``); with each, its floor (torch's step wrapper around
+the bare kernel call, :class:`bench.torch_loop.Floor`). Only the step is timed: ``benchmark.pedantic``
 runs the forward and backward pass as its untimed setup. Each fastrms variant first takes one
 step that is checked against ``torch.optim``'s for-loop implementation on the same model.
 
@@ -16,12 +17,16 @@ import torch
 from bench import torch_loop as TL
 from fastrms import benchmarks as B
 
-#: (variant, the torch.optim for-loop optimizer it must match, or None for torch's own)
+#: (variant, the torch.optim for-loop optimizer it must match, or None for one not checked:
+#: torch's own, and the floors, which are bare kernel calls, not optimizers)
 VARIANTS = {
     "fastrms-adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False),
+    "fastrms-adam-numba-threads": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False),
     "torch-adam-fused": None,
+    "floor-adam": None,
     "fastrms-rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=False),
     "torch-rmsprop-foreach": None,
+    "floor-rmsprop": None,
 }
 
 

@@ -28,19 +28,65 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 
 import fastrms.torch as ft
 from fastrms import benchmarks as B
 from fastrms.models import gpt2_shapes
 
+
+class Floor(torch.optim.Optimizer):
+    """The least a ``torch.optim`` step with fastrms's kernels can cost: torch's step wrapper
+    (profiler label, hooks) around the bare grouped kernel call of ``inner``'s plan, with no
+    check and no state bookkeeping. Not an optimizer to train with: its scalars stay those of
+    step 1 and it ignores the parameters' groups.
+
+    ``inner`` (a ``fastrms.torch`` optimizer over ``params``, one CPU bucket) takes one step
+    here on zero gradients, to make its plan.
+    """
+
+    def __init__(self, params: list[torch.Tensor], inner: Callable) -> None:
+        super().__init__(params, {})
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt = inner(params)
+        opt.step()
+        (run,) = opt._last.runs
+        (self._group,) = run.plan.groups
+        self._call = self._group.kernel_call(self._group.cast(self._group.setup))
+        self._params = params
+
+    def step(self, closure: Callable | None = None) -> None:
+        self._group.set_grads(np.array([p.grad.data_ptr() for p in self._params], np.int64))
+        self._call()
+
+
+class _NumbaThreads:
+    """A fastrms.torch optimizer whose parallel steps run on Numba's threads, not torch's."""
+
+    _torch_team = False
+
+
+class NumbaThreadsAdam(_NumbaThreads, ft.Adam):
+    pass
+
+
+class NumbaThreadsRMSprop(_NumbaThreads, ft.RMSprop):
+    pass
+
+
 #: Optimizer variants by name: each makes an optimizer over the given parameters.
 VARIANTS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
     "fastrms-adam": lambda ps: ft.Adam(ps, lr=1e-3),
+    "fastrms-adam-numba-threads": lambda ps: NumbaThreadsAdam(ps, lr=1e-3),
     "torch-adam-fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
     "torch-adam-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "floor-adam": lambda ps: Floor(ps, lambda q: ft.Adam(q, lr=1e-3)),
     "fastrms-rmsprop": lambda ps: ft.RMSprop(ps, lr=1e-3),
+    "fastrms-rmsprop-numba-threads": lambda ps: NumbaThreadsRMSprop(ps, lr=1e-3),
     "torch-rmsprop-foreach": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, foreach=True),
+    "floor-rmsprop": lambda ps: Floor(ps, lambda q: ft.RMSprop(q, lr=1e-3)),
 }
 
 MLP_SIZES = (784, 128, 256, 64, 10)
@@ -49,11 +95,11 @@ BATCH = 64
 GPT2 = {"gpt2": {}, "gpt2-tiny": dict(n_layer=2, n_embd=64, vocab=1000, n_positions=128)}
 
 
-def mlp(seed: int = 0) -> torch.nn.Sequential:
-    """The 8-tensor MLP (150,602 parameters)."""
+def mlp(seed: int = 0, sizes: tuple[int, ...] = MLP_SIZES) -> torch.nn.Sequential:
+    """The MLP of layer widths ``sizes``: by default the 8-tensor one (150,602 parameters)."""
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = []
-    for a, b in zip(MLP_SIZES[:-1], MLP_SIZES[1:]):
+    for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
     return torch.nn.Sequential(*layers[:-1])
 
@@ -62,12 +108,12 @@ class _MlpLoop:
     """One variant's model, optimizer and data. ``prepare()`` runs the forward and backward
     pass, ``opt.step()`` the step; ``run()`` is one training step, timing the step."""
 
-    def __init__(self, make: Callable, seed: int) -> None:
-        self.model = mlp(seed)
+    def __init__(self, make: Callable, seed: int, sizes: tuple[int, ...]) -> None:
+        self.model = mlp(seed, sizes)
         self.opt = make(list(self.model.parameters()))
         gen = torch.Generator().manual_seed(seed + 1)
-        self.x = torch.randn(BATCH, MLP_SIZES[0], generator=gen)
-        self.y = torch.randint(0, MLP_SIZES[-1], (BATCH,), generator=gen)
+        self.x = torch.randn(BATCH, sizes[0], generator=gen)
+        self.y = torch.randint(0, sizes[-1], (BATCH,), generator=gen)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -107,22 +153,42 @@ class _ShapesLoop:
         return time.perf_counter() - t0
 
 
-def make_loop(model: str, variant: str | Callable, seed: int = 0):
-    """One training loop: ``model`` ("mlp", "gpt2-tiny", "gpt2") stepped by ``variant`` (a
-    name from :data:`VARIANTS`, or a function of the parameter list making an optimizer).
-    It has ``params``, ``opt``, ``prepare()`` and ``run()`` (which returns the step's time)."""
-    make = VARIANTS[variant] if isinstance(variant, str) else variant
+def mlp_sizes(model: str) -> tuple[int, ...] | None:
+    """The layer widths of an MLP model name ("mlp", or "mlp:784-512-1024-256-10"), else
+    None."""
     if model == "mlp":
-        return _MlpLoop(make, seed)
+        return MLP_SIZES
+    if model.startswith("mlp:"):
+        try:
+            sizes = tuple(int(w) for w in model[4:].split("-"))
+        except ValueError:
+            sizes = ()
+        if len(sizes) < 2 or min(sizes) < 1:
+            raise ValueError(f"an MLP is 'mlp:' and two or more widths (mlp:784-64-10): {model!r}")
+        return sizes
+    return None
+
+
+def make_loop(model: str, variant: str | Callable, seed: int = 0):
+    """One training loop: ``model`` ("mlp", "mlp:W0-W1-...", "gpt2-tiny", "gpt2") stepped by
+    ``variant`` (a name from :data:`VARIANTS`, or a function of the parameter list making an
+    optimizer). It has ``params``, ``opt``, ``prepare()`` and ``run()`` (which returns the
+    step's time)."""
+    make = VARIANTS[variant] if isinstance(variant, str) else variant
+    sizes = mlp_sizes(model)
+    if sizes is not None:
+        return _MlpLoop(make, seed, sizes)
     if model not in GPT2:
-        raise ValueError(f"model must be 'mlp' or one of {list(GPT2)}, got {model!r}")
+        raise ValueError(f"model must be 'mlp', 'mlp:W0-W1-...' or one of {list(GPT2)}, "
+                         f"got {model!r}")  # fmt: skip
     return _ShapesLoop(make, gpt2_shapes(**GPT2[model]), seed)
 
 
 def model_size(model: str) -> tuple[int, int]:
     """``(tensors, parameters)`` of a model name."""
-    if model == "mlp":
-        ps = list(mlp().parameters())
+    sizes = mlp_sizes(model)
+    if sizes is not None:
+        ps = list(mlp(0, sizes).parameters())
         return len(ps), sum(p.numel() for p in ps)
     shapes = gpt2_shapes(**GPT2[model])
     return len(shapes), sum(torch.Size(s).numel() for s in shapes.values())
@@ -167,6 +233,60 @@ def step_times(
     return {v: statistics.median(t) for v, t in times.items()}
 
 
+#: Hidden widths of the MLP are scaled by these in :func:`sweep` (1 is the 150,602 model).
+SWEEP_SCALES = (0.125, 0.25, 0.5, 1, 2, 4, 8)
+SWEEP_VARIANTS = ("fastrms-adam", "fastrms-adam-numba-threads", "torch-adam-fused", "floor-adam")
+
+
+def sweep(
+    variants: Iterable[str] = SWEEP_VARIANTS,
+    scales: Iterable[float] = SWEEP_SCALES,
+    *,
+    repeats: int = 10,
+    steps: int = 10,
+    progress: Callable[[str], None] = print,
+) -> list[dict]:
+    """:func:`step_times` of the MLP with its hidden widths scaled by each of ``scales``; one
+    row per model: ``{"model", "parameters", "median_step_seconds": {variant: s}}``."""
+    rows = []
+    inner = MLP_SIZES[1:-1]
+    for scale in scales:
+        widths = (MLP_SIZES[0], *(max(1, round(w * scale)) for w in inner), MLP_SIZES[-1])
+        model = "mlp:" + "-".join(map(str, widths))
+        t = step_times(model, variants, repeats=repeats, steps=steps)
+        rows.append({"model": model, "parameters": model_size(model)[1],
+                     "median_step_seconds": t})  # fmt: skip
+        progress(f"{model:32s} {rows[-1]['parameters']:>10,} parameters: "
+                 + ", ".join(f"{v} {x * 1e6:.0f} us" for v, x in t.items()))  # fmt: skip
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str, baseline: str = "torch-adam-fused") -> None:
+    """Step time against model size, and each variant's speed-up over ``baseline``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    times, ratios = fig.subplots(1, 2)
+    sizes = [r["parameters"] for r in rows]
+    for v in rows[0]["median_step_seconds"]:
+        t = [r["median_step_seconds"][v] for r in rows]
+        style = "--" if v.startswith("floor") else "-"
+        times.plot(sizes, [x * 1e6 for x in t], style, marker="o", label=v)
+        if v != baseline:
+            base = [r["median_step_seconds"][baseline] for r in rows]
+            ratios.plot(sizes, [b / x for b, x in zip(base, t)], style, marker="o", label=v)
+    times.set(xscale="log", yscale="log", xlabel="parameters (8 tensors)",
+              ylabel="median opt.step() in the loop (us)",
+              title="Adam step in a torch CPU training loop")  # fmt: skip
+    ratios.axhline(1.0, color="gray", lw=0.8)
+    ratios.set(xscale="log", xlabel="parameters (8 tensors)",
+               ylabel=f"speed-up over {baseline}", title="higher is faster")  # fmt: skip
+    for ax in (times, ratios):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:  # pragma: no cover - a manual measurement
     import argparse
 
@@ -176,7 +296,19 @@ def main() -> None:  # pragma: no cover - a manual measurement
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="also write the times and the machine to this file")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--sweep", action="store_true", help="time the MLP at several widths (SWEEP_SCALES) instead"
+    )
+    parser.add_argument("--plot", help="with --sweep: draw it to this image file")
+    args = parser.parse_args()  # fmt: skip
+    if args.sweep:
+        names = args.variants.split(",") if "--variants" in sys.argv else list(SWEEP_VARIANTS)
+        rows = sweep(names, repeats=args.repeats, steps=args.steps)
+        if args.plot:
+            plot_sweep(rows, args.plot)
+        if args.json:
+            _write_json(args, {"sweep": rows})
+        return
     names = args.variants.split(",")
     t = step_times(args.model, names, repeats=args.repeats, steps=args.steps)
     tensors, size = model_size(args.model)
@@ -184,25 +316,27 @@ def main() -> None:  # pragma: no cover - a manual measurement
     for v in names:
         print(f"  {v:24s} {t[v] * 1e6:10.1f} us   ({t[v] / t[names[0]]:.2f}x {names[0]})")
     if args.json:
-        import json
+        _write_json(args, {"model": args.model, "tensors": tensors, "parameters": size,
+                           "median_step_seconds": t})  # fmt: skip
 
-        import numba
 
-        from fastrms.report import machine_info
+def _write_json(args, result: dict) -> None:  # pragma: no cover - a manual measurement
+    import json
 
-        result = {
-            "command": "python -m bench.torch_loop " + " ".join(sys.argv[1:]),
-            "model": args.model,
-            "tensors": tensors,
-            "parameters": size,
-            "repeats": args.repeats,
-            "steps": args.steps,
-            "median_step_seconds": t,
-            "machine": machine_info(numba.config.NUMBA_NUM_THREADS),
-        }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    import numba
+
+    from fastrms.report import machine_info
+
+    result = {
+        "command": "python -m bench.torch_loop " + " ".join(sys.argv[1:]),
+        **result,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "machine": machine_info(numba.config.NUMBA_NUM_THREADS),
+    }
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
 
 
 if __name__ == "__main__":  # pragma: no cover
