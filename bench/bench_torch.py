@@ -1,10 +1,11 @@
 """``opt.step()`` of ``fastrms.torch`` against ``torch.optim`` inside a torch training loop.
 
 The 8-tensor MLP (:mod:`bench.torch_loop`) with Adam and RMSprop, and GPT-2-tiny's shapes with
-RMSprop (GPT-2 small with ``--bench-large``); with each, its floor (torch's step wrapper around
-the bare kernel call, :class:`bench.torch_loop.Floor`). Only the step is timed: ``benchmark.pedantic``
-runs the forward and backward pass as its untimed setup. Each fastrms variant first takes one
-step that is checked against ``torch.optim``'s for-loop implementation on the same model.
+RMSprop (GPT-2 small with ``--bench-large``); with each, its floor (torch's step wrapper
+around the bare kernel call, :class:`bench.torch_loop.Floor`). Only the step is timed:
+``benchmark.pedantic`` runs the forward and backward pass as its untimed setup. Each fastrms
+variant first takes one step that is checked against ``torch.optim``'s for-loop
+implementation on the same model.
 
 For a quick interleaved comparison in one process use ``python -m bench.torch_loop``.
 """

@@ -13,12 +13,13 @@ groups and state (torch's buffer names, ``state["step"]`` a float32 0-d tensor),
 
 A step sorts the parameters that have a gradient into buckets of (param group, device, dtype,
 step count) and updates each bucket with one grouped call (a cached
-:class:`fastrms.grouped.StepPlan`): CPU tensors through zero-copy NumPy views on the ``cpu``
-kernels, CUDA tensors on the ``cuda`` kernels, on torch's current stream. Parameters whose
-``.grad`` is None are skipped. A step that repeats the last one (the same parameters with
-gradients, the same state and data tensors, each bucket's step count one further) reuses the
-last step's buckets and plans after checking only what can change between steps
-(``_FusedOptimizer._repeat``).
+:class:`fastrms.grouped.StepPlan`): CPU tensors on the ``cpu`` kernels, reached by address
+(zero-copy), in parallel on torch's own OpenMP threads (:class:`_OpenMPTeam`) from
+:data:`TEAM_THRESHOLD` elements; CUDA tensors on the ``cuda`` kernels, on torch's current
+stream. Parameters whose ``.grad`` is None are skipped. A step that repeats the last one (the
+same parameters with gradients, the same state and data tensors, each bucket's step count one
+further) reuses the last step's buckets and plans after checking only what can change between
+steps (``_FusedOptimizer._repeat``).
 
 Differences from ``torch.optim``:
 
@@ -66,11 +67,12 @@ Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str,
 PARALLEL_THRESHOLD = 1 << 19
 
 #: With PyTorch's OpenMP team (:func:`_torch_team`), a CPU bucket of fewer elements runs on
-#: one thread. The team's threads are awake after torch's own ops, so two of them paid off
-#: early: in the MLP training loop of ``bench.torch_loop`` (Adam, 2 cores, widths scaled),
-#: the team took 0.95x, 0.81x, 0.80x, 0.92x and 0.62x the one-thread time at 884, 13K, 28K,
-#: 63K and 151K elements (within this machine's noise at the smallest).
-TEAM_THRESHOLD = 1 << 13
+#: one thread. The team's threads are awake after torch's own ops, so two of them pay off
+#: far earlier than Numba's: in the MLP training loop of ``bench.torch_loop`` (Adam, 2 cores,
+#: widths scaled), the team took 0.72x-0.82x the one-thread time at 104K elements and
+#: 0.62x-0.80x at 151K; from 13K to 63K it took 0.77x-1.15x from run to run, no clear gain,
+#: so those stay on one thread (which also never has to wake a sleeping team).
+TEAM_THRESHOLD = 1 << 16
 
 #: Cached plans per optimizer kept at most (a plan per bucket; buckets change rarely).
 _MAX_PLANS = 64

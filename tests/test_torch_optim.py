@@ -797,7 +797,7 @@ def test_overlapping_gradient_on_a_repeated_step_changes_nothing():
 # -- parallel steps on torch's own OpenMP team (fastrms.torch._OpenMPTeam) ---------------------
 
 #: Shapes whose bucket is above TEAM_THRESHOLD, so that a step runs in parallel.
-BIG_SHAPES = ((100, 90), (9001,), (3,))
+BIG_SHAPES = ((300, 200), (9001,), (3,))
 
 
 def _team_or_skip():
@@ -847,12 +847,17 @@ def test_parallel_steps_on_torchs_team_equal_one_thread(
     assert theirs.groups[0].team is None and theirs.groups[0]._threads == 1
 
 
-def _step_in_child(opt, params, grads, conn) -> None:
+def _step(opt, params, grads) -> tuple[list[bytes], int]:
+    """One step; the parameters' bytes and the number of threads it ran on."""
     for p, g in zip(params, grads):
         p.grad = g
     opt.step()
     (plan,) = opt._plans.values()
-    conn.send(([p.detach().numpy().tobytes() for p in params], plan.groups[0]._threads))
+    return [p.detach().numpy().tobytes() for p in params], plan.groups[0]._threads
+
+
+def _step_in_child(opt, params, grads, conn) -> None:
+    conn.send(_step(opt, params, grads))
 
 
 def test_a_forked_child_steps_on_one_thread(two_torch_threads):
@@ -872,10 +877,10 @@ def test_a_forked_child_steps_on_one_thread(two_torch_threads):
     parent_end, child_end = ctx.Pipe()
     child = ctx.Process(target=_step_in_child, args=(opt, params, grads, child_end))
     child.start()
-    child.join(120)
+    assert parent_end.poll(120), "the forked child did not step"
+    got, threads = parent_end.recv()  # before join: the child waits until its result is read
+    child.join(60)
     assert child.exitcode == 0
-    got, threads = parent_end.recv()
-    _step_in_child(opt, params, grads, child_end)  # the same step here, on the team
-    want, parent_threads = parent_end.recv()
+    want, parent_threads = _step(opt, params, grads)  # the same step here, on the team
     assert (threads, parent_threads) == (1, 2)
     assert got == want
