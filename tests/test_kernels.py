@@ -71,6 +71,20 @@ def test_grouped_float32_kernel_is_float32_and_vectorized(rule, flags):
 
 
 @pytest.mark.parametrize(("rule", "flags"), CASES, ids=str)
+def test_team_body_is_float32_vectorized_and_claims_parts_atomically(rule, flags):
+    """The C function that torch's OpenMP team runs (kernels.cpu.grouped_team_body) has the
+    grouped kernels' vectorized float32 loop, and takes parts with an atomic add."""
+    from numba import cfunc
+
+    body = cpu.grouped_team_body(rules.RULES[rule], flags, np.dtype(np.float32))
+    fresh = cfunc(body._sig, cache=False, error_model="numpy")(body._pyfunc)  # not cached
+    ir = fresh.inspect_llvm()
+    assert not DOUBLE_OP.search(ir), DOUBLE_OP.search(ir)
+    assert re.search(r"<\d+ x float>", ir), "the team's loop was not vectorized"
+    assert re.search(r"atomicrmw add [^\n]*, i64 1 monotonic", ir), "no atomic claim"
+
+
+@pytest.mark.parametrize(("rule", "flags"), CASES, ids=str)
 def test_float32_loop_is_float32_and_vectorized(rule, flags):
     ir = _llvm_ir(rule, flags, types.float32)
     assert not DOUBLE_OP.search(ir), DOUBLE_OP.search(ir)
