@@ -180,10 +180,7 @@ class StepPlan:
             raise ValueError("run_addresses needs a plan of host arrays and one address each")
         hit = self._spans[HOST].first_overlap(addresses, self._nbytes)
         if hit is not None:
-            j, label = hit
-            raise ValueError(
-                f"{self._grad_names[j]} overlaps {label} in memory; pass separate arrays"
-            )
+            self._refuse_overlap(hit[0], hit[1])
         if not self._ready:
             self._prepare()
         self._grads = None  # the next run() checks its gradients in full
@@ -224,14 +221,14 @@ class StepPlan:
             mine = rows if self._all_host else rows[self._kinds[rows] == kind]
             hit = spans.first_overlap(addresses[mine], self._nbytes[mine])
             if hit is not None:
-                j, label = hit
-                raise ValueError(
-                    f"{self._grad_names[mine[j]]} overlaps {label} in memory; pass separate arrays"
-                )
+                self._refuse_overlap(mine[hit[0]], hit[1])
         for group in self.groups:
             group.set_grads(addresses)
         self._addresses = addresses
         self._grads = list(grads)
+
+    def _refuse_overlap(self, i: int, label: str) -> None:
+        raise ValueError(f"{self._grad_names[i]} overlaps {label} in memory; pass separate arrays")
 
     def kernel_calls(self, setup: Setup) -> list:
         """For benchmarks: each group's bare kernel call for ``setup``'s scalars, as a
@@ -437,6 +434,11 @@ class _CpuGroup(_Group):
         self._team_args = np.zeros(6, np.int64)
         self._team_call = (body, self._team_args.ctypes.data)
 
+    def _run_team(self, threads: int) -> None:
+        self._team_args[5] = 0  # the counter the team's threads claim parts with
+        body, args = self._team_call
+        self.team.run(body, args, threads)
+
     def _fall_back(self):
         numpy = dispatch.fall_back(self.backend._reason)
         return _NumpyGroup(self.setup, numpy, False, self.dtype, self.rows, self.arrays)
@@ -447,13 +449,7 @@ class _CpuGroup(_Group):
             return functools.partial(self._serial, self.table, *self._schedule, hyper)
         if self.team is None:
             return functools.partial(self._parallel, self.table, *self._schedule, hyper)
-        body, args, threads, counter = *self._team_call, self._threads, self._team_args
-
-        def team_call():
-            counter[5] = 0
-            self.team.run(body, args, threads)
-
-        return team_call
+        return functools.partial(self._run_team, self._threads)
 
     def launch(self, hyper, grads):
         if self.total < self.serial_below:
@@ -472,9 +468,7 @@ class _CpuGroup(_Group):
             self._serial(self.table, *self._schedule, hyper)
         elif self.team is not None:
             self._scalars[:] = hyper
-            self._team_args[5] = 0  # the counter the team's threads claim parts with
-            body, args = self._team_call
-            self.team.run(body, args, threads)
+            self._run_team(threads)
         else:
             self._parallel(self.table, *self._schedule, hyper)
 

@@ -79,14 +79,14 @@ _MAX_PLANS = 64
 
 
 def _launch(
-    rule: str, b: _Bucket, plans: dict, name: Callable[..., str], team: bool = True
+    rule: str, b: _Bucket, plans: dict, name: Callable[..., str], use_team: bool = True
 ) -> StepPlan:
     """The one place that runs fastrms's kernels: one call per bucket; returns its plan.
 
     A bucket's :class:`fastrms.grouped.StepPlan` (its arrays checked and laid out once) is
     kept in ``plans`` while the bucket holds the same parameter and state arrays; a step then
     checks only the new gradients. ``name(*b.where[i])`` names the i-th parameter in errors.
-    ``team``: run parallel CPU steps on torch's OpenMP team where there is one.
+    ``use_team``: run parallel CPU steps on torch's OpenMP team where there is one.
     """
     setup = SPECS[rule].setup(b.step, **b.options)
     key = (setup.rule, setup.flags, *map(id, b.params))
@@ -96,7 +96,7 @@ def _launch(
             plans.clear()
         names = [name(*w) for w in b.where]
         grad_names = [f"the gradient of {n}" for n in names]
-        team = _torch_team() if team and not b.recs[0].cuda else None
+        team = _torch_team() if use_team and not b.recs[0].cuda else None
         plan = plans[key] = StepPlan(
             setup,
             b.params,
@@ -187,21 +187,21 @@ class _Views:
         self.tensors = tuple(state[n] for n in names)
         self.step = state.get("step")
         self.step_view = None if self.step is None else self.step.numpy()
-        # The state tensors by key, "step" included, for the short route's check.
-        self.keys = names if self.step is None else (*names, "step")
-        self.held = self.tensors if self.step is None else (*self.tensors, self.step)
+        # The state tensors by key, "step" included (None where there is none).
+        self.keys, self.held = (*names, "step"), (*self.tensors, self.step)
         if self.cuda:
             self.arrays = tuple(_CudaArray(t) for t in (p.detach(), *self.tensors))
         else:
             self.arrays = tuple(t.numpy() for t in (p.detach(), *self.tensors))
 
     def current(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> bool:
-        if names != self.names or p.data_ptr() != self.ptr or state.get("step") is not self.step:
-            return False
-        for n, t in zip(names, self.tensors):
-            if state.get(n) is not t:
-                return False
-        return True
+        """Whether these views still serve ``p`` with its state dict ``state`` (the short
+        route inlines the same test)."""
+        return (
+            names == self.names
+            and p.data_ptr() == self.ptr
+            and all(map(operator.is_, map(state.get, self.keys), self.held))
+        )
 
 
 class _Bucket:
