@@ -49,12 +49,23 @@ import numpy as np
 import torch
 
 from . import hyper
-from .grouped import StepPlan
+from .arrays import check_no_overlap, extent
+from .grouped import StepPlan, _Spans
 from .specs import LAYOUTS, SPECS, Setup, check_fits_float32
+from .torch_layout import (
+    DENSE,
+    KERNEL_DTYPE,
+    OVERLAPPING,
+    STRIDED,
+    fits,
+    flat,
+    layout_of,
+    real,
+    state_like,
+)  # fmt: skip
 
 __all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
@@ -78,10 +89,10 @@ TEAM_THRESHOLD = 1 << 16
 _MAX_PLANS = 64
 
 
-def _launch(
+def _plan(
     rule: str, b: _Bucket, plans: dict, name: Callable[..., str], use_team: bool = True
-) -> StepPlan:
-    """The one place that runs fastrms's kernels: one call per bucket; returns its plan.
+) -> tuple[StepPlan, Setup]:
+    """A bucket's plan and the setup of its step, checked; nothing is written.
 
     A bucket's :class:`fastrms.grouped.StepPlan` (its arrays checked and laid out once) is
     kept in ``plans`` while the bucket holds the same parameter and state arrays; a step then
@@ -106,8 +117,22 @@ def _launch(
             parallel_threshold=PARALLEL_THRESHOLD if team is None else TEAM_THRESHOLD,
             team=team,
         )
-    plan.run(b.grads, setup)
-    return plan
+    return plan, setup
+
+
+def _run(plan: StepPlan, setup: Setup, grads: Any, gathers: list, addresses: bool) -> None:
+    """The one place that runs fastrms's kernels: one grouped call for a bucket, its strided
+    parameters gathered into their buffers before and scattered back after (``gathers``:
+    pairs of the parameter's kernel view and its buffer). ``grads``: arrays, or with
+    ``addresses`` the host addresses of the gradients."""
+    for p, buf in gathers:
+        buf.copy_(p)
+    if addresses:
+        plan.run_addresses(grads, setup)
+    else:
+        plan.run(grads, setup)
+    for p, buf in gathers:
+        p.copy_(buf)
 
 
 class _OpenMPTeam:
@@ -173,10 +198,16 @@ class _CudaArray:
 
 class _Views:
     """A parameter's arrays as the kernels take them (NumPy views on the CPU, interface
-    wrappers on CUDA), cached across steps; rebuilt when its data or state tensors change."""
+    wrappers on CUDA), cached across steps; rebuilt when its data or state tensors change.
+
+    The arrays are the tensors' real views, flat for a dense parameter in another order than
+    contiguous; a strided parameter's array is its contiguous buffer (``gather``, see
+    :mod:`fastrms.torch_layout`). ``order``: the strides a gradient must have to be read as
+    it is (None: contiguous)."""
 
     __slots__ = (
-        "arrays", "cuda", "dtype", "held", "keys", "names", "ptr", "step", "step_view", "tensors"
+        "arrays", "cuda", "dtype", "gather", "held", "kdtype", "keys", "names", "order", "plain",
+        "ptr", "step", "step_view", "tensors",
     )  # fmt: skip
 
     def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> None:
@@ -189,10 +220,36 @@ class _Views:
         self.step_view = None if self.step is None else self.step.numpy()
         # The state tensors by key, "step" included (None where there is none).
         self.keys, self.held = (*names, "step"), (*self.tensors, self.step)
+        kernel = [real(t) for t in (p.detach(), *self.tensors)]
+        self.kdtype = kernel[0].dtype
+        layout = layout_of(kernel[0])
+        self.order = p.stride() if layout == DENSE else None
+        self.gather = None
+        if layout == DENSE:
+            kernel = [flat(t) for t in kernel]
+        elif layout == STRIDED:
+            self.gather = (kernel[0], torch.empty(kernel[0].shape, dtype=self.kdtype,
+                                                  device=p.device))  # fmt: skip
+            kernel[0] = self.gather[1]
+        # A gradient of a plain parameter goes to the kernels as it is.
+        self.plain = layout != DENSE and not p.is_complex()
         if self.cuda:
-            self.arrays = tuple(_CudaArray(t) for t in (p.detach(), *self.tensors))
+            self.arrays = tuple(_CudaArray(t) for t in kernel)
         else:
-            self.arrays = tuple(t.numpy() for t in (p.detach(), *self.tensors))
+            self.arrays = tuple(t.numpy() for t in kernel)
+
+    def grad(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradient ``g`` (of this parameter's dtype and shape) as the kernels read it: in the
+        parameter's order (copied there if it is in another), as a real tensor."""
+        if g.requires_grad:  # backward(create_graph=True)
+            g = g.detach()
+        if self.order is None:
+            if not g.is_contiguous():  # read only: a contiguous copy is enough
+                g = g.contiguous()
+            return g if self.plain else real(g)
+        if g.stride() != self.order:
+            g = torch.empty_strided(g.shape, self.order, dtype=g.dtype, device=g.device).copy_(g)
+        return flat(real(g))
 
     def current(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> bool:
         """Whether these views still serve ``p`` with its state dict ``state`` (the short
@@ -207,7 +264,9 @@ class _Views:
 class _Bucket:
     """The parameters of one group, device, dtype and step count, as the kernels take them."""
 
-    __slots__ = ("grads", "options", "params", "recs", "state", "step", "steps", "where")
+    __slots__ = (
+        "gathers", "grads", "options", "params", "recs", "state", "step", "steps", "where"
+    )  # fmt: skip
 
     def __init__(self, options: dict, step: int, slots: tuple[str, ...]) -> None:
         self.options, self.step = options, step
@@ -217,33 +276,50 @@ class _Bucket:
         self.grads: list = []
         self.state: dict[str, list] = {s: [] for s in slots}  # fastrms's names
         self.steps: list = []  # (view of state["step"], its new value)
+        self.gathers: list = []  # strided parameters: (kernel view, buffer)
 
 
 class _Run:
     """One bucket of the last step: its plan, rows in the flat parameter list, views, state
     dicts and step count."""
 
-    __slots__ = ("checked", "cuda", "dicts", "float32", "group", "plan", "recs", "rows", "step")
+    __slots__ = (
+        "checked", "cuda", "dicts", "float32", "gathers", "group", "plan", "plain", "recs",
+        "rows", "step",
+    )  # fmt: skip
 
     def __init__(
         self, group: int, step: int, plan: Any, rows: list[int], recs: list, dicts: list
     ) -> None:
         self.group, self.step, self.plan, self.rows, self.recs = group, step, plan, rows, recs
         self.dicts = dicts  # each parameter's dict in the optimizer's state
-        self.cuda, self.float32 = recs[0].cuda, recs[0].dtype is torch.float32
+        self.cuda, self.float32 = recs[0].cuda, recs[0].kdtype is torch.float32
         self.checked = None  # the group's setup last checked against float32
+        self.gathers = [rec.gather for rec in recs if rec.gather is not None]
+        self.plain = all(rec.plain for rec in recs)  # CUDA: the gradients go as they are
 
 
 class _Repeat:
     """The last step: every parameter (flattened over the groups), which had a gradient, the
     number of groups, the state names of each group that ran, the buckets that ran, and the
-    optimizer's state mapping with its keys and values then."""
+    optimizer's state mapping with its keys and values then. With several buckets, also what
+    they all write (``spans``) and each gradient's size in bytes, so that the gradients of
+    every bucket are checked for overlap before the first bucket runs."""
 
-    __slots__ = ("groups", "has_grad", "names", "params", "runs", "state", "state_items")
+    __slots__ = (
+        "groups", "has_grad", "names", "nbytes", "params", "runs", "spans", "state",
+        "state_items",
+    )  # fmt: skip
 
     def __init__(self, params, has_grad, groups: int, names: dict, runs: list[_Run], state):
         self.params, self.has_grad, self.groups, self.names = params, has_grad, groups, names
         self.runs, self.state, self.state_items = runs, state, _items(state)
+        self.spans = self.nbytes = None
+        if len(runs) > 1:
+            arrays = [a for run in runs for rec in run.recs for a in rec.arrays]
+            self.spans = _Spans([(None, a, True) for a in arrays])
+            sizes = [extent(rec.arrays[0])[1] for run in runs for rec in run.recs]
+            self.nbytes = np.array(sizes, np.int64)
 
 
 def _items(state: dict) -> list:
@@ -325,11 +401,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # -- the step -----------------------------------------------------------------------------
 
+    @torch.compiler.disable  # Dynamo runs it as it is (a graph break), not tracing kernels
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that has a gradient, in place; return ``closure()``'s loss.
 
-        Every gradient, state tensor and hyperparameter is checked before anything is written:
-        a bad one raises ``TypeError``/``ValueError`` naming the parameter.
+        Every gradient, state tensor, step count and hyperparameter of every bucket is checked
+        before the first bucket is written: a bad one raises ``TypeError``/``ValueError``
+        naming the parameter, and nothing changes.
         """
         loss = None
         if closure is not None:
@@ -340,18 +418,33 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self._last = last
             return loss
         buckets, created = self._buckets()
-        plans = []
-        for i, b in enumerate(buckets):
-            try:
-                plans.append(_launch(self._rule, b, self._plans, self._name, self._torch_team))
-            except Exception:
-                if i == 0:  # refused before anything was written: leave no new state either
-                    self._forget(created)
-                raise
+        try:
+            ready = [_plan(self._rule, b, self._plans, self._name, self._torch_team)
+                     for b in buckets]  # fmt: skip
+            if len(buckets) > 1:  # each plan checks its own bucket's gradients
+                self._check_gradients_apart(buckets)
+        except Exception:  # refused before anything was written: leave no new state either
+            self._forget(created)
+            raise
+        for b, (plan, setup) in zip(buckets, ready):
+            _run(plan, setup, b.grads, b.gathers, addresses=False)
             for view, t in b.steps:
                 view[()] = t
-        self._last = self._record(buckets, plans)
+        self._last = self._record(buckets, [plan for plan, _ in ready])
         return loss
+
+    def _check_gradients_apart(self, buckets: list[_Bucket]) -> None:
+        """Raise ``ValueError`` if a gradient overlaps an array that any bucket writes."""
+        arrays = []
+        for b in buckets:
+            for i, (where, rec) in enumerate(zip(b.where, b.recs)):
+                label = _Label(self._name, where)
+                arrays.append((label.of("the gradient of "), b.grads[i], False))
+                arrays.append((label, rec.arrays[0], True))
+                arrays += [
+                    (label.of(f"{n} of "), a, True) for n, a in zip(rec.names, rec.arrays[1:])
+                ]
+        check_no_overlap(arrays)
 
     # -- the step again: the same parameters with gradients as last time ---------------------
 
@@ -409,6 +502,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         keeps, counts = self._keeps_step, self._counts_steps
         strided, is_ = torch.strided, operator.is_
         work = []
+        addresses = [] if last.spans is not None else None  # of every gradient, in order
         for run in last.runs:
             setup, stepper = setups[run.group]
             if run.float32 and setup is not run.checked:  # step 1's scalars are the largest
@@ -424,12 +518,19 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     return False
                 if keeps and counts and float(rec.step_view) != run.step:
                     return False
-                if g.layout is not strided or g.dtype is not rec.dtype or not g.is_contiguous():
+                order = rec.order
+                if (
+                    g.layout is not strided
+                    or g.dtype is not rec.dtype
+                    or not (g.is_contiguous() if order is None else g.stride() == order)
+                ):
                     return False
                 if cuda:
                     if g.requires_grad:  # torch gives no CUDA interface for these
                         return False
-                    taken.append(g)
+                    taken.append(g if rec.plain else rec.grad(g))
+                    if addresses is not None:
+                        addresses.append(g.data_ptr())
                 else:
                     taken.append(g.data_ptr())
             if cuda:  # on torch's current stream, as _sort does
@@ -441,12 +542,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     for a in rec.arrays:
                         a.on(streams[device])
             work.append((run, step, stepper(step), taken))
+            if addresses is not None and not cuda:
+                addresses += taken
+        if addresses is not None:  # each plan checks its own bucket's gradients
+            if last.spans.first_overlap(np.array(addresses, np.int64), last.nbytes) is not None:
+                return False  # the full route says which
         for k, (run, step, setup, taken) in enumerate(work):
             try:
                 if run.cuda:
-                    run.plan.run(taken, setup)
+                    _run(run.plan, setup, taken, run.gathers, addresses=False)
                 else:
-                    run.plan.run_addresses(np.array(taken, np.int64), setup)
+                    _run(run.plan, setup, np.array(taken, np.int64), run.gathers, addresses=True)
             except (TypeError, ValueError):
                 if k == 0:  # nothing written: the full route says what is wrong
                     return False
@@ -526,21 +632,20 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if rec is None:
                     rec, fresh = self._views_of(group, p, names, created)
                 if self._keeps_step:
-                    t = int(rec.step_view.item()) + 1
+                    t = self._next_step(rec, group, gi, pi, p)
                 else:  # SGD: a new momentum buffer is set to the gradient itself (step 1)
                     t = 1 if fresh else 2
-                key = (gi, rec.cuda, rec.dtype, t if self._counts_steps else 1)
+                key = (gi, rec.cuda, rec.kdtype, t if self._counts_steps else 1)
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(options, key[3], slots)
-                    if rec.dtype is torch.float32:  # the scalars are largest on step 1
+                    if rec.kdtype is torch.float32:  # the scalars are largest on step 1
                         _check_fits_float32(setup)
                 if rec.step_view is not None:
                     b.steps.append((rec.step_view, float(t)))
-                if g.requires_grad:  # backward(create_graph=True)
-                    g = g.detach()
-                if not g.is_contiguous():  # read only: a contiguous copy is enough
-                    g = g.contiguous()
+                if rec.gather is not None:
+                    b.gathers.append(rec.gather)
+                g = rec.grad(g)
                 arrays = rec.arrays
                 if rec.cuda:
                     if p.device not in streams:  # 0, torch's default stream, is named None
@@ -557,6 +662,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     b.state[s].append(a)
         return list(buckets.values())
 
+    def _next_step(self, rec: _Views, group: dict, gi: int, pi: int, p: torch.Tensor) -> int:
+        """The step count this step takes the parameter to; a corrupt count (negative, not
+        whole: a damaged checkpoint) is refused naming the parameter."""
+        count = float(rec.step_view)
+        if not (count >= 0 and count.is_integer()):
+            raise ValueError(
+                f"state['step'] of {self._name(group, gi, pi, p)} is {count!r}: a step count "
+                "must be a whole number >= 0"
+            )
+        return int(count) + 1
+
     def _views_of(self, group: dict, p: torch.Tensor, names: tuple, created: list):
         """The parameter's views, and whether a state buffer was created for them (state
         that is missing is created here, as torch does on a parameter's first step)."""
@@ -570,10 +686,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 st["step"] = torch.zeros((), dtype=torch.float32)
             elif step.device.type != "cpu":  # e.g. from a fused or capturable checkpoint
                 st["step"] = step.to("cpu", torch.float32)
+        layout = layout_of(p)
         for n in names:
             if n not in st:
                 st[n] = self._new_state(group, p, n)
                 fresh = True
+            elif not fits(st[n], p, layout):  # e.g. loaded from a checkpoint in another order
+                st[n] = _zeros_like(p, n).copy_(st[n])
         rec = self._views[p] = _Views(p, st, names)
         return rec, fresh
 
@@ -589,18 +708,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _check_param(self, group, gi, pi, p, st, names) -> None:
         what = self._name(group, gi, pi, p)
         cls = f"fastrms.torch.{type(self).__name__}"
-        if p.is_complex():
-            raise TypeError(f"{cls} does not support complex tensors: {what}")
-        if p.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"{cls} supports float32 and float64 tensors only: {what}")
         if p.layout is not torch.strided:
             raise TypeError(f"{cls} does not support sparse parameters: {what}")
+        if p.dtype not in KERNEL_DTYPE:
+            raise TypeError(
+                f"{cls} supports float32 and float64 tensors (and complex64 and complex128, "
+                f"stepped as their real views) only: {what}"
+            )
         if p.device.type not in ("cpu", "cuda"):
             raise TypeError(f"{cls} runs on CPU and CUDA tensors only: {what}")
-        if not p.is_contiguous():
+        if layout_of(p) == OVERLAPPING:
             raise ValueError(
-                f"{cls} needs contiguous parameters (it updates them in place): {what} is not"
+                f"{cls} cannot update in place a parameter whose elements may share memory "
+                f"(an expanded tensor, a stride of 0): {what}"
             )
+        step = st.get("step") if st else None
+        if step is not None and not (torch.is_tensor(step) and step.numel() == 1):
+            desc = f"shape {tuple(step.shape)}" if torch.is_tensor(step) else type(step).__name__
+            raise ValueError(f"state['step'] ({desc}) of {what} must be a 1-element tensor")
         for n in names if st else ():
             t = st.get(n)
             if t is None:
@@ -610,7 +735,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 and t.dtype is p.dtype
                 and t.shape == p.shape
                 and t.device == p.device
-                and t.is_contiguous()
             ):
                 desc = (
                     f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"
@@ -641,16 +765,38 @@ _STAGGER = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 3, "square_avg": 1,
 
 
 def _zeros_like(p: torch.Tensor, name: str) -> torch.Tensor:
-    """A zero state buffer like ``p``. On the CPU it is placed a few KiB away from ``p``
-    modulo 4 KiB, as fastrms's own state is (fastrms.dispatch._staggered_zeros_like): torch's
-    allocator tends to put same-sized tensors at the same offset modulo 4 KiB, and a loop
-    that loads and stores arrays at (nearly) the same offset stalls on "4K aliasing" (the
-    MLP's Adam step ran 2x slower so)."""
+    """A zero state buffer like ``p``, in the layout of ``torch.zeros_like(p,
+    memory_format=torch.preserve_format)`` (``p``'s strides if ``p`` is dense, else
+    contiguous). On the CPU it is placed a few KiB away from ``p`` modulo 4 KiB, as fastrms's
+    own state is (fastrms.dispatch._staggered_zeros_like): torch's allocator tends to put
+    same-sized tensors at the same offset modulo 4 KiB, and a loop that loads and stores
+    arrays at (nearly) the same offset stalls on "4K aliasing" (the MLP's Adam step ran 2x
+    slower so)."""
     if p.device.type != "cpu":
         return torch.zeros_like(p, memory_format=torch.preserve_format)
     from .dispatch import _staggered_zeros_like
 
-    return torch.from_numpy(_staggered_zeros_like(p.detach().numpy(), _STAGGER.get(name, 1)))
+    if p.is_contiguous() and not p.is_complex():
+        return torch.from_numpy(_staggered_zeros_like(p.detach().numpy(), _STAGGER.get(name, 1)))
+    k = real(p.detach())
+    like = np.empty(k.numel(), torch.empty((), dtype=k.dtype).numpy().dtype)
+    zeros = _staggered_zeros_like(like, _STAGGER.get(name, 1))  # placed from a fresh array
+    return state_like(p, torch.from_numpy(zeros))
+
+
+class _Label:
+    """A parameter's name in an overlap error, made only if the error is raised."""
+
+    __slots__ = ("name", "prefix", "where")
+
+    def __init__(self, name: Callable[..., str], where: tuple, prefix: str = "") -> None:
+        self.name, self.where, self.prefix = name, where, prefix
+
+    def of(self, prefix: str) -> _Label:
+        return _Label(self.name, self.where, prefix)
+
+    def __str__(self) -> str:
+        return self.prefix + self.name(*self.where)
 
 
 def _scalar(name: str, x: Any) -> Any:
@@ -835,6 +981,8 @@ class Adagrad(_FusedOptimizer):
 
     def _new_state(self, group, p, name):
         value = float(_scalar("initial_accumulator_value", group["initial_accumulator_value"]))
+        if p.is_complex():  # both halves of the real view start there, as in torch
+            return _zeros_like(p, name).fill_(complex(value, value))
         return _zeros_like(p, name).fill_(value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

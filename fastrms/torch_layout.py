@@ -1,0 +1,81 @@
+"""How ``fastrms.torch`` hands a parameter of any memory layout to the elementwise kernels.
+
+The kernels step C-contiguous arrays element by element, and an elementwise step does not care
+in which order the elements lie, as long as the parameter, its gradient and its state lie in
+the same order. So:
+
+- A **contiguous** parameter is stepped as it is.
+- A **dense** one in another order (channels_last, channels_last_3d, a transposed weight: its
+  elements fill one block of memory without gaps) is stepped as the flat block it occupies.
+  Its state takes its strides (``torch.zeros_like`` with ``preserve_format``, as torch.optim's
+  state does), and a gradient with the same strides is read as its flat block too, with no
+  copy; a gradient in another order is copied into the parameter's order first.
+- A **strided** one (a stride of 2, a slice: gaps between its elements) is gathered into a
+  contiguous buffer before its bucket runs and scattered back after. Its state is contiguous
+  (``preserve_format`` gives contiguous strides to a tensor that is not dense).
+- A **complex** tensor is stepped as its real view (``torch.view_as_real``), as torch.optim
+  steps it; its state stays complex, as torch's does, so checkpoints match.
+
+A tensor whose elements share memory (an expanded tensor, a stride of 0) cannot be updated in
+place element by element, and is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CONTIGUOUS, DENSE, STRIDED, OVERLAPPING = "contiguous", "dense", "strided", "overlapping"
+
+#: The real dtype each supported parameter dtype is stepped in.
+KERNEL_DTYPE = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def real(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or its real view if it is complex (a trailing dimension of 2, stride 1)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def layout_of(t: torch.Tensor) -> str:
+    """:data:`CONTIGUOUS`, :data:`DENSE`, :data:`STRIDED` or :data:`OVERLAPPING`.
+
+    Sorted by stride, the dimensions of a tensor whose elements do not share memory each step
+    over all the elements of the smaller ones (a stride at least their extent); it is dense
+    when each stride is exactly that extent.
+    """
+    if t.is_contiguous():
+        return CONTIGUOUS
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    extent, dense = 1, True  # one past the furthest offset reached by the smaller dimensions
+    for stride, size in dims:
+        if stride < extent:
+            return OVERLAPPING
+        dense = dense and stride == extent
+        extent = stride * (size - 1) + extent
+    return DENSE if dense else STRIDED
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor as the 1-D contiguous block of memory its elements fill (its element
+    at the lowest address, that of ``t.data_ptr()``, first)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def fits(t: torch.Tensor, p: torch.Tensor, layout: str) -> bool:
+    """Whether state tensor ``t`` lies in the order that parameter ``p`` (of ``layout``) is
+    stepped in: contiguous, or, for a dense ``p``, ``p``'s strides."""
+    return t.stride() == p.stride() if layout == DENSE else t.is_contiguous()
+
+
+def state_like(p: torch.Tensor, flat_zeros: torch.Tensor) -> torch.Tensor:
+    """A state tensor for ``p`` over ``flat_zeros`` (real, 1-D, ``p.numel()`` elements, twice
+    that for a complex ``p``): ``p``'s strides if ``p`` is dense, else contiguous, as
+    ``torch.zeros_like(p, memory_format=torch.preserve_format)`` gives."""
+    t = torch.view_as_complex(flat_zeros.view(-1, 2)) if p.is_complex() else flat_zeros
+    if layout_of(p) == DENSE:
+        return t.as_strided(p.shape, p.stride(), 0)
+    return t.view(p.shape)
