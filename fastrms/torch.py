@@ -662,10 +662,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     b.state[s].append(a)
         return list(buckets.values())
 
-    def _next_step(self, rec: _Views, group: dict, gi: int, pi: int, p: torch.Tensor) -> int:
-        """The step count this step takes the parameter to; a corrupt count (negative, not
-        whole: a damaged checkpoint) is refused naming the parameter."""
+    def _next_step(self, rec: _Views, group: dict, gi: int, pi: int, p: torch.Tensor) -> float:
+        """The step count this step takes the parameter to. Where the update depends on it, a
+        corrupt count (negative, not whole: a damaged checkpoint) is refused naming the
+        parameter; elsewhere (RMSprop) it is only counted on, as torch does."""
         count = float(rec.step_view)
+        if not self._counts_steps:
+            return count + 1
         if not (count >= 0 and count.is_integer()):
             raise ValueError(
                 f"state['step'] of {self._name(group, gi, pi, p)} is {count!r}: a step count "
