@@ -298,6 +298,45 @@ def plot_sweep(
     fig.savefig(path, dpi=110)
 
 
+#: Parameters of :func:`layout_times`: ``n`` float32 elements each, in several layouts.
+LAYOUTS: dict[str, Callable[[int], torch.Tensor]] = {
+    "contiguous": lambda n: torch.randn(n),
+    "transposed (dense)": lambda n: torch.randn(1000, n // 1000).t(),
+    "channels_last (dense)": lambda n: torch.randn(n // 4096, 64, 8, 8).to(
+        memory_format=torch.channels_last
+    ),
+    "stride 2 (gathered)": lambda n: torch.randn(n, 2)[:, 0],
+    "complex64 (real view)": lambda n: torch.randn(n // 2, dtype=torch.complex64),
+}
+
+
+def layout_times(n: int = 1 << 20, repeats: int = 30, threads: int | None = None) -> dict:
+    """Median seconds of ``fastrms.torch.Adam``'s step on one parameter of ``n`` float32
+    elements (real view) in each of :data:`LAYOUTS`, and of ``torch.optim.Adam``'s
+    (``foreach=False``, the implementation that takes every layout) on the same, interleaved
+    step by step, gradients in the parameter's layout."""
+    import numba
+
+    with B.thread_count(threads or numba.config.NUMBA_NUM_THREADS):
+        opts = {}
+        for layout, make in LAYOUTS.items():
+            for kind, cls, kw in (("fastrms", ft.Adam, {}),
+                                  ("torch", torch.optim.Adam, {"foreach": False})):  # fmt: skip
+                p = torch.nn.Parameter(make(n))
+                p.grad = torch.randn_like(p, memory_format=torch.preserve_format)
+                opts[(layout, kind)] = cls([p], lr=1e-3, **kw)
+        for opt in opts.values():
+            for _ in range(3):
+                opt.step()
+        times: dict = {k: [] for k in opts}
+        for _ in range(repeats):
+            for k, opt in opts.items():
+                t0 = time.perf_counter()
+                opt.step()
+                times[k].append(time.perf_counter() - t0)
+    return {f"{layout} / {kind}": statistics.median(t) for (layout, kind), t in times.items()}
+
+
 def main() -> None:  # pragma: no cover - a manual measurement
     import argparse
 
@@ -311,7 +350,21 @@ def main() -> None:  # pragma: no cover - a manual measurement
         "--sweep", action="store_true", help="time the MLP at several widths (SWEEP_SCALES) instead"
     )
     parser.add_argument("--plot", help="with --sweep: draw it to this image file")
+    parser.add_argument(
+        "--layouts",
+        type=int,
+        metavar="N",
+        help="time Adam on one parameter of N elements in each layout (LAYOUTS) instead",
+    )
     args = parser.parse_args()  # fmt: skip
+    if args.layouts:
+        t = layout_times(args.layouts, repeats=args.repeats * args.steps)
+        base = t["contiguous / fastrms"]
+        for k, x in t.items():
+            print(f"  {k:40s} {x * 1e6:10.1f} us   ({x / base:.2f}x contiguous / fastrms)")
+        if args.json:
+            _write_json(args, {"layouts": args.layouts, "median_step_seconds": t})
+        return
     if args.sweep:
         names = args.variants.split(",") if "--variants" in sys.argv else list(SWEEP_VARIANTS)
         rows = sweep(names, repeats=args.repeats, steps=args.steps)
