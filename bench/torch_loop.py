@@ -356,9 +356,10 @@ def main() -> None:  # pragma: no cover - a manual measurement
         metavar="N",
         help="time Adam on one parameter of N elements in each layout (LAYOUTS) instead",
     )
+    parser.add_argument("--threads", type=int, help="with --layouts: the thread count")
     args = parser.parse_args()  # fmt: skip
     if args.layouts:
-        t = layout_times(args.layouts, repeats=args.repeats * args.steps)
+        t = layout_times(args.layouts, repeats=args.repeats * args.steps, threads=args.threads)
         base = t["contiguous / fastrms"]
         for k, x in t.items():
             print(f"  {k:40s} {x * 1e6:10.1f} us   ({x / base:.2f}x contiguous / fastrms)")
