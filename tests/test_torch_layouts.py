@@ -116,16 +116,17 @@ def test_odd_params_have_the_layouts_meant():
     assert odd_params()[3].is_contiguous(memory_format=torch.channels_last)
 
 
-def _clone(params) -> list[torch.Tensor]:
+def _clone(params, device: str = "cpu") -> list[torch.Tensor]:
     """Equal copies in the same layouts (strided views stay views of a new base)."""
     out = []
     for p in params:
         if layout_of(p) == STRIDED:
-            base = torch.zeros(p.untyped_storage().nbytes() // p.element_size(), dtype=p.dtype)
+            size = p.untyped_storage().nbytes() // p.element_size()
+            base = torch.zeros(size, dtype=p.dtype, device=device)
             q = base.as_strided(p.shape, p.stride(), p.storage_offset())
             q.copy_(p.detach())
         else:
-            q = p.detach().clone(memory_format=torch.preserve_format)
+            q = p.detach().to(device).clone(memory_format=torch.preserve_format)
         assert q.stride() == p.stride()
         out.append(torch.nn.Parameter(q))
     return out
@@ -183,6 +184,29 @@ def test_any_layout_steps_as_its_contiguous_copy_bit_for_bit(name):
             for k, v in opts[1].state[b].items():
                 assert torch.equal(opts[0].state[a][k], v), (t, k)
     assert opts[0]._last is not None  # the last steps took the short route
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", [*NAMES, "Lion"])
+def test_cuda_odd_layouts_match_the_cpu(name):
+    """On CUDA the same layouts (flat views, gathered buffers, real views through
+    ``__cuda_array_interface__``) give the CPU's results, on the full and the short route."""
+    options = FULL.get(name, dict(weight_decay=0.1))
+    cpu = odd_params(torch.float32) + odd_params(torch.complex64, seed=1)[:4]
+    gpu = _clone(cpu, "cuda")
+    opts = [getattr(ft, name)(ps, lr=0.01, **options) for ps in (cpu, gpu)]
+    gen = torch.Generator().manual_seed(12)
+    for t in range(STEPS):
+        grads = _grads(cpu, gen)
+        for ps, opt in zip((cpu, gpu), opts):
+            for p, g in zip(ps, grads):
+                p.grad = g.to(p.device).clone(memory_format=torch.preserve_format)
+            opt.step()
+        for i, (a, b) in enumerate(zip(cpu, gpu)):
+            assert a.stride() == b.stride()
+            assert_close(_numpy(b.cpu()), _numpy(a), f"param {i}, step {t}")
+            for k, v in opts[0].state[a].items():
+                assert_close(_numpy(opts[1].state[b][k].cpu()), _numpy(v), f"{k} {i}, {t}")
 
 
 def test_channels_last_cnn_matches_torch():
