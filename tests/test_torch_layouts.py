@@ -240,6 +240,43 @@ def test_channels_last_cnn_matches_torch():
             assert_matches(opts[0], ours, opts[1], theirs, f"{name} step {t}")
 
 
+class _ViewsModule(torch.nn.Module):
+    """A module whose parameters are a transposed weight and a stride-2 view (the shapes of
+    torch's own optimizer tests), trained through autograd (whose gradients take the
+    parameters' layouts where it can)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(5, 10, generator=gen).t())
+        self.scale = torch.nn.Parameter(torch.randn(10, 5, 2, generator=gen)[..., 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.weight) * self.scale.sum(0)
+
+
+def test_module_with_transposed_and_strided_parameters_matches_torch():
+    assert layout_of(_ViewsModule(0).weight) == DENSE
+    assert layout_of(_ViewsModule(0).scale) == STRIDED
+    gen = torch.Generator().manual_seed(13)
+    xs = [torch.randn(4, 10, generator=gen) for _ in range(STEPS)]
+    for name in NAMES:
+        models = [_ViewsModule(14), _ViewsModule(14)]
+        opts = [
+            getattr(ft, name)(models[0].parameters(), lr=LR[name], **FULL[name]),
+            getattr(torch.optim, name)(
+                models[1].parameters(), lr=LR[name], **FULL[name], foreach=False
+            ),
+        ]
+        for t, x in enumerate(xs):
+            for m, opt in zip(models, opts):
+                opt.zero_grad()
+                m(x).square().mean().backward()
+                opt.step()
+            ours, theirs = (list(m.parameters()) for m in models)
+            assert_matches(opts[0], ours, opts[1], theirs, f"{name} step {t}")
+
+
 def test_complex_checkpoints_match_torchs():
     """Complex state stays complex, as torch's: a checkpoint loads either way and both go on
     identically."""
