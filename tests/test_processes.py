@@ -140,7 +140,7 @@ def test_info_names_the_layer_and_its_safety():
 def run_script(mode: str, out: Path, *flags: str, env: dict | None = None) -> dict:
     """Run this file as a script; return its JSON summary (the last line of its output)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING")}
-    environ.update(env or {})
+    environ.update(same_fastrms_env(), **(env or {}))
     proc = subprocess.run(
         [sys.executable, __file__, mode, str(out), *flags],
         capture_output=True,
@@ -150,6 +150,22 @@ def run_script(mode: str, out: Path, *flags: str, env: dict | None = None) -> di
     )
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def same_fastrms_env() -> dict[str, str]:
+    """``PYTHONPATH`` for a child Python that must import the fastrms this process imported.
+
+    A script's own folder is its ``sys.path[0]``, not the project root (which pytest puts on
+    this process's path), so without this the child would import whatever ``fastrms``
+    site-packages holds first, even a left-over folder of cache files (issue 20).
+    """
+    home = str(Path(fastrms.__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))}
+
+
+def test_a_script_child_imports_this_fastrms(tmp_path):
+    summary = run_script("info", tmp_path)
+    assert summary["fastrms"] == str(Path(fastrms.__file__).resolve()), summary
 
 
 def load(path: Path) -> dict[str, np.ndarray]:
@@ -255,7 +271,7 @@ def _script(mode: str, out: Path, flags: list[str]) -> dict:
 
     if "--no-tbb" in flags:
         _no_tbb()
-    summary: dict = {}
+    summary: dict = {"fastrms": str(Path(fastrms.__file__).resolve())}
     np.savez(out / "parent.npz", **train("adam", 0))  # the parent steps first (in parallel)
     summary["layer"] = _layer()
     summary["info"] = fastrms.backends()["cpu"].detail
