@@ -10,7 +10,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 from collections.abc import Callable
+
+#: On PyTorch's OpenMP team, a plain fastrms step (an optimizer class, a grouped call) over
+#: fewer elements runs on one thread. The team's threads are awake after torch's ops, so two
+#: pay off earlier than Numba's (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): measured by
+#: ``bench/team_vs_torch.py`` (README, Processes and threads), as fastrms.torch's own
+#: TEAM_THRESHOLD was in its training loop.
+TEAM_THRESHOLD = 1 << 16
 
 
 class OpenMPTeam:
@@ -60,3 +68,17 @@ def torch_team() -> OpenMPTeam | None:
     parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     parallel.restype = None
     return OpenMPTeam(parallel)
+
+
+def default_team() -> OpenMPTeam | None:
+    """The team a plain fastrms step runs its parallel CPU regions on when it did not choose:
+    PyTorch's OpenMP team if this process has imported torch (its threads are then the ones
+    a training loop keeps busy and awake), else None: Numba's fork-safe threading layer
+    (:mod:`fastrms.threads`). fastrms does not import torch to find out.
+
+    Fork-safe either way: in a child forked after the parent stepped on torch's team, the
+    team's steps run on one thread (:meth:`OpenMPTeam.threads`), never in GNU OpenMP.
+    """
+    if "torch" not in sys.modules:
+        return None
+    return torch_team()

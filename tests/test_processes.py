@@ -12,6 +12,7 @@ NumPy reference computed here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -228,6 +229,25 @@ def test_user_choice_that_cannot_load_falls_back_to_numpy(tmp_path):
     assert_same_results(load(tmp_path / "parent.npz"), train("adam", 0, "numpy"), "fallback")
 
 
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_next_to_torch_steps_run_on_its_team_and_children_still_step(method, tmp_path):
+    """With torch imported, a plain fastrms step runs its parallel region on torch's OpenMP
+    team (fastrms.teams.default_team); a child forked after that still steps (on one thread:
+    GNU OpenMP does not survive a fork) and gets the parent's bits, and four Python threads
+    stepping at once on the team get the reference's."""
+    summary = run_script(method, tmp_path, "--torch", "--threads")
+    if summary["torch_team"] is None:
+        pytest.skip("this torch does not run on an OpenMP runtime fastrms can use")
+    assert summary["plan_team"] == "OpenMPTeam", summary
+    assert_children_right(summary, tmp_path)
+    assert summary["warnings"] == [], summary
+    assert_threads_right(tmp_path)
+
+
 def assert_threads_right(out: Path) -> None:
     for i, name in enumerate(OPTIMIZERS):
         assert_same_results(load(out / f"thread{i}.npz"), train(name, 10 + i, "numpy", STEPS), name)
@@ -266,12 +286,31 @@ def _no_tbb() -> None:
     threads._load_tbb = lambda: "simulated: no TBB here"
 
 
+def _torch_first() -> dict:
+    import torch
+
+    from fastrms import teams
+
+    torch.set_num_threads(2)
+    torch.mm(torch.randn(256, 256), torch.randn(256, 256))
+    team = teams.default_team()
+    opt = fastrms.Adam(np.zeros(N, np.float32))
+    opt.step(np.ones(N, np.float32))
+    (group,) = opt._plan.groups
+    return {
+        "torch_team": None if team is None else type(team).__name__,
+        "plan_team": None if group.team is None else type(group.team).__name__,
+    }
+
+
 def _script(mode: str, out: Path, flags: list[str]) -> dict:
     import multiprocessing
 
     if "--no-tbb" in flags:
         _no_tbb()
     summary: dict = {"fastrms": str(Path(fastrms.__file__).resolve())}
+    if "--torch" in flags:  # as in a training loop: torch's threads work, then fastrms steps
+        summary.update(_torch_first())
     np.savez(out / "parent.npz", **train("adam", 0))  # the parent steps first (in parallel)
     summary["layer"] = _layer()
     summary["info"] = fastrms.backends()["cpu"].detail

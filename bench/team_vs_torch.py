@@ -1,0 +1,166 @@
+"""A fastrms Adam step right after torch's own multithreaded work, on each way of running its
+parallel region, against ``torch.optim.Adam(fused=True)`` (issue 20).
+
+A training loop is "torch works, then the optimizer steps". Which threads fastrms's parallel
+step runs on then matters: Numba's thread pool (whose threads slept while torch's worked) or
+torch's own OpenMP team (awake). Numba's threading layer is fixed once per process, so the
+script runs itself once per layer (``tbb``, ``omp``); in each process it interleaves, repetition
+by repetition and in a rotating order, these variants (each step preceded by the same torch
+work: a 512x512 matmul and an elementwise op over 2^20 floats, on torch's threads; the
+variants take turns step by step):
+
+- ``torch-fused``: ``torch.optim.Adam(fused=True)``;
+- ``numba``: a fastrms plan on Numba's threading layer, its shipped threshold
+  (``kernels.cpu.PARALLEL_THRESHOLD``: below it, one thread);
+- ``numba-parallel``: the same, always on the layer's threads;
+- ``team``: a fastrms plan on torch's OpenMP team (:func:`fastrms.teams.torch_team`) with
+  :data:`fastrms.teams.TEAM_THRESHOLD`, what a plain fastrms step chooses once torch is
+  imported.
+
+Only the step is timed. Usage::
+
+    python bench/team_vs_torch.py --json bench/results/team-vs-torch-cpu-2core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+LAYERS = ("tbb", "omp")
+VARIANTS = ("torch-fused", "numba", "numba-parallel", "team")
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def measure(sizes: list[int], repeat: int, steps: int, threads: int) -> dict:
+    """In this process: {n: {variant: [median step seconds of each repetition]}}."""
+    import numpy as np
+    import torch
+
+    import fastrms  # noqa: F401
+    from fastrms import teams
+    from fastrms.grouped import StepPlan
+    from fastrms.kernels.cpu import PARALLEL_THRESHOLD
+    from fastrms.specs import SPECS
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    x = torch.randn(1 << 20)
+
+    def torch_work() -> None:
+        torch.mm(a, b)
+        x.mul_(1.0000001).add_(1e-7)
+
+    team = teams.torch_team()
+    assert team is not None, "torch here does not run on OpenMP"
+    spec = SPECS["adam"]
+    out: dict = {}
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        p0, g = rng.standard_normal(n, np.float32), rng.standard_normal(n, np.float32)
+
+        def plan_step(team_, threshold, p0=p0, g=g):
+            p = p0.copy()
+            state = {"exp_avg": [np.zeros_like(p)], "exp_avg_sq": [np.zeros_like(p)]}
+            count = [0]
+            setup0 = spec.setup(1, **HYPER)
+            plan = StepPlan(setup0, [p], state, ["params[0]"], "cpu",
+                            parallel_threshold=threshold, team=team_)  # fmt: skip
+
+            def plan_run() -> None:
+                count[0] += 1
+                plan.run([g], spec.setup(count[0], **HYPER))
+
+            return plan_run
+
+        tp = torch.from_numpy(p0.copy())
+        tp.grad = torch.from_numpy(g.copy())
+        topt = torch.optim.Adam([tp], fused=True, **HYPER)
+        runs = {
+            "torch-fused": topt.step,
+            "numba": plan_step(None, PARALLEL_THRESHOLD),
+            "numba-parallel": plan_step(None, 1),
+            "team": plan_step(team, teams.TEAM_THRESHOLD),
+        }
+        for step in runs.values():  # compile, allocate state, wake everything once
+            for _ in range(3):
+                torch_work()
+                step()
+        times: dict = {v: [] for v in VARIANTS}
+        for r in range(repeat):
+            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            samples: dict = {v: [] for v in VARIANTS}
+            for _ in range(steps):  # interleaved step by step: each sees the same machine
+                for v in order:
+                    torch_work()
+                    t0 = time.perf_counter()
+                    runs[v]()
+                    samples[v].append(time.perf_counter() - t0)
+            for v in VARIANTS:
+                times[v].append(statistics.median(samples[v]))
+        out[str(n)] = times
+    return out
+
+
+def summary(times: dict) -> dict:
+    """Medians (ms), torch-fused's median over the variant's, and the range of that ratio
+    over repetitions (each repetition's median step against torch's in the same repetition)."""
+    torch_t = times["torch-fused"]
+    rows = {}
+    for v, ts in times.items():
+        ratios = [t / s for t, s in zip(torch_t, ts)]
+        rows[v] = {
+            "median_ms": statistics.median(ts) * 1e3,
+            "vs_torch_fused": statistics.median(torch_t) / statistics.median(ts),
+            "min_ms": min(ts) * 1e3,
+            "max_ms": max(ts) * 1e3,
+            "vs_torch_fused_median": statistics.median(ratios),
+            "vs_torch_fused_range": [min(ratios), max(ratios)],
+        }
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=float, nargs="+", default=[1e7, 1e5])
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes]
+    if args.child:
+        print(json.dumps(measure(sizes, args.repeat, args.steps, args.threads)))
+        return
+    result: dict = {"sizes": sizes, "repeat": args.repeat, "steps": args.steps,
+                    "threads": args.threads, "layers": {}}  # fmt: skip
+    for layer in args.layers:
+        env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS=str(args.threads))
+        command = [sys.executable, __file__, "--child", "--sizes", *map(str, sizes),
+                   "--repeat", str(args.repeat), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        times = json.loads(done.stdout.strip().splitlines()[-1])
+        result["layers"][layer] = {
+            n: {"times_s": t, "summary": summary(t)} for n, t in times.items()
+        }
+        for n, t in result["layers"][layer].items():
+            for v, row in t["summary"].items():
+                lo, hi = row["vs_torch_fused_range"]
+                ratio = row["vs_torch_fused"]
+                print(f"{layer:4} n={int(n):>9,} {v:15} {row['median_ms']:8.3f} ms  "
+                      f"torch/this {ratio:.2f}x ({lo:.2f}-{hi:.2f})")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
