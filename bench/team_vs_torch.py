@@ -13,9 +13,11 @@ variants take turns step by step):
 - ``numba``: a fastrms plan on Numba's threading layer, its shipped threshold
   (``kernels.cpu.PARALLEL_THRESHOLD``: below it, one thread);
 - ``numba-parallel``: the same, always on the layer's threads;
-- ``team``: a fastrms plan on torch's OpenMP team (:func:`fastrms.teams.torch_team`) with
-  :data:`fastrms.teams.TEAM_THRESHOLD`, what a plain fastrms step chooses once torch is
-  imported.
+- ``team-parallel``: a fastrms plan on torch's OpenMP team (:func:`fastrms.teams.torch_team`),
+  always on the team's threads;
+- ``fastrms``: ``fastrms.Adam(param).step(grad)`` as shipped: torch is imported, so on torch's
+  team from :data:`fastrms.teams.TEAM_THRESHOLD` on, one thread below;
+- ``functional``: ``fastrms.functional.adam`` on the one array, as shipped (the same choice).
 
 Only the step is timed. Usage::
 
@@ -25,6 +27,7 @@ Only the step is timed. Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -33,7 +36,7 @@ import sys
 import time
 
 LAYERS = ("tbb", "omp")
-VARIANTS = ("torch-fused", "numba", "numba-parallel", "team")
+VARIANTS = ("torch-fused", "numba", "numba-parallel", "team-parallel", "fastrms", "functional")
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
@@ -42,7 +45,7 @@ def measure(sizes: list[int], repeat: int, steps: int, threads: int) -> dict:
     import numpy as np
     import torch
 
-    import fastrms  # noqa: F401
+    import fastrms
     from fastrms import teams
     from fastrms.grouped import StepPlan
     from fastrms.kernels.cpu import PARALLEL_THRESHOLD
@@ -78,6 +81,23 @@ def measure(sizes: list[int], repeat: int, steps: int, threads: int) -> dict:
 
             return plan_run
 
+        def class_step(p0=p0, g=g):
+            opt = fastrms.Adam(p0.copy(), **HYPER)
+            return functools.partial(opt.step, g)
+
+        def functional_step(p0=p0, g=g):
+            from fastrms import functional
+
+            p = p0.copy()
+            m, v = np.zeros_like(p), np.zeros_like(p)
+            count = [0]
+
+            def run() -> None:
+                count[0] += 1
+                functional.adam(p, g, m, v, step=count[0], **HYPER)
+
+            return run
+
         tp = torch.from_numpy(p0.copy())
         tp.grad = torch.from_numpy(g.copy())
         topt = torch.optim.Adam([tp], fused=True, **HYPER)
@@ -85,7 +105,9 @@ def measure(sizes: list[int], repeat: int, steps: int, threads: int) -> dict:
             "torch-fused": topt.step,
             "numba": plan_step(None, PARALLEL_THRESHOLD),
             "numba-parallel": plan_step(None, 1),
-            "team": plan_step(team, teams.TEAM_THRESHOLD),
+            "team-parallel": plan_step(team, 1),
+            "fastrms": class_step(),
+            "functional": functional_step(),
         }
         for step in runs.values():  # compile, allocate state, wake everything once
             for _ in range(3):
@@ -125,6 +147,26 @@ def summary(times: dict) -> dict:
     return rows
 
 
+def _machine() -> dict:
+    import platform
+
+    import numba
+    import torch
+
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+        platform.processor() or platform.machine(),
+    ) if os.path.exists("/proc/cpuinfo") else platform.machine()  # fmt: skip
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "numba": numba.__version__,
+        "torch": torch.__version__,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e7, 1e5])
@@ -132,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
+    ap.add_argument("--runs", type=int, default=1, help="processes per layer, layers alternating")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -140,18 +183,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(measure(sizes, args.repeat, args.steps, args.threads)))
         return
     result: dict = {"sizes": sizes, "repeat": args.repeat, "steps": args.steps,
-                    "threads": args.threads, "layers": {}}  # fmt: skip
-    for layer in args.layers:
+                    "threads": args.threads, "machine": _machine(),
+                    "layers": {layer: [] for layer in args.layers}}  # fmt: skip
+    for layer in [layer for _ in range(args.runs) for layer in args.layers]:
         env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS=str(args.threads))
         command = [sys.executable, __file__, "--child", "--sizes", *map(str, sizes),
                    "--repeat", str(args.repeat), "--steps", str(args.steps),
                    "--threads", str(args.threads)]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         times = json.loads(done.stdout.strip().splitlines()[-1])
-        result["layers"][layer] = {
-            n: {"times_s": t, "summary": summary(t)} for n, t in times.items()
-        }
-        for n, t in result["layers"][layer].items():
+        run = {n: {"times_s": t, "summary": summary(t)} for n, t in times.items()}
+        result["layers"][layer].append(run)
+        for n, t in run.items():
             for v, row in t["summary"].items():
                 lo, hi = row["vs_torch_fused_range"]
                 ratio = row["vs_torch_fused"]

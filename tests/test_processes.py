@@ -248,6 +248,42 @@ def test_next_to_torch_steps_run_on_its_team_and_children_still_step(method, tmp
     assert_threads_right(tmp_path)
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_one_array_next_to_torch_runs_on_its_team(monkeypatch, name, dtype):
+    """functional's one-array step (dispatch) takes torch's team as the classes do, above
+    fastrms.teams.TEAM_THRESHOLD, with the reference's bits (odd length: uneven parts)."""
+    import torch
+
+    from fastrms import teams
+
+    if teams.default_team() is None:
+        pytest.skip("this torch does not run on an OpenMP runtime fastrms can use")
+    runs = []
+    run = teams.OpenMPTeam.run
+    monkeypatch.setattr(teams.OpenMPTeam, "run", lambda self, *a: runs.append(a) or run(self, *a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(5)
+        n = teams.TEAM_THRESHOLD + 11
+        start = {k: randn(rng, n, dtype) for k in ("param", "grad")}
+        state = {"exp_avg": np.zeros(n, dtype), "exp_avg_sq": np.abs(randn(rng, n, dtype))}
+        if name == "rmsprop":
+            state = {"square_avg": state["exp_avg_sq"]}
+        results = {}
+        for backend in ("cpu", "numpy"):
+            arrays = {k: a.copy() for k, a in {**start, **state}.items()}
+            step = {"step": 2} if name == "adam" else {}
+            getattr(functional, name)(*arrays.values(), backend=backend, lr=1e-2, **step)
+            results[backend] = arrays
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs) == 1, runs
+    assert_same_results(results["cpu"], results["numpy"], name)
+
+
 def assert_threads_right(out: Path) -> None:
     for i, name in enumerate(OPTIMIZERS):
         assert_same_results(load(out / f"thread{i}.npz"), train(name, 10 + i, "numpy", STEPS), name)
