@@ -1,23 +1,26 @@
-"""A fastrms Adam step right after torch's own multithreaded work, on each way of running its
-parallel region, against ``torch.optim.Adam(fused=True)`` (issue 20).
+"""A fastrms Adam step right after torch's own multithreaded work, for each way of running
+its parallel region, against ``torch.optim.Adam(fused=True)`` (issue 20).
 
 A training loop is "torch works, then the optimizer steps". Which threads fastrms's parallel
 step runs on then matters: Numba's thread pool (whose threads slept while torch's worked) or
-torch's own OpenMP team (awake). Numba's threading layer is fixed once per process, so the
-script runs itself once per layer (``tbb``, ``omp``); in each process it interleaves, repetition
-by repetition and in a rotating order, these variants (each step preceded by the same torch
-work: a 512x512 matmul and an elementwise op over 2^20 floats, on torch's threads; the
-variants take turns step by step):
+torch's own OpenMP team (awake). Numba's threading layer is fixed once per process, and one
+pool's spinning threads slow another's, so the script runs itself once per configuration
+(:data:`CONFIGS`, each a process as a user's would be):
+
+- ``tbb``: Numba's TBB layer runs fastrms's parallel regions (``FASTRMS_TORCH_TEAM=0``);
+- ``omp``: Numba's omp layer (GNU OpenMP; not fork-safe) runs them (``FASTRMS_TORCH_TEAM=0``);
+- ``team``: torch's OpenMP team runs them (:func:`fastrms.teams.default_team`, the default
+  once torch is imported; Numba's layer is TBB, unused by these steps).
+
+In each process it interleaves, step by step and in an order that rotates each repetition,
+these variants, each step preceded by the same torch work (a 512x512 matmul and an
+elementwise op over 2^20 floats, on torch's threads):
 
 - ``torch-fused``: ``torch.optim.Adam(fused=True)``;
-- ``numba``: a fastrms plan on Numba's threading layer, its shipped threshold
-  (``kernels.cpu.PARALLEL_THRESHOLD``: below it, one thread);
-- ``numba-parallel``: the same, always on the layer's threads;
-- ``team-parallel``: a fastrms plan on torch's OpenMP team (:func:`fastrms.teams.torch_team`),
-  always on the team's threads;
-- ``fastrms``: ``fastrms.Adam(param).step(grad)`` as shipped: torch is imported, so on torch's
-  team from :data:`fastrms.teams.TEAM_THRESHOLD` on, one thread below;
-- ``functional``: ``fastrms.functional.adam`` on the one array, as shipped (the same choice).
+- ``fastrms``: ``fastrms.Adam(param).step(grad)`` as shipped (one thread below
+  ``kernels.cpu.PARALLEL_THRESHOLD`` = :data:`fastrms.teams.TEAM_THRESHOLD`, 2^17);
+- ``fastrms-parallel``: the same step always on two threads (a plan with threshold 1);
+- ``functional``: ``fastrms.functional.adam`` on the one array, as shipped.
 
 Only the step is timed. Usage::
 
@@ -35,8 +38,9 @@ import subprocess
 import sys
 import time
 
-LAYERS = ("tbb", "omp")
-VARIANTS = ("torch-fused", "numba", "numba-parallel", "team-parallel", "fastrms", "functional")
+#: Configuration: (Numba threading layer, FASTRMS_TORCH_TEAM).
+CONFIGS = {"tbb": ("tbb", "0"), "omp": ("omp", "0"), "team": ("tbb", "1")}
+VARIANTS = ("torch-fused", "fastrms", "fastrms-parallel", "functional")
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
@@ -49,7 +53,6 @@ def measure(sizes: list[int], repeat: int, steps: int, threads: int) -> dict:
     import fastrms
     from fastrms import teams
     from fastrms.grouped import StepPlan
-    from fastrms.kernels.cpu import PARALLEL_THRESHOLD
     from fastrms.specs import SPECS
 
     torch.set_num_threads(threads)
@@ -60,21 +63,22 @@ def measure(sizes: list[int], repeat: int, steps: int, threads: int) -> dict:
         torch.mm(a, b)
         x.mul_(1.0000001).add_(1e-7)
 
-    team = teams.torch_team()
-    assert team is not None, "torch here does not run on OpenMP"
+    team = teams.default_team()
+    on_team = os.environ.get("FASTRMS_TORCH_TEAM") == "1"
+    assert (team is not None) == on_team, "torch here does not run on OpenMP"
     spec = SPECS["adam"]
     out: dict = {}
     for n in sizes:
         rng = np.random.default_rng(0)
         p0, g = rng.standard_normal(n, np.float32), rng.standard_normal(n, np.float32)
 
-        def plan_step(team_, threshold, p0=p0, g=g):
+        def plan_step(threshold, p0=p0, g=g):
             p = p0.copy()
             state = {"exp_avg": [np.zeros_like(p)], "exp_avg_sq": [np.zeros_like(p)]}
             count = [0]
             setup0 = spec.setup(1, **HYPER)
             plan = StepPlan(setup0, [p], state, ["params[0]"], "cpu",
-                            parallel_threshold=threshold, team=team_)  # fmt: skip
+                            parallel_threshold=threshold)  # fmt: skip
 
             def plan_run() -> None:
                 count[0] += 1
@@ -104,10 +108,8 @@ def measure(sizes: list[int], repeat: int, steps: int, threads: int) -> dict:
         topt = torch.optim.Adam([tp], fused=True, **HYPER)
         runs = {
             "torch-fused": topt.step,
-            "numba": plan_step(None, PARALLEL_THRESHOLD),
-            "numba-parallel": plan_step(None, 1),
-            "team-parallel": plan_step(team, 1),
             "fastrms": class_step(),
+            "fastrms-parallel": plan_step(1),
             "functional": functional_step(),
         }
         for step in runs.values():  # compile, allocate state, wake everything once
@@ -182,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
-    ap.add_argument("--runs", type=int, default=1, help="processes per layer, layers alternating")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    ap.add_argument("--runs", type=int, default=1, help="processes per config, in turn")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -193,22 +195,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     result: dict = {"sizes": sizes, "repeat": args.repeat, "steps": args.steps,
                     "threads": args.threads, "machine": _machine(),
-                    "layers": {layer: [] for layer in args.layers}}  # fmt: skip
-    for layer in [layer for _ in range(args.runs) for layer in args.layers]:
-        env = dict(os.environ, NUMBA_THREADING_LAYER=layer, NUMBA_NUM_THREADS=str(args.threads))
+                    "configs": {c: [] for c in args.configs}}  # fmt: skip
+    for config in [c for _ in range(args.runs) for c in args.configs]:
+        layer, team = CONFIGS[config]
+        env = dict(os.environ, NUMBA_THREADING_LAYER=layer, FASTRMS_TORCH_TEAM=team,
+                   NUMBA_NUM_THREADS=str(args.threads))  # fmt: skip
         command = [sys.executable, __file__, "--child", "--sizes", *map(str, sizes),
                    "--repeat", str(args.repeat), "--steps", str(args.steps),
                    "--threads", str(args.threads)]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         times = json.loads(done.stdout.strip().splitlines()[-1])
         run = {n: {**t, "summary": summary(t)} for n, t in times.items()}
-        result["layers"][layer].append(run)
+        result["configs"][config].append(run)
         for n, t in run.items():
             for v, row in t["summary"].items():
                 lo, hi = row["vs_torch_fused_range"]
                 ratio = row["vs_torch_fused"]
                 best = row["vs_torch_fused_fastest"]
-                print(f"{layer:4} n={int(n):>9,} {v:15} {row['median_ms']:8.3f} ms  "
+                print(f"{config:4} n={int(n):>9,} {v:15} {row['median_ms']:8.3f} ms  "
                       f"torch/this {ratio:.2f}x ({lo:.2f}-{hi:.2f}); fastest "
                       f"{row['fastest_ms']:.3f} ms, {best:.2f}x")  # fmt: skip
     if args.json:
