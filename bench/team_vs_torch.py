@@ -18,7 +18,8 @@ elementwise op over 2^20 floats, on torch's threads):
 
 - ``torch-fused``: ``torch.optim.Adam(fused=True)``;
 - ``fastrms``: ``fastrms.Adam(param).step(grad)`` as shipped (one thread below
-  ``kernels.cpu.PARALLEL_THRESHOLD`` = :data:`fastrms.teams.TEAM_THRESHOLD`, 2^17);
+  :data:`fastrms.teams.TEAM_THRESHOLD`, 2^16, on torch's team; below
+  ``kernels.cpu.PARALLEL_THRESHOLD``, 2^17, on Numba's layer);
 - ``fastrms-parallel``: the same step always on two threads (a plan with threshold 1);
 - ``functional``: ``fastrms.functional.adam`` on the one array, as shipped.
 

@@ -14,11 +14,13 @@ import sys
 from collections.abc import Callable
 
 #: On PyTorch's OpenMP team, a plain fastrms step (an optimizer class, a grouped call, a
-#: functional call on one array) over fewer elements runs on one thread: the kernels' own
-#: threshold (``kernels.cpu.PARALLEL_THRESHOLD``). Measured by ``bench/team_vs_torch.py``
-#: (2-core CI-class VM, shared): at n = 10^5 Adam after torch's work, one thread took 0.96x to
-#: 0.9x the team's time, no gain from the second thread there.
-TEAM_THRESHOLD = 1 << 17
+#: functional call on one array) over fewer elements runs on one thread. The team's threads
+#: are awake after torch's ops, so two pay off earlier than Numba's
+#: (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): as fastrms.torch's own TEAM_THRESHOLD, measured
+#: in its training loop, and by ``bench/team_vs_torch.py`` (shared 2-core VM): at n = 10^5 Adam
+#: after torch's work, the team's two threads' fastest steps were 1.77x-2.31x torch fused's,
+#: one thread's 1.57x-1.78x.
+TEAM_THRESHOLD = 1 << 16
 
 
 class OpenMPTeam:
