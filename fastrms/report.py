@@ -9,7 +9,9 @@ timings here vary far more than the ratios within one run.
 Each repetition times enough consecutive steps to last about :data:`SAMPLE_S` and records the
 time per step. A cell reports the median over repetitions, its spread (interquartile range
 over median), GB/s (bytes per element x n / median), % of the ceiling, and the speedups over
-naive NumPy and over the fastest ``torch.optim`` variant measured.
+naive NumPy and over the fastest ``torch.optim`` variant measured. A ceiling is a bound, so
+its cell reports its best repetition instead of its median (GB/s too); a variant that still
+ran faster than its ceiling is reported in words, not as a percentage over 100.
 """
 
 from __future__ import annotations
