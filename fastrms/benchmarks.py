@@ -21,6 +21,7 @@ import functools
 import inspect
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -520,32 +521,52 @@ def _compile_pattern(
 
 @functools.cache
 def ceiling_loops(reads: int, writes: int) -> tuple[Callable, Callable]:
-    """``(parallel, serial)`` Numba loops ``loop(n, c, a0, ..., a{reads-1})`` of the pattern."""
+    """``(parallel, serial)`` Numba loops ``loop(n, c, a0, ..., a{reads-1})`` of the pattern,
+    compiled with the kernels' own options (``kernels._options.KERNEL_OPTIONS``), so that they
+    vectorize as the kernels do (tests/test_report.py checks their LLVM IR)."""
     from numba import njit, prange
 
+    from . import threads
+    from .kernels._options import KERNEL_OPTIONS
+
     par = _compile_pattern(
-        reads, writes, "    for i in prange(n):\n", njit(parallel=True), {"prange": prange}
-    )
-    ser = _compile_pattern(reads, writes, "    for i in range(n):\n", njit, {})
-    return par, ser
+        reads, writes, "    for i in prange(n):\n", njit(parallel=True, **KERNEL_OPTIONS),
+        {"prange": prange},
+    )  # fmt: skip
+    ser = _compile_pattern(reads, writes, "    for i in range(n):\n", njit(**KERNEL_OPTIONS), {})
+    return threads.guard(par), ser
+
+
+#: Calls of each loop when :func:`ceiling` picks the faster one (the first only warms it).
+CEILING_TRIALS = 4
 
 
 def ceiling(algo: Algo, arrays: Arrays) -> Runner:
     """The host ceiling for ``algo``: a Numba loop with its read/write pattern on ``arrays``.
 
     It reads parameter, gradient and state and writes parameter and state, as the fused step
-    does, and it runs serially below the size where fastrms's CPU kernels do, so it bounds
-    what a loop of that shape can reach here, size by size. It writes back what it reads.
+    does, and writes back what it reads. It runs the faster of the parallel and the serial
+    loop on these arrays (a few calls of each, best against best), whichever size the kernels
+    switch at: a ceiling must bound the step whatever its thread count. The report times it
+    with the variants and takes its best repetition (:func:`fastrms.report.summarize`).
     """
-    from .kernels.cpu import PARALLEL_THRESHOLD
-
-    par, ser = ceiling_loops(algo.reads, algo.writes)
+    loops = ceiling_loops(algo.reads, algo.writes)
     # 1-D views: the loop indexes flat, as the kernels do.
     order = tuple(arrays[k].reshape(-1) for k in ("param", *algo.state, "grad"))
     n = order[0].size
-    loop = par if n >= PARALLEL_THRESHOLD else ser
     c = order[0].dtype.type(0)  # typed as the arrays are: a Python float would be float64
-    return Runner(functools.partial(loop, n, c, *order), _host_result(arrays))
+    calls = [functools.partial(loop, n, c, *order) for loop in loops]
+    best = min(calls, key=_best_time)
+    return Runner(best, _host_result(arrays))
+
+
+def _best_time(call: Callable[[], None]) -> float:
+    times = []
+    for _ in range(CEILING_TRIALS):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
 def cuda_ceiling(algo: Algo, arrays: Arrays) -> Runner:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import reference, threads
+from . import reference, teams, threads
 from .arrays import DEVICE, HOST, device_of
 from .errors import BackendUnavailableError, FallbackWarning
 
@@ -116,7 +116,30 @@ class _CpuBackend(_NumpyBackend):
         return self._kernels
 
     def launch(self, rule, flags, arrays, hyper):
-        self._launcher()(self._rules[rule], flags, arrays, hyper)
+        launch = self._launcher()
+        team = teams.default_team() if arrays[0].size >= teams.TEAM_THRESHOLD else None
+        if team is not None and team.threads() > 1:
+            self._team_launch(team, rule, flags, arrays, hyper)
+        else:
+            launch(self._rules[rule], flags, arrays, hyper)
+
+    def _team_launch(self, team, rule, flags, arrays, hyper) -> None:
+        """One array's step on ``team`` (torch's OpenMP team, see fastrms.teams), as a grouped
+        step of one row: the same loop, so the same bits. Small arrays, none sized by n."""
+        from .grouped import PARTS_PER_THREAD, TABLE_WIDTH, schedule
+
+        p = arrays[0]
+        body = self.grouped_team_body(rule, flags, p.dtype)
+        threads = team.threads()
+        addresses = [a.__array_interface__["data"][0] for a in arrays]
+        pad = addresses[:1] * (TABLE_WIDTH - 1 - len(arrays))
+        table = np.array([[p.size, *addresses, *pad]], np.int64)
+        part_ptr, items = schedule(table[:, 0], PARTS_PER_THREAD * threads)
+        scalars = np.zeros(self._cpu.HYPER_WIDTH, p.dtype)
+        scalars[: len(hyper)] = hyper
+        args = np.array([table.ctypes.data, part_ptr.ctypes.data, items.ctypes.data,
+                         part_ptr.size - 1, scalars.ctypes.data, 0], np.int64)  # fmt: skip
+        team.run(body, args.ctypes.data, threads)
 
     def grouped_kernels(self, rule: str, flags: tuple) -> tuple[Callable, Callable]:
         """``(parallel, serial)`` kernels over a table of arrays (see kernels.cpu)."""

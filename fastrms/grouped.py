@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, teams
 from .arrays import (
     DEVICE,
     HOST,
@@ -81,9 +81,11 @@ class StepPlan:
     parallel_threshold : int, optional
         A ``cpu`` group of fewer elements in all runs on one thread (default: the backend's,
         ``kernels.cpu.PARALLEL_THRESHOLD``).
-    team : Team, optional
-        Threads of another library to run the parallel ``cpu`` steps on, instead of Numba's
-        threading layer (``fastrms.torch`` passes PyTorch's OpenMP team).
+    team : Team, None or "auto", optional
+        Threads of another library to run the parallel ``cpu`` steps on (``fastrms.torch``
+        passes PyTorch's OpenMP team); None: Numba's threading layer. ``"auto"`` (default):
+        :func:`fastrms.teams.default_team`, i.e. PyTorch's OpenMP team if this process has
+        imported torch, with :data:`fastrms.teams.TEAM_THRESHOLD` as the default threshold.
     """
 
     def __init__(
@@ -95,8 +97,12 @@ class StepPlan:
         backend: str = "auto",
         grad_names: list[str] | None = None,
         parallel_threshold: int | None = None,
-        team: Team | None = None,
+        team: Team | None | str = "auto",
     ) -> None:
+        if team == "auto":
+            team = teams.default_team()
+            if team is not None and parallel_threshold is None:
+                parallel_threshold = teams.TEAM_THRESHOLD
         self.key = (setup.rule, setup.flags, setup.state, backend)
         self._params = params
         self._names = names

@@ -229,8 +229,13 @@ MODEL_VARIANTS: dict[str, ModelVariant] = {
         ),
     )
 }
-#: The two bounds, run with the algorithm's read/write pattern: per tensor, and flat.
-CEILINGS = {"ceiling": "same-pattern ceiling, per tensor", "ceiling-flat": "same-pattern ceiling, one flat array"}  # fmt: skip  # noqa: E501
+#: The two bounds, run with the algorithm's read/write pattern, each named for what it bounds:
+#: one loop per tensor (the per-array step), and one loop over one flat array of the model's
+#: size (any step over all the tensors at once, as the grouped step is).
+CEILINGS = {
+    "ceiling": "per-tensor ceiling (bounds one call per tensor)",
+    "ceiling-flat": "flat ceiling (bounds one pass over all tensors)",
+}
 
 
 def model_ceiling(algo: B.Algo, tensors: Tensors, flat: bool = False) -> B.Runner:

@@ -9,7 +9,9 @@ timings here vary far more than the ratios within one run.
 Each repetition times enough consecutive steps to last about :data:`SAMPLE_S` and records the
 time per step. A cell reports the median over repetitions, its spread (interquartile range
 over median), GB/s (bytes per element x n / median), % of the ceiling, and the speedups over
-naive NumPy and over the fastest ``torch.optim`` variant measured.
+naive NumPy and over the fastest ``torch.optim`` variant measured. A ceiling is a bound, so
+its cell reports its best repetition instead of its median (GB/s too); a variant that still
+ran faster than its ceiling is reported in words, not as a percentage over 100.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ class Cell:
     inner: int  # steps per sample
     times_s: list[float]  # seconds per step, one per repetition
     median_s: float = 0.0
+    best_s: float = 0.0  # the fastest repetition: a ceiling's figure (it bounds at its best)
     spread: float = 0.0  # interquartile range / median
     gbps: float = 0.0
-    pct_ceiling: float | None = None  # fraction of the same-pattern ceiling
+    pct_ceiling: float | None = None  # ceiling's best time / this median; > 1: beat the bound
     speedup_naive: float | None = None
     speedup_torch: float | None = None
     torch_variant: str | None = None  # the torch variant speedup_torch compares with
@@ -384,28 +387,45 @@ def summarize(
     cells: list[Cell], devices: dict[str, str] | None = None, ceiling: str = CEILING
 ) -> list[Cell]:
     """Fill in the derived figures of one group's cells (same algorithm and size); "% ceiling"
-    is against the cell named ``ceiling`` (or the CUDA one, for device variants)."""
+    is against the cell named ``ceiling`` (or the CUDA one, for device variants).
+
+    A ceiling is a bound, so its figure is its best repetition (``best_s``; its GB/s too): a
+    repetition slowed by the machine says nothing about what the loop can reach. A variant's
+    figure is its median."""
     devices = devices or {}
     by_name = {c.variant: c for c in cells}
     for c in cells:
         c.median_s = float(np.median(c.times_s))
+        c.best_s = float(min(c.times_s))
         q1, q3 = np.percentile(c.times_s, [25, 75])
         c.spread = float((q3 - q1) / c.median_s)
-        c.gbps = c.bytes_per_element * c.n / c.median_s / 1e9
+        c.gbps = c.bytes_per_element * c.n / (c.best_s if is_ceiling(c) else c.median_s) / 1e9
     torch = [by_name[t] for t in B.TORCH_VARIANTS if t in by_name]
     fastest_torch = min(torch, key=lambda c: c.median_s) if torch else None
     for c in cells:
         ceiling_name = "cuda-ceiling" if devices.get(c.variant) == "cuda" else ceiling
         ceil = by_name.get(ceiling_name)
-        is_ceiling = CEILING in c.variant
-        if ceil is not None and not is_ceiling:
-            c.pct_ceiling = ceil.median_s / c.median_s
-        if "naive" in by_name and not is_ceiling:
+        if ceil is not None and not is_ceiling(c):
+            c.pct_ceiling = ceil.best_s / c.median_s
+        if "naive" in by_name and not is_ceiling(c):
             c.speedup_naive = by_name["naive"].median_s / c.median_s
-        if fastest_torch is not None and not is_ceiling:
+        if fastest_torch is not None and not is_ceiling(c):
             c.speedup_torch = fastest_torch.median_s / c.median_s
             c.torch_variant = fastest_torch.variant
     return cells
+
+
+def is_ceiling(cell: Cell) -> bool:
+    return CEILING in cell.variant
+
+
+def pct_text(fraction: float, ceiling: str = "its ceiling") -> str:
+    """A fraction of a ceiling as a percentage, or, above 1, words that say the variant ran
+    faster than its bound: the ceiling did not bound that run (a percentage over 100 would
+    read as a measurement)."""
+    if fraction > 1:
+        return f"faster than {ceiling} ({fraction:.2f}x its best): not bounded in this run"
+    return f"{fraction * 100:.0f}% of {ceiling}"
 
 
 def measure_model(
@@ -451,7 +471,10 @@ def measure_model(
     ours = by.get("cpu")
 
     def versus(other: str) -> float | None:
-        return by[other].median_s / ours.median_s if ours and other in by else None
+        if not ours or other not in by:
+            return None
+        theirs = by[other]
+        return (theirs.best_s if is_ceiling(theirs) else theirs.median_s) / ours.median_s
 
     return {
         "model": model,
@@ -653,12 +676,17 @@ def _row(c: Cell) -> list[str]:
     def ratio(x):
         return "" if x is None else f"{x:.2f}x"
 
+    if c.pct_ceiling is None:
+        pct = ""
+    else:
+        pct = "above it" if c.pct_ceiling > 1 else f"{c.pct_ceiling * 100:.0f}%"
+    shown = f"{c.best_s * 1e3:.4g} best" if is_ceiling(c) else f"{c.median_s * 1e3:.4g}"
     return [
         c.label,
-        f"{c.median_s * 1e3:.4g}",
+        shown,
         f"{c.spread * 100:.0f}%",
         f"{c.gbps:.1f}",
-        "" if c.pct_ceiling is None else f"{c.pct_ceiling * 100:.0f}%",
+        pct,
         ratio(c.speedup_naive),
         ratio(c.speedup_torch),
     ]
@@ -686,8 +714,11 @@ def _header(info: dict, settings: dict) -> list[str]:
 
 
 _LEGEND = (
-    "spread: interquartile range / median. % ceiling: of a Numba loop with the same arrays "
-    "read and written, same run. x naive / x torch: speedup over naive NumPy / over the faster "
+    "spread: interquartile range / median. % ceiling: the ceiling's time over the variant's "
+    "median; the ceiling is a Numba loop with the same arrays read and written (the kernels' "
+    "compile options, the faster of one thread and all), same run, and its figure is its best "
+    'repetition; "above it": the variant ran faster, so the ceiling did not bound that run. '
+    "x naive / x torch: speedup over naive NumPy / over the faster "
     "torch.optim variant measured (foreach or fused)."
 )
 
@@ -699,7 +730,7 @@ def _target_lines(targets: list[dict], markdown: bool) -> list[str]:
         if t["value"] is None:
             value = t["note"]
         elif t["metric"] == "ceiling":
-            value = f"{t['value'] * 100:.0f}%"
+            value = pct_text(t["value"], "the ceiling")
         else:
             value = f"{t['value']:.2f}x"
         where = f"{B.ALGOS[t['algo']].title}, n={t['n']:,}"
@@ -772,7 +803,7 @@ def _model_verdict(model: dict) -> str:
     ]
     pct = model["pct_flat_ceiling"]
     if pct is not None:
-        parts.append(f"{pct * 100:.0f}% of the flat same-pattern ceiling")
+        parts.append(pct_text(pct, f"the {M.CEILINGS['ceiling-flat']}"))
     parts = [p for p in parts if p]
     if not parts:
         return "fastrms grouped step: not measured"
@@ -874,7 +905,7 @@ def plot_models(models: list[dict], path: str, title: str = "") -> None:
             by = {c.variant: c for c in m["cells"]}
             if variant in by and "ceiling-flat" in by:
                 ys.append(r + (k - (len(variants) - 1) / 2) * height)
-                xs.append(by["ceiling-flat"].median_s / by[variant].median_s)
+                xs.append(by["ceiling-flat"].best_s / by[variant].median_s)
                 label = by[variant].label
         ax.barh(ys, xs, height=height, label=label)
     ax.axvline(1.0, color="black", linestyle="--", linewidth=1)

@@ -41,10 +41,8 @@ Importing this module imports torch; ``import fastrms`` does not.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import operator
-import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -150,49 +148,8 @@ def _run(plan: StepPlan, setup: Setup, grads: Any, gathers: list, addresses: boo
         p.copy_(buf)
 
 
-class _OpenMPTeam:
-    """PyTorch's OpenMP team, as a :class:`fastrms.grouped.Team`: fastrms's parallel CPU
-    steps run on the threads that torch's own ops run on, instead of starting Numba's thread
-    pool beside them. Right after torch's ops (a backward pass, a GradScaler's unscale) those
-    threads are awake, while Numba's have gone to sleep and take long to wake; and two pools
-    of busy threads would oversubscribe the cores.
-
-    It starts the team through ``GOMP_parallel``, GNU OpenMP's entry point for a
-    ``#pragma omp parallel`` region (LLVM's OpenMP runtime provides it too), taken from the
-    runtime that torch's own library loaded; torch builds that do not run on OpenMP, or whose
-    runtime lacks it, use Numba's threads. In a forked child, whose copy of the team may not
-    survive the fork, steps run on one thread.
-    """
-
-    def __init__(self, parallel: Callable[..., None]) -> None:
-        self._parallel = parallel
-        self._pid = os.getpid()
-
-    def threads(self) -> int:
-        return torch.get_num_threads() if os.getpid() == self._pid else 1
-
-    def run(self, function: int, args: int, threads: int) -> None:
-        self._parallel(function, args, threads, 0)
-
-
-@functools.cache
-def _torch_team() -> _OpenMPTeam | None:
-    """PyTorch's OpenMP team, where torch's CPU ops run on OpenMP; else None (Numba's own
-    threads then run the parallel steps). ``FASTRMS_TORCH_TEAM=0`` turns it off."""
-    if os.environ.get("FASTRMS_TORCH_TEAM", "1") == "0":
-        return None
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return None
-    try:  # looked up from torch's extension, so found in the OpenMP runtime torch loaded
-        runtime = ctypes.CDLL(torch._C.__file__)
-        parallel, max_threads = runtime.GOMP_parallel, runtime.omp_get_max_threads
-    except (OSError, AttributeError):
-        return None
-    if max_threads() != torch.get_num_threads():  # not the runtime torch's threads come from
-        return None
-    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    parallel.restype = None
-    return _OpenMPTeam(parallel)
+# PyTorch's OpenMP team (teams.OpenMPTeam) lives in fastrms.teams, beside the other teams.
+from .teams import torch_team as _torch_team  # noqa: E402
 
 
 class _CudaArray:

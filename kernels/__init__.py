@@ -6,3 +6,7 @@
 
 Importing this package imports numba but compiles nothing.
 """
+
+from ._options import use_cache_dir
+
+use_cache_dir()  # before any kernel module turns Numba's cache on

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastrms
 from fastrms.distributed import bounds, partition
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
@@ -91,7 +92,10 @@ def _mpirun() -> str:
 
 def _run_worker(nranks: int, *args: str, **env: str) -> None:
     mpirun = _mpirun()
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", **env)
+    # The worker's sys.path[0] is tests/, not the project root: point it at this fastrms.
+    home = str(Path(fastrms.__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", PYTHONPATH=path, **env)
     command = [mpirun, "-n", str(nranks), "--oversubscribe", sys.executable, str(WORKER), *args]
     try:
         done = subprocess.run(

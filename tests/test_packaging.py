@@ -45,15 +45,53 @@ def test_a_built_wheel_contains_and_imports_the_kernels(tmp_path):
     )  # fmt: skip
     code = (
         "import json, numpy as np, fastrms, fastrms.kernels.rules as r;"
+        "from fastrms.kernels._options import cache_dir;"
         "p = np.ones(8, np.float32); fastrms.SGD(p, lr=0.5).step(np.ones(8, np.float32));"
-        "print(json.dumps([fastrms.__file__, r.__file__, float(p[0])]))"
+        "print(json.dumps([fastrms.__file__, r.__file__, float(p[0]), str(cache_dir())]))"
     )
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-        check=True,
-    )  # fmt: skip
-    package, rules, p0 = json.loads(out.stdout)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")}
+    env.update(PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "user-cache"))
+
+    def run(**more: str) -> tuple[str, str, float, Path]:
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env={**env, **more},
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        package, rules, p0, cache = json.loads(out.stdout)
+        return package, rules, p0, Path(cache)
+
+    package, rules, p0, cache = run()
     assert Path(package).is_relative_to(site) and Path(rules).is_relative_to(site)
     assert p0 == 0.5
     assert fastrms.__version__ in wheel.name
+    # The installed copy caches its kernels per user, never inside the package: files left
+    # there outlive pip uninstall and turn the folder into a namespace package (issue 20).
+    if sys.platform == "linux":
+        assert cache == tmp_path / "user-cache" / "fastrms"
+    assert cache_files(cache) and not cache_files(site)
+    # NUMBA_CACHE_DIR still wins.
+    *_, cache = run(NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    assert cache == tmp_path / "numba-cache"
+    assert cache_files(cache) and not cache_files(site)
+
+
+def cache_files(folder: Path) -> list[Path]:
+    """Numba's cache index and data files under ``folder``."""
+    return [p for p in folder.rglob("*") if p.suffix in (".nbi", ".nbc")]
+
+
+def test_a_source_tree_caches_beside_its_kernels():
+    """In a source tree (an editable install) the cache stays in kernels/__pycache__, as Numba
+    does by default; an installed copy is recognised by its kernels inside its package."""
+    import numba
+
+    import fastrms.kernels
+    from fastrms.kernels import _options
+
+    kernels = Path(fastrms.kernels.__file__).resolve().parent
+    if kernels == ROOT / "kernels":
+        assert _options._INSTALLED is None
+        expected = Path(numba.config.CACHE_DIR) if numba.config.CACHE_DIR else None
+        assert _options.cache_dir() == expected
+    else:
+        assert _options._INSTALLED == kernels.parent

@@ -12,6 +12,7 @@ NumPy reference computed here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -140,7 +141,7 @@ def test_info_names_the_layer_and_its_safety():
 def run_script(mode: str, out: Path, *flags: str, env: dict | None = None) -> dict:
     """Run this file as a script; return its JSON summary (the last line of its output)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING")}
-    environ.update(env or {})
+    environ.update(same_fastrms_env(), **(env or {}))
     proc = subprocess.run(
         [sys.executable, __file__, mode, str(out), *flags],
         capture_output=True,
@@ -150,6 +151,22 @@ def run_script(mode: str, out: Path, *flags: str, env: dict | None = None) -> di
     )
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def same_fastrms_env() -> dict[str, str]:
+    """``PYTHONPATH`` for a child Python that must import the fastrms this process imported.
+
+    A script's own folder is its ``sys.path[0]``, not the project root (which pytest puts on
+    this process's path), so without this the child would import whatever ``fastrms``
+    site-packages holds first, even a left-over folder of cache files (issue 20).
+    """
+    home = str(Path(fastrms.__file__).resolve().parents[1])
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")]))}
+
+
+def test_a_script_child_imports_this_fastrms(tmp_path):
+    summary = run_script("info", tmp_path)
+    assert summary["fastrms"] == str(Path(fastrms.__file__).resolve()), summary
 
 
 def load(path: Path) -> dict[str, np.ndarray]:
@@ -212,6 +229,61 @@ def test_user_choice_that_cannot_load_falls_back_to_numpy(tmp_path):
     assert_same_results(load(tmp_path / "parent.npz"), train("adam", 0, "numpy"), "fallback")
 
 
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_next_to_torch_steps_run_on_its_team_and_children_still_step(method, tmp_path):
+    """With torch imported, a plain fastrms step runs its parallel region on torch's OpenMP
+    team (fastrms.teams.default_team); a child forked after that still steps (on one thread:
+    GNU OpenMP does not survive a fork) and gets the parent's bits, and four Python threads
+    stepping at once on the team get the reference's."""
+    summary = run_script(method, tmp_path, "--torch", "--threads")
+    if summary["torch_team"] is None:
+        pytest.skip("this torch does not run on an OpenMP runtime fastrms can use")
+    assert summary["plan_team"] == "OpenMPTeam", summary
+    assert_children_right(summary, tmp_path)
+    assert summary["warnings"] == [], summary
+    assert_threads_right(tmp_path)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_one_array_next_to_torch_runs_on_its_team(monkeypatch, name, dtype):
+    """functional's one-array step (dispatch) takes torch's team as the classes do, above
+    fastrms.teams.TEAM_THRESHOLD, with the reference's bits (odd length: uneven parts)."""
+    import torch
+
+    from fastrms import teams
+
+    if teams.default_team() is None:
+        pytest.skip("this torch does not run on an OpenMP runtime fastrms can use")
+    runs = []
+    run = teams.OpenMPTeam.run
+    monkeypatch.setattr(teams.OpenMPTeam, "run", lambda self, *a: runs.append(a) or run(self, *a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(5)
+        n = teams.TEAM_THRESHOLD + 11
+        start = {k: randn(rng, n, dtype) for k in ("param", "grad")}
+        state = {"exp_avg": np.zeros(n, dtype), "exp_avg_sq": np.abs(randn(rng, n, dtype))}
+        if name == "rmsprop":
+            state = {"square_avg": state["exp_avg_sq"]}
+        results = {}
+        for backend in ("cpu", "numpy"):
+            arrays = {k: a.copy() for k, a in {**start, **state}.items()}
+            step = {"step": 2} if name == "adam" else {}
+            getattr(functional, name)(*arrays.values(), backend=backend, lr=1e-2, **step)
+            results[backend] = arrays
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs) == 1, runs
+    assert_same_results(results["cpu"], results["numpy"], name)
+
+
 def assert_threads_right(out: Path) -> None:
     for i, name in enumerate(OPTIMIZERS):
         assert_same_results(load(out / f"thread{i}.npz"), train(name, 10 + i, "numpy", STEPS), name)
@@ -250,12 +322,31 @@ def _no_tbb() -> None:
     threads._load_tbb = lambda: "simulated: no TBB here"
 
 
+def _torch_first() -> dict:
+    import torch
+
+    from fastrms import teams
+
+    torch.set_num_threads(2)
+    torch.mm(torch.randn(256, 256), torch.randn(256, 256))
+    team = teams.default_team()
+    opt = fastrms.Adam(np.zeros(N, np.float32))
+    opt.step(np.ones(N, np.float32))
+    (group,) = opt._plan.groups
+    return {
+        "torch_team": None if team is None else type(team).__name__,
+        "plan_team": None if group.team is None else type(group.team).__name__,
+    }
+
+
 def _script(mode: str, out: Path, flags: list[str]) -> dict:
     import multiprocessing
 
     if "--no-tbb" in flags:
         _no_tbb()
-    summary: dict = {}
+    summary: dict = {"fastrms": str(Path(fastrms.__file__).resolve())}
+    if "--torch" in flags:  # as in a training loop: torch's threads work, then fastrms steps
+        summary.update(_torch_first())
     np.savez(out / "parent.npz", **train("adam", 0))  # the parent steps first (in parallel)
     summary["layer"] = _layer()
     summary["info"] = fastrms.backends()["cpu"].detail

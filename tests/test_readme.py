@@ -23,9 +23,11 @@ def test_quick_start_is_two_commands_main_job_then_tests():
     assert "pytest" in tests
 
 
-def test_ci_runs_the_readme_test_command():
-    tests = _quick_start()[1]
-    assert tests in (ROOT / ".ci" / "run").read_text()
+def test_ci_runs_the_readme_quick_start_in_order():
+    main_job, tests = _quick_start()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert main_job in ci and tests in ci
+    assert ci.index(main_job) < ci.index(tests)
 
 
 EXAMPLES = [
