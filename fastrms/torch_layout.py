@@ -18,11 +18,16 @@ the same order. So:
 
 A tensor whose elements share memory (an expanded tensor, a stride of 0) cannot be updated in
 place element by element, and is refused.
+
+New state tensors are made by :func:`zeros_like`, which also places them in memory.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from .dispatch import _staggered_zeros_like
 
 CONTIGUOUS, DENSE, STRIDED, OVERLAPPING = "contiguous", "dense", "strided", "overlapping"
 
@@ -79,3 +84,24 @@ def state_like(p: torch.Tensor, flat_zeros: torch.Tensor) -> torch.Tensor:
     if layout_of(p) == DENSE:
         return t.as_strided(p.shape, p.stride(), 0)
     return t.view(p.shape)
+
+
+def zeros_like(p: torch.Tensor, slot: int) -> torch.Tensor:
+    """A zero state tensor like ``p``, in the layout of ``torch.zeros_like(p,
+    memory_format=torch.preserve_format)`` (``p``'s strides if ``p`` is dense, else
+    contiguous). ``slot``: the state array's place among its rule's (1 for the first,
+    :attr:`fastrms.specs.Layout.slots`), as fastrms's own classes count them.
+
+    On the CPU it is placed ``slot`` KiB away from ``p`` modulo 4 KiB, as fastrms's own state
+    is (``fastrms.dispatch._staggered_zeros_like``): torch's allocator tends to put
+    same-sized tensors at the same offset modulo 4 KiB, and a loop that loads and stores
+    arrays at (nearly) the same offset stalls on "4K aliasing" (the MLP's Adam step ran 2x
+    slower so)."""
+    if p.device.type != "cpu":
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+    if p.is_contiguous() and not p.is_complex():
+        return torch.from_numpy(_staggered_zeros_like(p.detach().numpy(), slot))
+    k = real(p.detach())
+    like = np.empty(k.numel(), torch.empty((), dtype=k.dtype).numpy().dtype)
+    zeros = _staggered_zeros_like(like, slot)  # placed from a fresh array
+    return state_like(p, torch.from_numpy(zeros))

@@ -713,7 +713,7 @@ def test_lion_checkpoint_round_trip():
         assert torch.equal(a.detach(), b.detach())
 
 
-# -- repeated steps: the short route (fastrms.torch._FusedOptimizer._repeat) -------------------
+# -- repeated steps: the short route (fastrms.torch_repeat) ------------------------------------
 
 #: What happens before each step of test_repeated_steps_equal_the_full_route: each changes
 #: something the short route must notice (or may ignore, where it changes nothing it uses).
@@ -827,7 +827,7 @@ def test_overlapping_gradient_on_a_repeated_step_changes_nothing():
         assert torch.equal(p.detach(), s)
 
 
-# -- parallel steps on torch's own OpenMP team (fastrms.torch._OpenMPTeam) ---------------------
+# -- parallel steps on torch's own OpenMP team (fastrms.teams.OpenMPTeam) ----------------------
 
 #: Shapes whose bucket is above TEAM_THRESHOLD, so that a step runs in parallel.
 BIG_SHAPES = ((300, 200), (9001,), (3,))
@@ -869,7 +869,7 @@ def test_parallel_steps_on_torchs_team_equal_one_thread(
                 p.grad = g.clone()
             with monkeypatch.context() as m:
                 if opt is opts[1]:
-                    m.setattr(ft, "_torch_team", lambda: None)
+                    m.setattr(opt, "_torch_team", False)  # Numba's threads
                 opt.step()
         for a, b in zip(ours, numbas):
             assert torch.equal(a, b), t
