@@ -3,9 +3,12 @@ bit-for-bit snapshots. Test modules import them with ``from conftest import ...`
 
 from __future__ import annotations
 
+import importlib
 import itertools
+import os
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -186,3 +189,29 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, what: str = "") -> No
         within = np.abs(actual - expected) <= tol * (scale + np.abs(expected))
     if not within.all():  # also where NaN or Inf are: let NumPy compare and explain
         np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+# -- safety nets that must not be skipped quietly -------------------------------------------------
+
+
+def in_ci() -> bool:
+    """Whether the tests run under CI (the ``CI`` environment variable, set by CI services)."""
+    return bool(os.environ.get("CI"))
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test, or under CI fail it: a check that CI skips protects nothing.
+
+    ``reason`` says what is missing and what to install or set.
+    """
+    if in_ci():
+        pytest.fail(f"{reason} [CI is set, so this is a failure, not a skip]", pytrace=False)
+    pytest.skip(reason)
+
+
+def require(module: str, install: str) -> ModuleType:
+    """``import module``, or :func:`skip_or_fail` saying what to install (``install``)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        skip_or_fail(f"{module} is not importable ({exc}); {install}")
