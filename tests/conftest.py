@@ -69,7 +69,7 @@ def _option_grid(spec) -> list[dict]:
     for case in _grid(**axes):
         try:
             spec.setup(1, **case)
-        except ValueError as exc:  # the one invalid combination: nesterov without momentum
+        except ValueError as exc:  # only Nesterov without momentum, or with dampening
             if not str(exc).startswith("nesterov=True needs momentum > 0"):
                 raise
             continue
@@ -80,9 +80,9 @@ def _option_grid(spec) -> list[dict]:
 #: Every option combination of each optimizer. ``eps_in_sqrt`` has no PyTorch equivalent;
 #: the parity tests leave it out (``option_cases(torch_only=True)``), the others use it all.
 OPTION_GRIDS = {name: _option_grid(spec) for name, spec in SPECS.items()}
-#: How many combinations each grid has: 2^(flags + numeric options), less SGD's nesterov
-#: without momentum (4 of 24). A grid that shrinks (an option lost, a combination refused)
-#: would quietly test less; change these with the options.
+#: How many combinations each grid has: 2^(flags + numeric options), less SGD's Nesterov
+#: without momentum or with dampening (12 of 32). A grid that shrank (an option lost, a
+#: combination refused) would quietly test less: change these with the options.
 GRID_SIZES = {"rmsprop": 32, "adagrad": 32, "adam": 8, "adamw": 8, "sgd": 20, "lion": 4}
 assert {k: len(v) for k, v in OPTION_GRIDS.items()} == GRID_SIZES, OPTION_GRIDS
 assert sum(GRID_SIZES.values()) == 104
