@@ -335,6 +335,13 @@ def make_tree(where: Path, tests_rev: str | None) -> None:
     (where / "fastrms" / "kernels").symlink_to("../kernels")
 
 
+def fresh_copy(base: Path, tree: Path) -> None:
+    """``tree`` made a copy of ``base`` (same mtimes, the kernels link kept)."""
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(base, tree, symlinks=True)
+
+
 def run_tests(tree: Path, tests: list[str], cache: Path, timeout: float) -> tuple[str, int, str]:
     """``(outcome, skipped, last lines)`` of ``pytest -x -q`` over ``tests`` in ``tree``."""
     env = dict(os.environ, PYTHONPATH=str(tree), NUMBA_CACHE_DIR=str(cache),
@@ -405,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fastrms-mutants-"))
     work.mkdir(parents=True, exist_ok=True)
-    tree, shared_cache = work / "tree", work / "numba-cache"
-    make_tree(tree, args.tests_rev)
+    base, tree, shared_cache = work / "base", work / "tree", work / "numba-cache"
+    make_tree(base, args.tests_rev)  # one snapshot: later edits of the checkout do not leak in
+    fresh_copy(base, tree)
     check_tree(tree, shared_cache)
 
     def tests_for(file: str) -> list[str]:
@@ -422,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[Result] = []
     for k, mu in enumerate(mutants, 1):
-        make_tree(tree, args.tests_rev)
+        fresh_copy(base, tree)
         target = tree / mu.file
         target.write_text(apply(target.read_text(), mu))
         cache = shared_cache
