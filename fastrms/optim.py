@@ -152,6 +152,14 @@ class Optimizer:
 
     def _new_plan(self, setup: specs.Setup) -> StepPlan:
         self._plan = None
+        n = len(self._params)
+        for name in setup.state:
+            arrays = self.state.get(name, [])
+            if name in self.state and (type(arrays) is not list or len(arrays) != n):
+                what = f"{len(arrays)} items" if isinstance(arrays, list) else repr(arrays)[:40]
+                raise ValueError(
+                    f"state[{name!r}] must be a list of one array per parameter ({n}), got {what}"
+                )
         for name in setup.state:
             for i in range(len(self._params)):
                 if self.state.get(name, [None] * len(self._params))[i] is None:

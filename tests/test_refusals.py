@@ -148,6 +148,25 @@ def test_class_refuses_a_corrupt_state_array_after_steps(algo, case, backend):
     t.assert_goes_on()
 
 
+@pytest.mark.parametrize("case", ["shorter", "none", "tuple-with-a-hole"])
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_class_refuses_a_corrupt_state_list(algo, case):
+    t = Trained(algo, "cpu")
+    name = _state_name(algo)
+    good = t.opt.state[name]
+    grads = _grads(t.rng)
+    snap = _snapshot({**all_arrays(t.opt), **{f"grad{i}": g for i, g in enumerate(grads)}})
+    t.opt.state[name] = {
+        "shorter": good[:LAST], "none": None, "tuple-with-a-hole": (*good[:LAST], None)
+    }[case]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^state\['{name}'\] must be a list of one"):
+        t.opt.step(grads)
+    snap.assert_unchanged()
+    assert t.opt.step_count == 2
+    t.opt.state[name] = good
+    t.assert_goes_on()
+
+
 @pytest.mark.parametrize(
     ("count", "exc"),
     [
