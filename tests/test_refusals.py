@@ -122,14 +122,16 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 
 #: How to corrupt the last parameter's last state array: (make the bad array from the
-#: parameter p, exception, message).
+#: parameters, exception, message).
 BAD_STATE = {
-    "other-dtype": (lambda p: np.zeros(p.shape, np.float64), TypeError, "dtype"),
-    "other-shape": (lambda p: np.zeros(p.size + 1, p.dtype), ValueError, "shape"),
-    "read-only": (lambda p: _read_only(np.zeros_like(p)), ValueError, "read-only"),
-    "strided": (lambda p: np.zeros((p.size, 2), p.dtype)[:, 0], ValueError, "contiguous"),
-    "is-the-param": (lambda p: p, ValueError, "overlaps"),
-    "a-list": (lambda p: [0.0] * p.size, TypeError, "NumPy array"),
+    "other-dtype": (lambda ps: np.zeros(ps[LAST].shape, np.float64), TypeError, "dtype"),
+    "other-shape": (lambda ps: np.zeros(ps[LAST].size + 1, ps[LAST].dtype), ValueError, "shape"),
+    "read-only": (lambda ps: _read_only(np.zeros_like(ps[LAST])), ValueError, "read-only"),
+    "strided": (lambda ps: np.zeros((ps[LAST].size, 2), ps[LAST].dtype)[:, 0], ValueError,
+                "contiguous"),
+    "is-the-param": (lambda ps: ps[LAST], ValueError, "overlaps"),
+    "in-another-param": (lambda ps: ps[2].reshape(-1)[: ps[LAST].size], ValueError, "overlaps"),
+    "a-list": (lambda ps: [0.0] * ps[LAST].size, TypeError, "NumPy array"),
 }  # fmt: skip
 
 
@@ -141,7 +143,7 @@ def test_class_refuses_a_corrupt_state_array_after_steps(algo, case, backend):
     name = _state_name(algo)
     make, exc, words = BAD_STATE[case]
     good = t.opt.state[name][LAST]
-    t.opt.state[name][LAST] = make(t.opt._params[LAST])
+    t.opt.state[name][LAST] = make(t.opt._params)
     t.assert_refused(_grads(t.rng), exc, rf"{name} of params\[{LAST}\].*{words}|{words}.*"
                      rf"{name} of params\[{LAST}\]")  # fmt: skip
     t.opt.state[name][LAST] = good
@@ -310,7 +312,7 @@ def test_multi_tensor_step_refuses_bad_arrays_in_the_last_group_after_steps(algo
     grads = _grads(f.rng)
     for make, exc, words in BAD_STATE.values():
         state = {s: list(a) for s, a in f.state.items()}
-        state[name][LAST] = make(f.params[LAST])
+        state[name][LAST] = make(f.params)
         call = lambda: f.call(f.params, grads, state)  # noqa: E731,B023
         f.assert_refused(call, exc, words, grads)
     for bad, exc, match in [
