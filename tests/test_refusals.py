@@ -362,3 +362,23 @@ def test_step_plan_checks_every_groups_scalars_before_the_first_group_runs(algo,
     with pytest.raises(ValueError, match="^eps = 1e-50 does not fit in float32"):
         run(spec.setup(3, **{**options, "eps": 1e-50}))
     snap.assert_unchanged()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_plan_refuses_a_wrong_number_of_gradients_after_steps(backend):
+    """StepPlan checks the count itself (fastrms.torch and other callers rely on it)."""
+    rng = np.random.default_rng(25)
+    spec = SPECS["adam"]
+    params = [randn(rng, s, d) for s, d in zip(SHAPES, DTYPES)]
+    state = {s: [np.zeros_like(p) for p in params] for s in spec.setup(1).state}
+    plan = StepPlan(spec.setup(1), params, state, [f"params[{i}]" for i in range(4)], backend)
+    grads = _grads(rng)
+    for step in (1, 2):
+        plan.run(grads, spec.setup(step))
+    arrays = {f"p{i}": p for i, p in enumerate(params)}
+    arrays |= {f"{s}{i}": a for s, per_param in state.items() for i, a in enumerate(per_param)}
+    snap = Snapshot(arrays)
+    for wrong in (grads[:LAST], [*grads, grads[0]]):
+        with pytest.raises(ValueError, match=f"^grads has {len(wrong)} arrays but params has 4"):
+            plan.run(wrong, spec.setup(3))
+    snap.assert_unchanged()
