@@ -358,9 +358,11 @@ def run_tests(tree: Path, tests: list[str], cache: Path, timeout: float) -> tupl
     skipped = sum(1 for line in out.splitlines() if line.startswith("SKIPPED"))
     if done.returncode == 0:
         return "survived", skipped, tail
-    if done.returncode in (1, 2):  # tests failed, or an error while collecting them
-        return "killed", skipped, tail
-    return "error", skipped, f"pytest exit {done.returncode}: {tail}"
+    if done.returncode == 5:  # no test collected: nothing was judged
+        return "error", skipped, f"pytest exit 5: {tail}"
+    # The unmutated tree passed the same command: a test failed (1), collecting or a conftest
+    # failed (2, 4: e.g. an assertion of tests/conftest.py), or pytest itself broke (3).
+    return "killed", skipped, tail
 
 
 def check_tree(tree: Path, cache: Path) -> None:
