@@ -15,6 +15,7 @@ DeepSpeed's flat partitions are. Importing this module does not import mpi4py; c
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import os
 import re
@@ -200,6 +201,9 @@ class ShardedOptimizer:
                 raise ValueError("params is empty")
             self._names = self._labels("params")
             self._mem = _memory_for(self._params, self._names)
+            # The parameters' byte ranges, sorted, for the gradients' overlap check.
+            self._spans = sorted((s, s + n, name) for p, name in zip(self._params, self._names)
+                                 for s, n in [extent(p)] if n)  # fmt: skip
         except (TypeError, ValueError) as exc:
             error = exc
         signature = None
@@ -264,9 +268,16 @@ class ShardedOptimizer:
         error, flat = None, None
         try:
             flat = self._match_grads(grads)
+            # The local step, checked before any rank communicates or writes: its gradient
+            # shard is a buffer of this rank's, the same at every step.
+            take_local_step = self._inner._checked_step(self._grad_shard)
         except (TypeError, ValueError) as exc:
             error = exc
-        self._agree(error, self._step_signature(), "step count and hyperparameters")
+        try:
+            self._agree(error, self._step_signature(), "step count and hyperparameters")
+        except (TypeError, ValueError):
+            self._inner._forget_created()  # the state a first step made for its shard
+            raise
         t1 = time.perf_counter()
         MPI, mem = self._MPI, self._mem
         mem.sync()  # CUDA: the gradients are complete before MPI reads them
@@ -283,12 +294,7 @@ class ShardedOptimizer:
             if self.average and self.size > 1:
                 mem.divide(g.recv, self.size)
         t2 = time.perf_counter()
-        error = None
-        try:
-            self._inner.step(self._grad_shard)
-        except (TypeError, ValueError) as exc:  # the same on every rank, as checked above
-            error = exc
-        self._agree(error, "", "local step", after_update=True)
+        take_local_step()
         mem.sync()
         t3 = time.perf_counter()
         for g in self._groups:
@@ -352,7 +358,20 @@ class ShardedOptimizer:
                 )
             if gi.kind == DEVICE and not gi.c_contiguous:
                 raise ValueError(f"{name} is not C-contiguous (CUDA gradients must be)")
+        self._refuse_overlaps(arrays)
         return arrays
+
+    def _refuse_overlaps(self, grads: list) -> None:
+        """A gradient must not share memory with a parameter, which the step writes."""
+        spans = self._spans
+        starts = [s[0] for s in spans]
+        for g, name in zip(grads, self._labels("grads")):
+            lo, n = _byte_span(g)
+            # The parameters' spans are disjoint and sorted: only the last one starting
+            # before the gradient's end can overlap it.
+            k = bisect.bisect_left(starts, lo + n) - 1
+            if n and k >= 0 and spans[k][1] > lo:
+                raise ValueError(f"{name} overlaps {spans[k][2]} in memory; pass separate arrays")
 
     def _step_signature(self) -> str:
         inner = self._inner
@@ -498,7 +517,7 @@ class ShardedOptimizer:
 
     # -- collective checks ---------------------------------------------------------------------
 
-    def _agree(self, error: Exception | None, signature: str, what: str, after_update=False):
+    def _agree(self, error: Exception | None, signature: str, what: str) -> None:
         """Raise on every rank if ``error`` is set on any rank, or ``signature`` differs."""
         h = zlib.crc32(signature.encode()) & 0x7FFFFFFF
         flags = np.array([error is not None, h, -h], np.int64)
@@ -512,12 +531,8 @@ class ShardedOptimizer:
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             r, (kind, message) = failed[0]
-            note = (
-                " (the ranks that did not fail have updated their shard: reload a checkpoint)"
-                if after_update else ""
-            )  # fmt: skip
             raise (kind if kind in (TypeError, ValueError) else RuntimeError)(
-                f"rank {r} failed: {message}{note}"
+                f"rank {r} failed: {message}"
             )
         odd = next(r for r, s in enumerate(signatures) if s != signatures[0])
         raise ValueError(
@@ -684,6 +699,19 @@ def _mpi_is_cuda_aware() -> bool:
             query.restype = ctypes.c_int
             return bool(query())
     return False
+
+
+def _byte_span(a) -> tuple[int, int]:
+    """``(first byte, bytes)`` of the memory that an array's elements lie in, any strides."""
+    if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+        lo, hi = _byte_bounds(a)
+        return lo, hi - lo
+    return extent(a)
+
+
+def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
+    bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None)  # NumPy 2
+    return (bounds or np.byte_bounds)(a)  # noqa: NPY201 (NumPy 1)
 
 
 def _dtype(a) -> np.dtype:

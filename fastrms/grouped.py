@@ -159,6 +159,12 @@ class StepPlan:
 
     def run(self, grads: list, setup: Setup) -> None:
         """Check ``grads`` (and the scalars against the dtypes), then step every group."""
+        self.launch(self.check(grads, setup), grads)
+
+    def check(self, grads: list, setup: Setup) -> list:
+        """Everything :meth:`run` checks, writing nothing: ``grads``, the options, and
+        ``setup``'s scalars against every group's dtype; compile the kernels. Returns each
+        group's scalars, for :meth:`launch`."""
         if (setup.rule, setup.flags, setup.state) != self.key[:3]:
             raise ValueError("this plan was made for other options; make a new one")
         if len(grads) != len(self._params):
@@ -168,7 +174,10 @@ class StepPlan:
             self._check_grads(grads, last)
         if not self._ready:
             self._prepare()
-        hypers = [g.cast(setup) for g in self.groups]
+        return [g.cast(setup) for g in self.groups]
+
+    def launch(self, hypers: list, grads: list) -> None:
+        """Step every group with the scalars and gradients that :meth:`check` accepted."""
         for group, hyper in zip(self.groups, hypers):
             group.launch(hyper, grads)
 
@@ -191,9 +200,10 @@ class StepPlan:
             self._prepare()
         self._grads = None  # the next run() checks its gradients in full
         grads = None if self._compiled else _AddressViews(addresses, self._shapes, self._dtypes)
-        for group in self.groups:
+        hypers = [group.cast(setup) for group in self.groups]  # every group's, before any runs
+        for group, hyper in zip(self.groups, hypers):
             group.set_grads(addresses)
-            group.launch(group.cast(setup), grads)
+            group.launch(hyper, grads)
 
     def _check_grads(self, grads: list, last: list | None) -> None:
         n = len(grads)

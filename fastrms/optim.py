@@ -14,7 +14,7 @@ used), so it checks only the gradients and the hyperparameters' values.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -107,18 +107,34 @@ class Optimizer:
 
         Everything is checked first; if anything is wrong, no array is changed.
         """
+        self._checked_step(grads)()
+
+    def _checked_step(self, grads: Params) -> Callable[[], None]:
+        """Check a step with ``grads`` (raising as :meth:`step` does, writing nothing);
+        return the call that takes it. Until that call, :meth:`_forget_created` undoes it."""
         grads = self._grads_of(grads)
-        setup = self._setup(self.step_count + 1, self._hyper())
+        count = self.step_count
+        if type(count) is not int:
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+                raise TypeError(f"step_count must be an int >= 0, got {count!r}")
+        if count < 0:
+            raise ValueError(f"step_count must be an int >= 0, got {count!r}")
+        setup = self._setup(count + 1, self._hyper())
         plan = self._plan
         if plan is None or not plan.matches(setup, self.state, self.backend):
             plan = self._new_plan(setup)
         try:
-            plan.run(grads, setup)
+            hypers = plan.check(grads, setup)
         except (TypeError, ValueError):
             self._forget_created()
             raise
-        self._created = []
-        self.step_count += 1
+
+        def take() -> None:
+            plan.launch(hypers, grads)
+            self._created = []
+            self.step_count = count + 1
+
+        return take
 
     def _grads_of(self, grads: Params) -> list:
         if self._structure == "list" and isinstance(grads, (list, tuple)):
@@ -136,6 +152,14 @@ class Optimizer:
 
     def _new_plan(self, setup: specs.Setup) -> StepPlan:
         self._plan = None
+        n = len(self._params)
+        for name in setup.state:
+            arrays = self.state.get(name, [])
+            if name in self.state and (type(arrays) is not list or len(arrays) != n):
+                what = f"{len(arrays)} items" if isinstance(arrays, list) else repr(arrays)[:40]
+                raise ValueError(
+                    f"state[{name!r}] must be a list of one array per parameter ({n}), got {what}"
+                )
         for name in setup.state:
             for i in range(len(self._params)):
                 if self.state.get(name, [None] * len(self._params))[i] is None:

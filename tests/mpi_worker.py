@@ -315,6 +315,78 @@ def check_bad_input() -> None:
     unchanged()
 
 
+def check_refusals_after_steps() -> None:
+    """Two good steps over float64 and float32 parameters (the float32 group last), then a
+    step made bad in the last group in each way, on every rank or on the last rank only:
+    every rank raises a TypeError/ValueError naming the argument, and not one bit of any
+    rank's parameters, state or step count changes."""
+    shapes = {"a": (6,), "b": (5, 3), "c": (4,), "d": (2, 3)}
+    dtypes = {"a": np.float64, "b": np.float64, "c": np.float32, "d": np.float32}
+    rng = np.random.default_rng(22)
+    params = {k: rng.standard_normal(s).astype(dtypes[k]) for k, s in shapes.items()}
+    opt = ShardedOptimizer(fastrms.Adam, params, lr=0.01, amsgrad=True)
+
+    def grads(step: int) -> dict:
+        return {k: (np.random.default_rng([step, RANK, i]).integers(-64, 65, s) / 64)
+                .astype(dtypes[k]) for i, (k, s) in enumerate(shapes.items())}  # fmt: skip
+
+    for step in range(2):
+        opt.step(grads(step))
+    assert opt.step_count == 2
+    inner = opt._inner
+    last = SIZE - 1
+
+    def refused(kind: type, fn, *contains: str, on_last_only: bool = False) -> None:
+        before = {k: v.copy() for k, v in params.items()}
+        state = {(s, i): a.copy() for s, arrays in inner.state.items()
+                 for i, a in enumerate(arrays) if isinstance(a, np.ndarray)}  # fmt: skip
+        counts = opt.step_count, inner.step_count
+        message = expect_all(kind, fn, *contains)  # the other ranks quote the last one
+        assert not on_last_only or RANK == last or f"rank {last} failed" in message, message
+        same(params, before, f"params after a refused step ({message})")
+        for (s, i), a in state.items():
+            assert inner.state[s][i].tobytes() == a.tobytes(), (message, s, i)
+        assert (opt.step_count, inner.step_count) == counts, message
+
+    g = grads(2)
+    # A bad hyperparameter, and scalars that fit float64 but not the float32 group.
+    for name, value, words in [("lr", -1.0, "lr must be"), ("lr", 1e39, "float32"),
+                               ("eps", 1e-50, "eps = 1e-50 does not fit in float32")]:  # fmt: skip
+        good = getattr(opt, name)
+        setattr(opt, name, value)
+        refused(ValueError, lambda: opt.step(g), words)  # noqa: B023
+        setattr(opt, name, good)
+    # A corrupt state array of this rank's last piece, on the last rank only.
+    s = "max_exp_avg_sq"
+    good = inner.state[s][-1]
+    if RANK == last:
+        inner.state[s][-1] = np.zeros(good.size + 1, good.dtype)
+    refused(ValueError, lambda: opt.step(g), "shape", on_last_only=True)
+    inner.state[s][-1] = good
+    # A corrupt step count, on the last rank only.
+    if RANK == last:
+        inner.step_count = -1
+    refused(ValueError, lambda: opt.step(g), "step_count", on_last_only=True)
+    inner.step_count = 2
+    # A gradient that overlaps a parameter, on the last rank only.
+    bad = dict(g)
+    if RANK == last:
+        bad["d"] = params["d"]
+    refused(ValueError, lambda: opt.step(bad), "grads['d'] overlaps params['d']",
+            on_last_only=True)  # fmt: skip
+    bad = dict(g)
+    if RANK == last:
+        bad["d"] = np.zeros((2, 3), np.float64)
+    refused(TypeError, lambda: opt.step(bad), "grads['d']", "dtype", on_last_only=True)
+    # Put right, the step goes on as if nothing had happened.
+    ref_params = {k: v.copy() for k, v in params.items()}
+    ref = ShardedOptimizer(fastrms.Adam, ref_params, lr=0.01, amsgrad=True)
+    ref.load_state_dict(opt.state_dict())
+    opt.step(g)
+    ref.step(g)
+    same(params, ref_params, "after the refusals")
+
+
 def check_cuda() -> None:
     """CUDA arrays (under Numba's CUDA simulator: the code path, not a CUDA-aware MPI):
     against the single-process optimizer on the same device, bit for bit."""
@@ -365,6 +437,7 @@ def main() -> None:
     run_case("SGD", dict(momentum=0.9), reduce="reduce", average=False)
     check_layouts()
     check_bad_input()
+    check_refusals_after_steps()
     COMM.Barrier()
     print(f"mpi_worker OK rank {RANK} of {SIZE}: {n + 5} optimizer cases", flush=True)
 

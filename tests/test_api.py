@@ -206,7 +206,8 @@ def test_functional_form_is_public_and_documented(name):
     assert arrays[:2] == ["param", "grad"]
     assert all(p.kind is not p.POSITIONAL_OR_KEYWORD for n, p in params.items() if n == "step")
     p, g = np.ones(3), np.ones(3)
-    with pytest.raises(TypeError):  # hyperparameters are keyword-only: no silent mix-ups
+    positional = r"takes (from \d+ to )?\d+ positional arguments? but \d+ were given"
+    with pytest.raises(TypeError, match=positional):  # keyword-only hyperparameters: no mix-ups
         fn(p, g, *[np.zeros(3)] * (len(arrays) - 2), 0.1)
 
 

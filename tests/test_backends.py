@@ -118,7 +118,7 @@ def test_without_numba_a_forced_cpu_backend_is_an_error(numba_missing, monkeypat
         opt.step(grads[0])
     np.testing.assert_array_equal(opt._params[0], p)
     monkeypatch.setenv("FASTRMS_BACKEND", "cpu")
-    with pytest.raises(BackendUnavailableError):
+    with pytest.raises(BackendUnavailableError, match="numba cannot be imported"):
         fastrms.Adam(p.copy()).step(grads[0])
 
 

@@ -19,9 +19,13 @@ from numba import types  # noqa: E402
 from fastrms import functional  # noqa: E402
 from fastrms.kernels import cuda as cuda_kernels  # noqa: E402
 from fastrms.kernels import rules  # noqa: E402
+from fastrms.specs import LAYOUTS  # noqa: E402
 
-N_FLAGS = {"rmsprop": 3, "adagrad": 1, "adam": 1, "sgd": 2}
-N_HYPER = {"rmsprop": 7, "adagrad": 4, "adam": 10, "sgd": 6}
+#: Every rule (from fastrms.specs, so a new one is checked too): its flags and scalars.
+N_FLAGS = {name: len(layout.flags) for name, layout in LAYOUTS.items()}
+N_HYPER = {name: len(layout.scalars) for name, layout in LAYOUTS.items()}
+#: The rules that divide and take square roots (Lion only moves by lr * sign).
+DIVIDES = ("rmsprop", "adagrad", "adam")
 F64 = re.compile(r"^\s*[a-z]+(\.[a-z0-9]+)*\.f64\b", re.M)  # any instruction typed .f64
 
 
@@ -63,9 +67,14 @@ def test_float32_kernel_has_no_float64_arithmetic(rule, flags):
                     "install the test extra, which brings NVRTC and NVVM")  # fmt: skip
     assert not F64.findall(ptx), "float64 instruction in a float32 kernel"
     assert re.search(r"\b(mul|fma\.rn)\.f32\b", ptx), "no float32 arithmetic found at all"
-    if rule != "sgd":  # precise (not fastmath) float32 division and square root
+    if rule in DIVIDES:  # precise (not fastmath) float32 division and square root
         assert re.search(r"\bdiv\.rn\.f32\b", ptx)
         assert re.search(r"\bsqrt\.rn\.f32\b", ptx)
+
+
+def test_every_rule_is_checked():
+    assert {rule for rule, _ in CASES} == set(rules.RULES) == {"rmsprop", "adagrad", "adam",
+                                                               "sgd", "lion"}  # fmt: skip
 
 
 def test_float64_kernel_is_float64():

@@ -382,8 +382,9 @@ def test_cli_commands(tmp_path, capsys):
         assert f"{obj.name}: start" in text
     assert text.count("Adam") == 3 and "SGD" not in text
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         parser.parse_args(["demo", "paths", "--steps", "0"])
+    assert "argument --steps" in capsys.readouterr().err
 
 
 def test_fastrms_command_has_the_demos(capsys):

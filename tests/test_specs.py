@@ -66,7 +66,7 @@ def test_class_is_derived_from_its_spec(name):
     }
     positional = cls(np.ones(3), *[spec.defaults[h] for h in spec.hyperparameters])
     assert positional.backend == "auto"
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
         cls(np.ones(3), nonsense=1)
 
 
