@@ -62,6 +62,11 @@ def _fault_step_in_place(opt, params):
     return ValueError, r"step.*param_groups\[1\]\['params'\]\[1\]", "step"
 
 
+def _fault_step_of_two_elements(opt, params):
+    opt.state[params[-1]]["step"] = torch.tensor([2.0, 2.0])
+    return ValueError, r"step.*1-element tensor", "step"
+
+
 def _fault_state_tensor(opt, params):
     st, key = opt.state[params[-1]], _state_key(opt, params[-1])
     st[key] = torch.zeros(3)
@@ -95,6 +100,7 @@ def _fault_float16_parameter(opt, params):
 
 FAULTS = {f.__name__.removeprefix("_fault_"): f for f in (
     _fault_hyperparameter, _fault_float32_overflow, _fault_step_replaced, _fault_step_in_place,
+    _fault_step_of_two_elements,
     _fault_state_tensor, _fault_gradient_is_own_state, _fault_gradient_is_state_of_first_bucket,
     _fault_gradient_dtype, _fault_float16_parameter,
 )}  # fmt: skip
