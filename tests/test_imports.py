@@ -139,6 +139,16 @@ def test_no_fastrms_module_imports_another_in_a_cycle():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def test_the_library_leaves_the_tools_to_the_fastrms_command():
+    """Only the ``fastrms`` command imports :mod:`fastrms.tools` (the benchmark report, the
+    demos): the library proper stands without them."""
+    graph = import_graph(PACKAGES)
+    tools = {m for m in graph if m == "fastrms.tools" or m.startswith("fastrms.tools.")}
+    assert {"fastrms.tools.bench.command", "fastrms.tools.demo.command"} <= tools
+    importers = {m for m, targets in graph.items() if targets & tools} - tools
+    assert importers == {"fastrms.cli"}
+
+
 def test_the_grouped_step_and_the_functional_api_import_one_way():
     graph = import_graph(PACKAGES)
     assert "fastrms.grouped" in graph["fastrms.functional"]
