@@ -4,6 +4,10 @@ Every module of the package (and of ``kernels/``, installed as ``fastrms.kernels
 with :mod:`ast`; each ``import`` and ``from ... import`` of a fastrms module, at top level or
 inside a function, is an edge of the graph. A cycle in it fails the test and is named. Imports
 deferred into functions to keep ``import fastrms`` cheap are fine as long as they close no cycle.
+
+An edge goes to the module named (``from . import dispatch``: to ``fastrms.dispatch``; ``from
+.specs import SPECS``: to ``fastrms.specs``), not to the packages above it, whose
+``__init__`` Python has already run or is running by then.
 """
 
 from __future__ import annotations
