@@ -10,19 +10,19 @@ import functools
 
 import pytest
 
-from fastrms import benchmarks as B
-from fastrms import models as M
+from fastrms.tools.bench import cases
+from fastrms.tools.bench import models as M
 
 
 @functools.lru_cache(maxsize=1)
 def _model(model: str, algo: str):
     tensors = M.model_arrays(M.MODELS[model]())
-    return tensors, M.model_reference(B.ALGOS[algo], tensors)
+    return tensors, M.model_reference(cases.ALGOS[algo], tensors)
 
 
 def test_model(benchmark, record, threads, model_case):
     model, algo_name, variant = model_case
-    algo = B.ALGOS[algo_name]
+    algo = cases.ALGOS[algo_name]
     tensors, expected = _model(model, algo_name)
     fresh = M.fresh_copies(tensors)
     if variant in M.CEILINGS:

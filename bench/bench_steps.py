@@ -7,21 +7,21 @@ from __future__ import annotations
 
 import pytest
 
-from fastrms import benchmarks as B
+from fastrms.tools.bench import cases, ceilings, variants
 
 
 def test_step(benchmark, record, problem, threads, step_case):
     algo, n, variant = step_case
-    a = B.ALGOS[algo]
+    a = cases.ALGOS[algo]
     start, expected = problem(algo, n)
     if variant == "ceiling":
-        runner = B.ceiling(a, B.copy_arrays(start))
+        runner = ceilings.ceiling(a, cases.copy_arrays(start))
     else:
-        v = B.VARIANTS[variant]
+        v = variants.VARIANTS[variant]
         why = v.unavailable(a)
         if why:
             pytest.skip(why)
-        runner = B.build_checked(v, a, B.copy_arrays(start), expected, threads)
+        runner = variants.build_checked(v, a, cases.copy_arrays(start), expected, threads)
     record(f"{algo} n={n:.0e}", variant, a.bytes_per_element() * n, algo=algo, n=n)
     with runner.context():
         benchmark(runner.step)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import torch_loop as TL
-from fastrms import benchmarks as B
+from fastrms.tools.bench.cases import ALGOS
 
 #: (variant, the torch.optim for-loop optimizer it must match, or None for one not checked:
 #: torch's own, and the floors, which are bare kernel calls, not optimizers)
@@ -59,7 +59,7 @@ def test_torch_step(benchmark, record, threads, torch_case):
         _check_first_step(model, variant)
     loop = TL.make_loop(model, variant)
     tensors, size = TL.model_size(model)
-    algo = B.ALGOS["adam" if "adam" in variant else "rmsprop"]
+    algo = ALGOS["adam" if "adam" in variant else "rmsprop"]
     record(f"torch loop {model}", variant, algo.bytes_per_element() * size, size=size,
            tensors=tensors)  # fmt: skip
     benchmark.pedantic(loop.opt.step, setup=loop.prepare, rounds=50, warmup_rounds=3)

@@ -1,6 +1,6 @@
 """pytest-benchmark suite: fastrms's fused steps against naive NumPy, torch.optim and a ceiling.
 
-The cases come from :mod:`fastrms.benchmarks`, the table ``fastrms bench`` also uses. Every
+The cases come from :mod:`fastrms.tools.bench`, the table ``fastrms bench`` also uses. Every
 benchmarked variant first takes one step and is checked against the NumPy reference, so a fast
 but wrong variant fails its test.
 
@@ -21,8 +21,9 @@ from collections import defaultdict
 
 import pytest
 
-from fastrms import benchmarks as B
-from fastrms import models as M
+from fastrms.tools.bench import models as M
+from fastrms.tools.bench.cases import ALGOS, LARGE_SIZES, SIZES, make_arrays, reference_result
+from fastrms.tools.bench.variants import VARIANTS, thread_count
 
 #: (group, variant) -> (median seconds, bytes moved per step); filled when timings are taken.
 MEDIANS: dict[tuple[str, str], tuple[float, int]] = {}
@@ -37,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def sizes(config: pytest.Config) -> tuple[int, ...]:
-    return B.SIZES + (B.LARGE_SIZES if config.getoption("--bench-large") else ())
+    return SIZES + (LARGE_SIZES if config.getoption("--bench-large") else ())
 
 
 def models(config: pytest.Config) -> tuple[str, ...]:
@@ -51,9 +52,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """
     config = metafunc.config
     if "step_case" in metafunc.fixturenames:
-        cases = [
-            (a, n, v) for a in B.ALGOS for n in sizes(config) for v in (*B.VARIANTS, "ceiling")
-        ]
+        cases = [(a, n, v) for a in ALGOS for n in sizes(config) for v in (*VARIANTS, "ceiling")]
         ids = [f"{a}-{n:.0e}-{v}" for a, n, v in cases]
         metafunc.parametrize("step_case", cases, ids=ids)
     if "model_case" in metafunc.fixturenames:
@@ -76,15 +75,15 @@ def threads() -> int:
 
 @pytest.fixture(scope="session", autouse=True)
 def _thread_count(threads: int):
-    with B.thread_count(threads):
+    with thread_count(threads):
         yield
 
 
 @functools.lru_cache(maxsize=1)
 def _problem(algo: str, n: int):
     """The starting arrays and the reference result; cached for one (algo, n) at a time."""
-    start = B.make_arrays(B.ALGOS[algo], n)
-    return start, B.reference_result(B.ALGOS[algo], start)
+    start = make_arrays(ALGOS[algo], n)
+    return start, reference_result(ALGOS[algo], start)
 
 
 @pytest.fixture

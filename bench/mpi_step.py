@@ -23,8 +23,8 @@ import numpy as np
 from mpi4py import MPI
 
 import fastrms
-from fastrms import models as M
 from fastrms.distributed import REDUCTIONS, ShardedOptimizer
+from fastrms.tools.bench import models as M
 
 PHASES = ("check", "reduce_scatter", "local_step", "all_gather")
 

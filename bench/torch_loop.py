@@ -8,7 +8,8 @@ machine (see the notes on noise in the project's NOTES).
 
 Models:
 
-- ``"mlp"``: Linear 784-128-256-64-10 with ReLUs (the shapes of ``fastrms.models``' MLP),
+- ``"mlp"``: Linear 784-128-256-64-10 with ReLUs (the shapes of the MLP of
+  ``fastrms.tools.bench.models``),
   8 tensors, 150,602 parameters, trained on random batches of 64 (cross-entropy);
   ``"mlp:784-512-1024-256-10"`` gives other widths, and :func:`sweep` scales them.
 - ``"gpt2"`` / ``"gpt2-tiny"``: GPT-2's parameter shapes (``gpt2_shapes``), random gradients,
@@ -37,8 +38,8 @@ import numpy as np
 import torch
 
 import fastrms.torch as ft
-from fastrms import benchmarks as B
-from fastrms.models import gpt2_shapes
+from fastrms.tools.bench.models import gpt2_shapes
+from fastrms.tools.bench.variants import thread_count
 
 
 class Floor(torch.optim.Optimizer):
@@ -226,7 +227,7 @@ def step_times(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    with B.thread_count(threads or numba.config.NUMBA_NUM_THREADS):
+    with thread_count(threads or numba.config.NUMBA_NUM_THREADS):
         loops = {v: make_loop(model, v, seed) for v in variants}
         for loop in loops.values():
             for _ in range(warmup):
@@ -317,7 +318,7 @@ def layout_times(n: int = 1 << 20, repeats: int = 30, threads: int | None = None
     step by step, gradients in the parameter's layout."""
     import numba
 
-    with B.thread_count(threads or numba.config.NUMBA_NUM_THREADS):
+    with thread_count(threads or numba.config.NUMBA_NUM_THREADS):
         opts = {}
         for layout, make in LAYOUTS.items():
             for kind, cls, kw in (("fastrms", ft.Adam, {}),
@@ -390,7 +391,7 @@ def _write_json(args, result: dict) -> None:  # pragma: no cover - a manual meas
 
     import numba
 
-    from fastrms.report import machine_info
+    from fastrms.tools.bench.render import machine_info
 
     result = {
         "command": "python -m bench.torch_loop " + " ".join(sys.argv[1:]),

@@ -40,14 +40,15 @@ def _version(module: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demos, report
+    from .tools.bench import command as bench
+    from .tools.demo import command as demo
 
     parser = argparse.ArgumentParser(
         prog="fastrms", description="Fused, in-place optimizer steps at memory speed."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    report.add_parser(sub)
-    demos.add_parser(sub)
+    bench.add_parser(sub)
+    demo.add_parser(sub)
     info = sub.add_parser("info", help="backends, devices, threads and library versions")
     info.set_defaults(func=_info)
     return parser

@@ -24,6 +24,7 @@ import numpy as np
 from . import reference, teams, threads
 from .arrays import DEVICE, HOST, device_of
 from .errors import BackendUnavailableError, FallbackWarning
+from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule
 
 BACKENDS = ("cuda", "cpu", "numpy")
 CHOICES = ("auto", *BACKENDS)
@@ -126,8 +127,6 @@ class _CpuBackend(_NumpyBackend):
     def _team_launch(self, team, rule, flags, arrays, hyper) -> None:
         """One array's step on ``team`` (torch's OpenMP team, see fastrms.teams), as a grouped
         step of one row: the same loop, so the same bits. Small arrays, none sized by n."""
-        from .grouped import PARTS_PER_THREAD, TABLE_WIDTH, schedule
-
         p = arrays[0]
         body = self.grouped_team_body(rule, flags, p.dtype)
         threads = team.threads()

@@ -18,21 +18,15 @@ instead, which checks them once and runs each group of them as one call.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from . import dispatch, specs
 from .arrays import check_arrays
-from .specs import LAYOUTS, SPECS, Setup
+from .grouped import StepPlan
+from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array  # noqa: F401
+from .specs import SPECS, Setup
 
 Array = Any  # a NumPy array, or a CUDA array (Numba device array, CuPy, PyTorch CUDA tensor)
-
-#: The state arrays of each rule, in the order the kernels take them (after param and grad).
-SLOTS = {name: layout.slots for name, layout in LAYOUTS.items()}
-#: What each rule's host scalars are, in the order the kernels take them.
-SCALARS = {name: tuple(layout.scalars.values()) for name, layout in LAYOUTS.items()}
 
 __all__ = [
     "Plan", "Setup", "adagrad", "adam", "adamw", "lion", "multi_tensor_step", "plan", "rmsprop",
@@ -72,30 +66,9 @@ def plan(setup: Setup, param: Array, grad: Array, state: dict, backend: str = "a
     return Plan(chosen, auto, setup, arrays, hyper)
 
 
-@functools.lru_cache(maxsize=256)
-def cast(rule: str, scalars: tuple, dtype: np.dtype) -> tuple:
-    """The scalars as NumPy scalars of the arrays' dtype, checked to fit in it (cached: a
-    training loop reuses them; a refusal raises and so is not cached)."""
-    if dtype.type is np.float32:
-        specs.check_fits_float32(LAYOUTS[rule], scalars)
-    return tuple(np.array(scalars, dtype))
-
-
+# SLOTS, SCALARS, HYPER_WIDTH, cast and cast_array live in fastrms.precision; they stay
+# importable from here, where the tests and tools found them.
 _cast = cast  # the name the tests and benchmarks used
-
-#: Scalars of the grouped CPU kernels, padded to this many (kernels.cpu.HYPER_WIDTH).
-HYPER_WIDTH = specs.MAX_SCALARS
-
-
-@functools.lru_cache(maxsize=256)
-def cast_array(rule: str, scalars: tuple, dtype: np.dtype) -> np.ndarray:
-    """The scalars as one read-only array of the arrays' dtype, padded to
-    :data:`HYPER_WIDTH`, checked to fit in it (cached as :func:`cast` is)."""
-    if dtype.type is np.float32:
-        specs.check_fits_float32(LAYOUTS[rule], scalars)
-    out = np.array(scalars + (0.0,) * (HYPER_WIDTH - len(scalars)), dtype)
-    out.flags.writeable = False  # shared by the cache
-    return out
 
 
 def _step(name: str, param, grad, state: dict, backend: str, step: int, options: dict) -> None:
@@ -395,8 +368,6 @@ def multi_tensor_step(
     raises ``TypeError``/``ValueError`` naming it (``params[3]``, ``exp_avg[3]``) and changes
     nothing.
     """
-    from .grouped import StepPlan
-
     if optimizer not in SPECS:
         raise ValueError(f"optimizer must be one of {tuple(SPECS)}, got {optimizer!r}")
     spec = SPECS[optimizer]

@@ -41,12 +41,9 @@ from .arrays import (
     host_addresses,
 )
 from .errors import BackendUnavailableError
-from .functional import HYPER_WIDTH, SLOTS, cast, cast_array
+from .precision import HYPER_WIDTH, SLOTS, cast, cast_array
+from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule
 from .specs import Setup
-
-#: Address columns of a group's table: param, grad and up to three state arrays (a rule with
-#: fewer state arrays gets the parameter's address in the rest, which it never touches).
-TABLE_WIDTH = 6
 
 
 class Team(Protocol):
@@ -487,31 +484,6 @@ class _CpuGroup(_Group):
             self._run_team(threads)
         else:
             self._parallel(self.table, *self._schedule, hyper)
-
-
-#: Equal parts per thread: a little slack for threads that start late or run slower.
-PARTS_PER_THREAD = 4
-
-
-def schedule(sizes: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the concatenation of arrays of ``sizes`` elements into ``parts`` equal parts.
-
-    Returns ``(part_ptr, items)``: part ``k`` is ``items[part_ptr[k]:part_ptr[k + 1]]``, each
-    item an int64 row ``(array, start, stop)`` of elements of one array. Empty arrays make no
-    items; an array may span several parts and a part several arrays.
-    """
-    sizes = np.asarray(sizes, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    total = int(offsets[-1])
-    parts = max(1, min(parts, total))
-    bounds = (np.arange(parts + 1, dtype=np.int64) * total) // parts
-    cuts = np.union1d(offsets, bounds)
-    starts, stops = cuts[:-1], cuts[1:]
-    array = np.searchsorted(offsets, starts, "right") - 1
-    items = np.stack([array, starts - offsets[array], stops - offsets[array]], axis=1)
-    part = np.searchsorted(bounds, starts, "right") - 1
-    part_ptr = np.searchsorted(part, np.arange(parts + 1), "left").astype(np.int64)
-    return part_ptr, np.ascontiguousarray(items, np.int64)
 
 
 class _CudaGroup(_Group):

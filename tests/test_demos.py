@@ -1,4 +1,4 @@
-"""Tests of the worked examples (fastrms.demos, fastrms.testfunctions) and their plots."""
+"""Tests of the worked examples (fastrms.tools.demo) and their plots."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from scipy import linalg, optimize
 
 import fastrms
-from fastrms import demos
-from fastrms.testfunctions import BEALE, OBJECTIVES, ROSENBROCK, WAVY
+from fastrms.tools.demo import command, paths, plots, regression, settings
+from fastrms.tools.demo.testfunctions import BEALE, OBJECTIVES, ROSENBROCK, WAVY
 
 # -- test functions ---------------------------------------------------------------------------
 
@@ -55,7 +55,7 @@ def test_minima():
 
 @pytest.mark.parametrize("batch_size", [None, 20])
 def test_regression_reaches_lstsq(batch_size):
-    r = demos.fit_regression("rmsprop", batch_size=batch_size)
+    r = regression.fit_regression("rmsprop", batch_size=batch_size)
     x, y = r.x, r.y
     X = np.column_stack([np.ones_like(x), x])
     np.testing.assert_allclose(r.lstsq, linalg.lstsq(X, y)[0])
@@ -69,21 +69,21 @@ def test_regression_reaches_lstsq(batch_size):
 
 
 def test_regression_data():
-    x, y = demos.regression_data(np.random.default_rng(3), 100)
+    x, y = regression.regression_data(np.random.default_rng(3), 100)
     assert x.shape == y.shape == (100,)
     assert x.min() >= 0 and x.max() < 2
     noise = y - (4 + 3 * x)
     assert abs(noise.mean()) < 0.3 and 0.7 < noise.std() < 1.3
-    r1 = demos.fit_regression(max_iter=2, seed=3)
+    r1 = regression.fit_regression(max_iter=2, seed=3)
     np.testing.assert_array_equal(r1.x, x)  # the data comes first from the seeded generator
 
 
 def test_regression_gradient_uses_batch_size():
     """One epoch of plain SGD, batches 30, 30, 30, 10, against a loop written here."""
     lr = 0.1
-    r = demos.fit_regression("sgd", batch_size=30, lr=lr, tol=0.0, max_iter=1, seed=5)
+    r = regression.fit_regression("sgd", batch_size=30, lr=lr, tol=0.0, max_iter=1, seed=5)
     rng = np.random.default_rng(5)
-    x, y = demos.regression_data(rng, 100)
+    x, y = regression.regression_data(rng, 100)
     X = np.column_stack([np.ones(100), x])
     order = np.arange(100)
     rng.shuffle(order)
@@ -99,21 +99,21 @@ def test_regression_gradient_uses_batch_size():
 
 
 def test_regression_every_optimizer_and_max_iter():
-    for name in demos.REGRESSION_OPTIMIZERS:
-        r = demos.fit_regression(name, max_iter=3)
+    for name in settings.REGRESSION_OPTIMIZERS:
+        r = regression.fit_regression(name, max_iter=3)
         assert r.epochs == 3 and not r.converged
         assert r.losses[-1] < r.losses[0]
-    text = demos.format_regression(r)
+    text = regression.format_regression(r)
     assert "max-iter reached" in text and "3 epochs" in text
     with pytest.raises(ValueError, match="optimizer"):
-        demos.fit_regression("lbfgs")
+        regression.fit_regression("lbfgs")
 
 
 # -- paths --------------------------------------------------------------------------------------
 
 
 def test_adaptive_paths_reach_the_wavy_minimum():
-    result = demos.run_paths(["wavy"], ["adam", "rmsprop", "rmsprop-torch"])
+    result = paths.run_paths(["wavy"], ["adam", "rmsprop", "rmsprop-torch"])
     (fp,) = result.functions
     np.testing.assert_allclose(fp.minimum, WAVY.minimum())
     for path in fp.paths:
@@ -128,10 +128,10 @@ def test_adaptive_paths_reach_the_wavy_minimum():
 
 def test_path_is_the_optimizer_run_step_by_step():
     steps = 25
-    path = demos.run_path(BEALE, "adam", steps)
+    path = paths.run_path(BEALE, "adam", steps)
     p = np.array(BEALE.start)
     g = np.empty(2)
-    opt = fastrms.Adam(p, lr=demos.PATH_LR["beale"]["adam"])
+    opt = fastrms.Adam(p, lr=settings.PATH_LR["beale"]["adam"])
     for k in range(1, steps + 1):
         BEALE.gradient(p, g)
         opt.step(g)
@@ -141,7 +141,7 @@ def test_path_is_the_optimizer_run_step_by_step():
 
 
 def test_steps_to_and_table():
-    path = demos.Path(
+    path = paths.Path(
         "adam", "Adam", 0.1, np.array([[0.0, 0.0], [0.5, 0.0], [0.9995, 0.0], [1.0, 0.0]]),
         np.zeros(4), np.array([1.0, 0.0]),
     )  # fmt: skip
@@ -149,7 +149,7 @@ def test_steps_to_and_table():
     assert path.steps_to(1e-6) == 3
     assert path.steps_to(2.0) == 0
     # reached means: and stays there to the last step
-    passing = demos.Path(
+    passing = paths.Path(
         "sgd", "SGD", 0.1, np.array([[0.0, 0.0], [1.0, 0.0], [0.9, 0.0], [1.0, 0.0]]),
         np.zeros(4), np.array([1.0, 0.0]),
     )  # fmt: skip
@@ -157,26 +157,26 @@ def test_steps_to_and_table():
     passing.points = passing.points[:3]
     assert passing.steps_to(1e-3) is None
 
-    result = demos.run_paths(["rosenbrock"], ["adagrad", "graves"], steps=50)
-    text = demos.format_paths(result)
+    result = paths.run_paths(["rosenbrock"], ["adagrad", "graves"], steps=50)
+    text = paths.format_paths(result)
     assert "rosenbrock" in text and "AdaGrad" in text and "RMSProp (Graves)" in text
     assert text.count("not reached") == 2  # 50 steps are far too few on Rosenbrock
 
 
 def test_diverging_path_stops():
-    path = demos.run_path(ROSENBROCK, "momentum", 200, lr=0.05)
+    path = paths.run_path(ROSENBROCK, "momentum", 200, lr=0.05)
     assert path.diverged
     assert len(path.points) < 201
-    assert "diverged" in demos.format_paths(
-        demos.PathsResult(200, [demos.FunctionPaths(ROSENBROCK, ROSENBROCK.minimum(), [path])])
+    assert "diverged" in paths.format_paths(
+        paths.PathsResult(200, [paths.FunctionPaths(ROSENBROCK, ROSENBROCK.minimum(), [path])])
     )
 
 
 def test_run_paths_rejects_unknown_names():
     with pytest.raises(ValueError, match="function"):
-        demos.run_paths(["himmelblau"])
+        paths.run_paths(["himmelblau"])
     with pytest.raises(ValueError, match="optimizer"):
-        demos.run_paths(optimizers=["lion"])
+        paths.run_paths(optimizers=["lion"])
 
 
 # -- Nesterov: the PyTorch form is the look-ahead form in other variables -----------------------
@@ -215,7 +215,7 @@ def test_nesterov_iterates_are_the_look_ahead_points():
         out[:] = A @ p - b
 
     cases = [(quadratic_gradient, (2.0, 1.0), 0.04, 200)]
-    cases.append((BEALE.gradient, BEALE.start, demos.PATH_LR["beale"]["nesterov"], 500))
+    cases.append((BEALE.gradient, BEALE.start, settings.PATH_LR["beale"]["nesterov"], 500))
     for gradient, start, lr, steps in cases:
         p = np.array(start)
         g = np.empty(2)
@@ -254,8 +254,8 @@ def _look_ahead_variant(gradient, start, lr, mu, steps):
 
 
 def test_demo_nesterov_path_is_fastrms_sgd():
-    path = demos.run_path(BEALE, "nesterov", 100)
-    lr = demos.PATH_LR["beale"]["nesterov"]
+    path = paths.run_path(BEALE, "nesterov", 100)
+    lr = settings.PATH_LR["beale"]["nesterov"]
     xs, vs = _look_ahead_nesterov(BEALE.gradient, BEALE.start, lr, 0.9, 100)
     np.testing.assert_allclose(path.points, xs + 0.9 * vs, rtol=1e-12, atol=1e-12)
 
@@ -278,33 +278,33 @@ def test_regression_plot(tmp_path):
     pytest.importorskip("matplotlib")
     Image = pytest.importorskip("PIL.Image")
     out = tmp_path / "regression.png"
-    demos.plot_regression(demos.fit_regression(max_iter=20), str(out), dpi=40)
-    assert _png_size(out) == _expected(demos.REGRESSION_FIGSIZE, 40)
+    plots.plot_regression(regression.fit_regression(max_iter=20), str(out), dpi=40)
+    assert _png_size(out) == _expected(plots.REGRESSION_FIGSIZE, 40)
     with Image.open(out) as im:
         assert im.format == "PNG"
-        assert im.size == _expected(demos.REGRESSION_FIGSIZE, 40)
+        assert im.size == _expected(plots.REGRESSION_FIGSIZE, 40)
 
 
 @pytest.fixture(scope="module")
 def small_paths():
-    return demos.run_paths(["beale", "wavy"], ["momentum", "adam"], steps=30)
+    return paths.run_paths(["beale", "wavy"], ["momentum", "adam"], steps=30)
 
 
 def test_paths_plot(tmp_path, small_paths):
     pytest.importorskip("matplotlib")
     out = tmp_path / "paths.png"
-    demos.plot_paths(small_paths, str(out), dpi=40)
-    assert _png_size(out) == _expected(demos.PATHS_FIGSIZE, 40)
+    plots.plot_paths(small_paths, str(out), dpi=40)
+    assert _png_size(out) == _expected(plots.PATHS_FIGSIZE, 40)
 
 
 def test_paths_animation(tmp_path, small_paths):
     pytest.importorskip("matplotlib")
     Image = pytest.importorskip("PIL.Image")
     out = tmp_path / "paths.gif"
-    n = demos.animate_paths(small_paths, str(out), frames=6, dpi=30)
+    n = plots.animate_paths(small_paths, str(out), frames=6, dpi=30)
     with Image.open(out) as im:
         assert im.format == "GIF"
-        assert im.size == _expected(demos.GIF_FIGSIZE, 30)
+        assert im.size == _expected(plots.GIF_FIGSIZE, 30)
         assert im.n_frames == n > 1
         first = np.asarray(im.convert("RGB"))
         im.seek(n - 1)
@@ -314,11 +314,11 @@ def test_paths_animation(tmp_path, small_paths):
 
 
 def test_frame_steps():
-    ks = demos.frame_steps(1000, 40)
+    ks = plots.frame_steps(1000, 40)
     assert ks[0] == 0 and ks[-1] == 1000
     assert np.all(np.diff(ks) > 0)
     assert ks[len(ks) // 2] < 500  # early steps get more frames
-    assert list(demos.frame_steps(3, 40)) == [0, 1, 2, 3]
+    assert list(plots.frame_steps(3, 40)) == [0, 1, 2, 3]
 
 
 @pytest.fixture
@@ -330,18 +330,18 @@ def no_matplotlib(monkeypatch):
 
 
 def test_missing_matplotlib_raises_a_clear_error(no_matplotlib, tmp_path, small_paths):
-    regression = demos.fit_regression(max_iter=2)
-    calls = [(demos.plot_regression, regression)]
-    calls += [(demos.plot_paths, small_paths), (demos.animate_paths, small_paths)]
+    fitted = regression.fit_regression(max_iter=2)
+    calls = [(plots.plot_regression, fitted)]
+    calls += [(plots.plot_paths, small_paths), (plots.animate_paths, small_paths)]
     for draw, result in calls:
-        with pytest.raises(demos.PlotDependencyError, match=r'pip install "fastrms\[plot\]"'):
+        with pytest.raises(plots.PlotDependencyError, match=r'pip install "fastrms\[plot\]"'):
             draw(result, str(tmp_path / "x"))
     assert not list(tmp_path.iterdir())
 
 
 def _demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrms")
-    demos.add_parser(parser.add_subparsers(dest="command", required=True))
+    command.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -357,7 +357,7 @@ def test_cli_without_matplotlib_says_what_to_install(no_matplotlib, tmp_path, ca
     args = _demo_parser().parse_args(argv)
     assert args.func(args) == 1
     captured = capsys.readouterr()
-    assert captured.err.strip() == f"fastrms demo: {demos.PLOT_INSTALL_HINT}"
+    assert captured.err.strip() == f"fastrms demo: {plots.PLOT_INSTALL_HINT}"
     assert 'pip install "fastrms[plot]"' in captured.err
     assert "Traceback" not in captured.err + captured.out
     assert not list(tmp_path.iterdir())
@@ -389,6 +389,6 @@ def test_cli_commands(tmp_path, capsys):
 
 def test_fastrms_command_has_the_demos(capsys):
     cli = pytest.importorskip("fastrms.cli")
-    pytest.importorskip("fastrms.report")
+    pytest.importorskip("fastrms.tools.bench.command")
     assert cli.main(["demo", "regression", "--max-iter", "2"]) == 0
     assert "iterations: 2 epochs" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""``kernels/`` ships as ``fastrms.kernels``, from an editable install and from a built wheel."""
+"""``kernels/`` ships as ``fastrms.kernels``, from an editable install and from a built wheel,
+with the tools (``fastrms.tools``)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def test_a_built_wheel_contains_and_imports_the_kernels(tmp_path):
     for module in ("rules", "cpu", "cuda", "_options"):
         assert f"fastrms/kernels/{module}.py" in names
     assert not any(n.startswith("kernels/") for n in names)
+    # The tools (fastrms bench, fastrms demo) ship as subpackages of their own.
+    for tool in ("__init__", "bench/__init__", "bench/command", "demo/__init__", "demo/command"):
+        assert f"fastrms/tools/{tool}.py" in names
 
     site = tmp_path / "site"
     subprocess.run(
@@ -45,6 +49,7 @@ def test_a_built_wheel_contains_and_imports_the_kernels(tmp_path):
     )  # fmt: skip
     code = (
         "import json, numpy as np, fastrms, fastrms.kernels.rules as r;"
+        "import fastrms.tools.bench.command, fastrms.tools.demo.command;"
         "from fastrms.kernels._options import cache_dir;"
         "p = np.ones(8, np.float32); fastrms.SGD(p, lr=0.5).step(np.ones(8, np.float32));"
         "print(json.dumps([fastrms.__file__, r.__file__, float(p[0]), str(cache_dir())]))"

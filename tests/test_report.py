@@ -1,4 +1,4 @@
-"""Tests of ``fastrms bench`` (fastrms.report) and its table of cases (fastrms.benchmarks).
+"""Tests of ``fastrms bench`` (fastrms.tools.bench) and its table of cases.
 
 They run the report on tiny sizes with two repetitions: they check its structure and its
 arithmetic, not the speed of anything.
@@ -21,17 +21,16 @@ import numba
 import numpy as np
 import pytest
 
-from fastrms import benchmarks as B
-from fastrms import models as M
-from fastrms import report
+from fastrms.tools.bench import cases, ceilings, command, measure, render, targets, variants
+from fastrms.tools.bench import models as M
 
-TORCH = B.import_torch() is not None
+TORCH = variants.import_torch() is not None
 HOST_VARIANTS = "cpu,cpu-1t,numpy,naive" + (",torch-foreach,torch-fused" if TORCH else "")
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fastrms")
-    report.add_parser(parser.add_subparsers(dest="command", required=True))
+    command.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(["bench", *argv])
 
 
@@ -64,15 +63,15 @@ def test_defaults_are_the_documented_sweep():
     args = parse()
     assert args.algo == ("rmsprop", "adam", "adagrad")
     assert args.sizes == (10**4, 10**5, 10**6, 10**7)
-    assert args.backends == tuple(B.VARIANTS)
-    assert args.repeat == report.DEFAULT_REPEAT and args.threads is None
+    assert args.backends == tuple(variants.VARIANTS)
+    assert args.repeat == command.DEFAULT_REPEAT and args.threads is None
     assert args.json is None and args.plot is None and not args.markdown
     assert args.model == ("mlp", "gpt2-tiny") and args.model_algo == ("adam", "rmsprop", "adagrad")
 
 
 def test_options_parse():
     args = parse("--algo", "all", "--sizes", "5e7,1e4,10000", "--threads", "1", "--model", "all")
-    assert args.algo == tuple(B.ALGOS)
+    assert args.algo == tuple(cases.ALGOS)
     assert args.sizes == (10**4, 5 * 10**7)
     assert args.threads == 1 and args.model == tuple(M.MODELS)
     assert parse("--model", "none").model == ()
@@ -107,7 +106,7 @@ def test_bad_options_are_refused(argv, capsys):
 
 def test_json_has_machine_info(small_run):
     data, _ = small_run
-    assert data["schema"] == report.SCHEMA
+    assert data["schema"] == render.SCHEMA
     m = data["machine"]
     assert isinstance(m["cpu_model"], str) and m["cpu_model"]
     assert m["cores"] >= 1 and m["threads"] == numba.config.NUMBA_NUM_THREADS
@@ -129,7 +128,7 @@ def test_json_cells_are_consistent(small_run):
             else:
                 assert got == expected_variants
     for c in cells:
-        assert c["bytes_per_element"] == B.ALGOS[c["algo"]].bytes_per_element()
+        assert c["bytes_per_element"] == cases.ALGOS[c["algo"]].bytes_per_element()
         assert len(c["times_s"]) == 3 and all(t > 0 for t in c["times_s"])
         assert c["inner"] >= 1
         assert c["median_s"] == pytest.approx(np.median(c["times_s"]))
@@ -148,7 +147,7 @@ def test_json_ratios_are_ratios_of_medians(small_run):
     assert cpu["speedup_naive"] == pytest.approx(naive["median_s"] / cpu["median_s"])
     assert ceiling["pct_ceiling"] is None
     if TORCH:
-        torch = min((group[t] for t in B.TORCH_VARIANTS), key=lambda c: c["median_s"])
+        torch = min((group[t] for t in variants.TORCH_VARIANTS), key=lambda c: c["median_s"])
         assert cpu["torch_variant"] == torch["variant"]
         assert cpu["speedup_torch"] == pytest.approx(torch["median_s"] / cpu["median_s"])
 
@@ -211,12 +210,12 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path, cap
 def _wrong_build(algo, arrays, threads):
     """fastrms cpu with a learning rate 1% too high: fast, and wrong."""
     wrong = dataclasses.replace(algo, options={**algo.options, "lr": algo.options["lr"] * 1.01})
-    return B.Runner(wrong.fastrms_step(arrays, "cpu"), lambda: arrays)
+    return variants.Runner(wrong.fastrms_step(arrays, "cpu"), lambda: arrays)
 
 
 def test_a_wrong_variant_is_caught(monkeypatch, capsys):
-    wrong = dataclasses.replace(B.VARIANTS["cpu"], build=_wrong_build)
-    monkeypatch.setitem(B.VARIANTS, "cpu", wrong)
+    wrong = dataclasses.replace(variants.VARIANTS["cpu"], build=_wrong_build)
+    monkeypatch.setitem(variants.VARIANTS, "cpu", wrong)
     assert bench("--algo", "adam", "--sizes", "1000", "--backends", "cpu,naive") == 1
     err = capsys.readouterr().err
     assert "wrong result" in err and "fastrms cpu" in err and "param differs" in err
@@ -224,30 +223,30 @@ def test_a_wrong_variant_is_caught(monkeypatch, capsys):
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_check_rejects_a_small_error(exact):
-    algo = B.ALGOS["rmsprop"]
-    start = B.make_arrays(algo, 5000)
-    expected = B.reference_result(algo, start)
-    assert B.check(B.copy_arrays(expected), expected, exact) is None
-    nudged = B.copy_arrays(expected)
+    algo = cases.ALGOS["rmsprop"]
+    start = cases.make_arrays(algo, 5000)
+    expected = cases.reference_result(algo, start)
+    assert variants.check(cases.copy_arrays(expected), expected, exact) is None
+    nudged = cases.copy_arrays(expected)
     nudged["square_avg"][1234] *= np.float32(1 + (1e-7 if exact else 1e-4))
-    problem = B.check(nudged, expected, exact)
+    problem = variants.check(nudged, expected, exact)
     assert problem and "square_avg" in problem and "[1234]" in problem
 
 
-@pytest.mark.parametrize("algo", list(B.ALGOS))
+@pytest.mark.parametrize("algo", list(cases.ALGOS))
 def test_every_variant_passes_its_check(algo):
-    a = B.ALGOS[algo]
-    start = B.make_arrays(a, 3000)
-    expected = B.reference_result(a, start)
-    for v in B.VARIANTS.values():
+    a = cases.ALGOS[algo]
+    start = cases.make_arrays(a, 3000)
+    expected = cases.reference_result(a, start)
+    for v in variants.VARIANTS.values():
         if v.unavailable(a) is None:
-            B.build_checked(v, a, B.copy_arrays(start), expected, threads=1)
+            variants.build_checked(v, a, cases.copy_arrays(start), expected, threads=1)
     assert start.keys() == {"param", "grad", *a.state}
 
 
 def test_one_thread_variant_runs_on_one_thread():
-    a = B.ALGOS["sgd-momentum"]
-    runner = B.VARIANTS["cpu-1t"].build(a, B.make_arrays(a, 100), 2)
+    a = cases.ALGOS["sgd-momentum"]
+    runner = variants.VARIANTS["cpu-1t"].build(a, cases.make_arrays(a, 100), 2)
     before = numba.get_num_threads()
     with runner.context():
         assert numba.get_num_threads() == 1
@@ -259,14 +258,14 @@ def test_one_thread_variant_runs_on_one_thread():
 
 @pytest.mark.parametrize("n", [100, 1 << 17])
 def test_ceiling_reads_and_writes_back_every_array(n):
-    a = B.ALGOS["amsgrad"]
-    arrays = B.make_arrays(a, n)
-    before = B.copy_arrays(arrays)
-    runner = B.ceiling(a, arrays)
+    a = cases.ALGOS["amsgrad"]
+    arrays = cases.make_arrays(a, n)
+    before = cases.copy_arrays(arrays)
+    runner = ceilings.ceiling(a, arrays)
     runner.step()
     for k in arrays:
         np.testing.assert_array_equal(arrays[k], before[k])
-    source = B._pattern_lines(a.reads, a.writes, "")
+    source = ceilings._pattern_lines(a.reads, a.writes, "")
     assert all(f"x{j} = a{j}[i]" in source for j in range(a.reads))
     assert source.count("] = ") == a.writes
 
@@ -279,8 +278,8 @@ def test_ceiling_loops_take_the_kernels_options_and_vectorize(algo):
 
     from fastrms.kernels._options import KERNEL_OPTIONS
 
-    a = B.ALGOS[algo]
-    parallel, serial = B.ceiling_loops(a.reads, a.writes)
+    a = cases.ALGOS[algo]
+    parallel, serial = ceilings.ceiling_loops(a.reads, a.writes)
     for loop in (serial, parallel):
         if hasattr(loop, "targetoptions"):
             for option, value in KERNEL_OPTIONS.items():
@@ -297,22 +296,22 @@ def test_ceiling_loops_take_the_kernels_options_and_vectorize(algo):
 
 
 def test_a_variant_faster_than_its_ceiling_is_said_in_words():
-    cells = report.summarize(
+    cells = measure.summarize(
         [
             _cell("adam", 10**7, "cpu", 1.0),
-            report.Cell("adam", 10**7, "ceiling", "same-pattern ceiling", 28, 1, [1.4, 1.2, 1.3]),
+            measure.Cell("adam", 10**7, "ceiling", "same-pattern ceiling", 28, 1, [1.4, 1.2, 1.3]),
             _cell("adam", 10**7, "naive", 10.0),
         ]
     )
     by = {c.variant: c for c in cells}
     assert by["ceiling"].best_s == 1.2 and by["cpu"].pct_ceiling == pytest.approx(1.2)
-    row = report._row(by["cpu"])
+    row = render._row(by["cpu"])
     assert "above it" in row and not any(cell.endswith("%") and "120" in cell for cell in row)
-    assert report._row(by["ceiling"])[1] == "1200 best"
-    [target] = [t for t in report.evaluate_targets(cells) if t["metric"] == "ceiling"]
-    [line] = report._target_lines([target], markdown=False)
+    assert render._row(by["ceiling"])[1] == "1200 best"
+    [target] = [t for t in targets.evaluate_targets(cells) if t["metric"] == "ceiling"]
+    [line] = render._target_lines([target], markdown=False)
     assert "faster than the ceiling (1.20x its best): not bounded" in line and "120%" not in line
-    assert report.pct_text(0.87) == "87% of its ceiling"
+    assert render.pct_text(0.87) == "87% of its ceiling"
 
 
 def test_model_ceilings_are_named_for_what_they_bound():
@@ -320,7 +319,7 @@ def test_model_ceilings_are_named_for_what_they_bound():
 
 
 def test_bytes_per_element_match_the_notes():
-    bpe = {name: a.bytes_per_element() for name, a in B.ALGOS.items()}
+    bpe = {name: a.bytes_per_element() for name, a in cases.ALGOS.items()}
     assert bpe == {
         "rmsprop": 20, "rmsprop-cm": 36, "adagrad": 20, "adam": 28, "amsgrad": 36,
         "sgd-momentum": 20,
@@ -376,12 +375,14 @@ def test_model_workload(tmp_path, capsys, algo):
 
 
 def _cell(algo, n, variant, median):
-    return report.Cell(algo, n, variant, variant, B.ALGOS[algo].bytes_per_element(), 1, [median])
+    return measure.Cell(
+        algo, n, variant, variant, cases.ALGOS[algo].bytes_per_element(), 1, [median]
+    )
 
 
 def test_targets_met_and_missed():
     big = 10**7
-    cells = report.summarize(
+    cells = measure.summarize(
         [
             _cell("rmsprop", big, "cpu", 1.0),
             _cell("rmsprop", big, "naive", 12.0),  # 12x: met
@@ -389,7 +390,7 @@ def test_targets_met_and_missed():
             _cell("rmsprop", big, "ceiling", 0.8),  # 80% < 85%: missed
         ]
     )
-    results = {t["target"]: t for t in report.evaluate_targets(cells)}
+    results = {t["target"]: t for t in targets.evaluate_targets(cells)}
     assert results[">= 10x naive NumPy"]["met"] is True
     assert results[">= 10x naive NumPy"]["value"] == pytest.approx(12.0)
     assert results[">= 4x torch RMSprop(foreach=True)"]["met"] is False
@@ -408,14 +409,15 @@ def test_cuda_variant_in_the_simulator():
     pytest.importorskip("numba.cuda")
     code = textwrap.dedent(
         """
-        from fastrms import benchmarks as B
-        assert B.VARIANTS["cuda"].unavailable(B.ALGOS["adam"])  # never benchmarked
+        from fastrms.tools.bench import cases, ceilings, variants
+        assert variants.VARIANTS["cuda"].unavailable(cases.ALGOS["adam"])  # never benchmarked
         for name in ("rmsprop", "amsgrad"):
-            a = B.ALGOS[name]
-            start = B.make_arrays(a, 64)
-            expected = B.reference_result(a, start)
-            B.build_checked(B.VARIANTS["cuda"], a, B.copy_arrays(start), expected, 1)
-            B.cuda_ceiling(a, start).step()
+            a = cases.ALGOS[name]
+            start = cases.make_arrays(a, 64)
+            expected = cases.reference_result(a, start)
+            cuda = variants.VARIANTS["cuda"]
+            variants.build_checked(cuda, a, cases.copy_arrays(start), expected, 1)
+            ceilings.cuda_ceiling(a, start).step()
         print("ok")
         """
     )

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import benchmarks as B
-from . import functional
+from ... import functional
+from . import cases, ceilings
+from .variants import TORCH_STATE, Runner, check, cpu_why_not, fastmath, import_torch, torch_why_not
 
 Shapes = dict[str, tuple[int, ...]]
-Tensors = dict[str, B.Arrays]
+Tensors = dict[str, cases.Arrays]
 
 
 def mlp_shapes(sizes: tuple[int, ...] = (784, 128, 256, 64, 10)) -> Shapes:
@@ -108,7 +109,7 @@ MODELS: dict[str, Callable[[], Shapes]] = {
 }
 #: The small models of the default report; the large ones take a few GB of memory.
 SMALL_MODELS = ("mlp", "gpt2-tiny")
-#: The algorithms stepped over the models (keys of :data:`fastrms.benchmarks.ALGOS`).
+#: The algorithms stepped over the models (keys of :data:`fastrms.tools.bench.cases.ALGOS`).
 MODEL_ALGOS = ("adam", "rmsprop", "adagrad")
 
 
@@ -117,8 +118,8 @@ def model_arrays(shapes: Shapes, seed: int = 0) -> Tensors:
     rng = np.random.default_rng(seed)
     return {
         name: {
-            "param": rng.standard_normal(shape, dtype=B.DTYPE),
-            "grad": rng.standard_normal(shape, dtype=B.DTYPE),
+            "param": rng.standard_normal(shape, dtype=cases.DTYPE),
+            "grad": rng.standard_normal(shape, dtype=cases.DTYPE),
         }
         for name, shape in shapes.items()
     }
@@ -129,12 +130,12 @@ def fresh_copies(tensors: Tensors) -> Tensors:
     return {k: {"param": t["param"].copy(), "grad": t["grad"]} for k, t in tensors.items()}
 
 
-def _functional_step(algo: B.Algo, param, grad, state: dict, backend: str) -> None:
+def _functional_step(algo: cases.Algo, param, grad, state: dict, backend: str) -> None:
     step = {} if algo.rule == "rmsprop" else {"step": 1}
     getattr(functional, algo.rule)(param, grad, **state, **step, **algo.options, backend=backend)
 
 
-def model_reference(algo: B.Algo, tensors: Tensors) -> Tensors:
+def model_reference(algo: cases.Algo, tensors: Tensors) -> Tensors:
     """Each tensor after one step of ``algo`` from zero state, by the NumPy reference."""
     out = {}
     for name, t in tensors.items():
@@ -145,8 +146,8 @@ def model_reference(algo: B.Algo, tensors: Tensors) -> Tensors:
     return out
 
 
-def _fastrms_grouped(algo: B.Algo, tensors: Tensors, threads: int) -> B.Runner:
-    from .optim import OPTIMIZERS
+def _fastrms_grouped(algo: cases.Algo, tensors: Tensors, threads: int) -> Runner:
+    from ...optim import OPTIMIZERS
 
     names = list(tensors)
     params = [tensors[k]["param"] for k in names]
@@ -159,11 +160,11 @@ def _fastrms_grouped(algo: B.Algo, tensors: Tensors, threads: int) -> B.Runner:
             for i, k in enumerate(names)
         }
 
-    return B.Runner(functools.partial(opt.step, grads), result, keep=opt)
+    return Runner(functools.partial(opt.step, grads), result, keep=opt)
 
 
-def _fastrms_per_array(algo: B.Algo, tensors: Tensors, threads: int) -> B.Runner:
-    from .dispatch import get
+def _fastrms_per_array(algo: cases.Algo, tensors: Tensors, threads: int) -> Runner:
+    from ...dispatch import get
 
     zeros = get("cpu").zeros_like
     state = {
@@ -178,19 +179,19 @@ def _fastrms_per_array(algo: B.Algo, tensors: Tensors, threads: int) -> B.Runner
     def result() -> Tensors:
         return {k: {"param": t["param"], **state[k]} for k, t in tensors.items()}
 
-    return B.Runner(step, result, keep=state)
+    return Runner(step, result, keep=state)
 
 
 def _torch(mode: str):
-    def build(algo: B.Algo, tensors: Tensors, threads: int) -> B.Runner:
-        torch = B.import_torch()
+    def build(algo: cases.Algo, tensors: Tensors, threads: int) -> Runner:
+        torch = import_torch()
         params = {}
         for k, t in tensors.items():
             p = params[k] = torch.from_numpy(t["param"])
             p.grad = torch.from_numpy(t["grad"])
         cls = getattr(torch.optim, algo.torch_class)
         opt = cls(list(params.values()), **algo.options, **{mode: True})
-        names = {s: B.TORCH_STATE.get(s, s) for s in algo.state}
+        names = {s: TORCH_STATE.get(s, s) for s in algo.state}
 
         def result() -> Tensors:
             return {
@@ -198,7 +199,7 @@ def _torch(mode: str):
                 for k, p in params.items()
             }
 
-        return B.Runner(opt.step, result, keep=(opt, params))
+        return Runner(opt.step, result, keep=(opt, params))
 
     return build
 
@@ -207,26 +208,24 @@ def _torch(mode: str):
 class ModelVariant:
     name: str
     label: str
-    build: Callable[[B.Algo, Tensors, int], B.Runner]
-    why_not: Callable[[B.Algo], str | None] = lambda algo: None
+    build: Callable[[cases.Algo, Tensors, int], Runner]
+    why_not: Callable[[cases.Algo], str | None] = lambda algo: None
     exact: bool = False
 
 
 MODEL_VARIANTS: dict[str, ModelVariant] = {
     v.name: v
     for v in (
-        ModelVariant("cpu", "fastrms (grouped step)", _fastrms_grouped, B.cpu_why_not, True),
+        ModelVariant("cpu", "fastrms (grouped step)", _fastrms_grouped, cpu_why_not, True),
         ModelVariant(
             "cpu-per-array",
             "fastrms, one call per array",
             _fastrms_per_array,
-            B.cpu_why_not,
+            cpu_why_not,
             True,
         ),  # fmt: skip
-        ModelVariant("torch-fused", "torch fused", _torch("fused"), B.torch_why_not("fused")),
-        ModelVariant(
-            "torch-foreach", "torch foreach", _torch("foreach"), B.torch_why_not("foreach")
-        ),
+        ModelVariant("torch-fused", "torch fused", _torch("fused"), torch_why_not("fused")),
+        ModelVariant("torch-foreach", "torch foreach", _torch("foreach"), torch_why_not("foreach")),
     )
 }
 #: The two bounds, run with the algorithm's read/write pattern, each named for what it bounds:
@@ -238,15 +237,15 @@ CEILINGS = {
 }
 
 
-def model_ceiling(algo: B.Algo, tensors: Tensors, flat: bool = False) -> B.Runner:
+def model_ceiling(algo: cases.Algo, tensors: Tensors, flat: bool = False) -> Runner:
     """``algo``'s read/write pattern per tensor, or (``flat``) over one array of their total
     size: the bounds for a per-tensor and for a grouped step."""
     if flat:
         n = sum(t["param"].size for t in tensors.values())
-        arrays = B.make_arrays(algo, n)
-        return B.ceiling(algo, arrays)
+        arrays = cases.make_arrays(algo, n)
+        return ceilings.ceiling(algo, arrays)
     runners = [
-        B.ceiling(algo, {**t, **{s: np.zeros_like(t["param"]) for s in algo.state}}).step
+        ceilings.ceiling(algo, {**t, **{s: np.zeros_like(t["param"]) for s in algo.state}}).step
         for t in tensors.values()
     ]
 
@@ -254,16 +253,17 @@ def model_ceiling(algo: B.Algo, tensors: Tensors, flat: bool = False) -> B.Runne
         for r in runners:
             r()
 
-    return B.Runner(step, lambda: {}, keep=runners)
+    return Runner(step, lambda: {}, keep=runners)
 
 
 def model_check(variant: ModelVariant, result: Tensors, expected: Tensors) -> str | None:
-    """As :func:`fastrms.benchmarks.check`, tensor by tensor; names the first that differs."""
-    exact = variant.exact and not B.fastmath()
+    """As :func:`fastrms.tools.bench.variants.check`, tensor by tensor; names the first that
+    differs."""
+    exact = variant.exact and not fastmath()
     for name, want in expected.items():
         flat = {k: a.reshape(-1) for k, a in want.items()}
         got = {k: a.reshape(-1) for k, a in result[name].items()}
-        problem = B.check(got, flat, exact)
+        problem = check(got, flat, exact)
         if problem:
             return f"tensor {name}: {problem}"
     return None
@@ -273,7 +273,7 @@ def model_size(shapes: Shapes) -> int:
     return sum(math.prod(s) for s in shapes.values())
 
 
-def overhead_runners(algo: B.Algo, tensors: Tensors) -> tuple[B.Runner, B.Runner]:
+def overhead_runners(algo: cases.Algo, tensors: Tensors) -> tuple[Runner, Runner]:
     """``(step, kernels)``: a grouped fastrms step over ``tensors`` with the same gradients
     each time (the cached path), and the bare kernel calls of that step. Their difference is
     the Python-side cost of a step."""
@@ -287,7 +287,7 @@ def overhead_runners(algo: B.Algo, tensors: Tensors) -> tuple[B.Runner, B.Runner
         for call in calls:
             call()
 
-    return step, B.Runner(kernels, lambda: {}, keep=calls)
+    return step, Runner(kernels, lambda: {}, keep=calls)
 
 
 #: Tensor counts of the Python-side cost measurement (4-element tensors: no kernel time).
@@ -297,26 +297,3 @@ OVERHEAD_COUNTS = (1, 10, 100, 1000)
 def tiny_tensors(count: int) -> Tensors:
     """``count`` tensors of 4 elements: a step of them is all overhead."""
     return model_arrays({f"t{i}": (4,) for i in range(count)})
-
-
-@dataclass(frozen=True)
-class ModelTarget:
-    """A stated goal for the grouped step over a model: ``key`` of the model's report (a ratio
-    such as ``vs_torch_fused``) is at least ``bound``."""
-
-    model: str
-    algo: str
-    key: str
-    bound: float
-    text: str
-
-
-MODEL_TARGETS = (
-    ModelTarget("gpt2-tiny", "adam", "vs_torch_fused", 3.0, ">= 3x torch Adam(fused=True)"),
-    ModelTarget("mlp", "adam", "vs_torch_fused", 2.5, ">= 2.5x torch Adam(fused=True)"),
-    ModelTarget("mlp", "rmsprop", "vs_torch_foreach", 5.0, ">= 5x torch RMSprop(foreach=True)"),
-    ModelTarget("resnet50", "adam", "vs_torch_fused", 1.05, ">= 1.05x torch Adam(fused=True)"),
-    ModelTarget("resnet50", "adam", "pct_flat_ceiling", 0.90, ">= 90% of the flat ceiling"),
-    ModelTarget("gpt2", "adam", "vs_torch_fused", 1.0, ">= 1.0x torch Adam(fused=True)"),
-    ModelTarget("gpt2", "adam", "pct_flat_ceiling", 0.95, ">= 95% of the flat ceiling"),
-)

@@ -1,4 +1,4 @@
-"""Two-dimensional test functions for the optimizer-path demo (:mod:`fastrms.demos`).
+"""Two-dimensional test functions for the optimizer-path demo (:mod:`fastrms.tools.demo.paths`).
 
 Each :class:`Objective` has a value, a gradient written into a preallocated array (the
 optimizers take a separate gradient array and update the point in place), a starting point
