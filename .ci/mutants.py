@@ -73,8 +73,9 @@ def m(file: str, name: str, *edits: tuple[str, str]) -> Mutant:
     return Mutant(file, name, list(edits))
 
 
-SPECS, GROUPED, DIST, RULES = (
-    "fastrms/specs.py", "fastrms/grouped.py", "fastrms/distributed.py", "kernels/rules.py",
+SPECS, GROUPED, SCHEDULE, DIST, RULES = (
+    "fastrms/specs.py", "fastrms/grouped.py", "fastrms/schedule.py", "fastrms/distributed.py",
+    "kernels/rules.py",
 )  # fmt: skip
 
 #: The listed mutants. The first of grouped.py, distributed.py and specs.py are the three the
@@ -139,9 +140,6 @@ MUTANTS: dict[str, list[Mutant]] = {
           ("            and g.shape == shapes[i]\n", "")),
         m(GROUPED, "stale scalars: cast once, never again",
           ("if setup.scalars != self._cast_of:", "if self._cast_of is None:")),
-        m(GROUPED, "schedule loses the last part",
-          ("bounds = (np.arange(parts + 1, dtype=np.int64) * total) // parts",
-           "bounds = (np.arange(parts + 1, dtype=np.int64) * total) // (parts + 1)")),
         m(GROUPED, "any group's rows taken as consecutive",
           ("consecutive = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False",
            "consecutive = bool(rows)")),
@@ -149,6 +147,11 @@ MUTANTS: dict[str, list[Mutant]] = {
         m(GROUPED, "grads count not checked",
           ('        if len(grads) != len(self._params):\n            raise ValueError(f"grads has',
            '        if False:\n            raise ValueError(f"grads has')),
+    ],
+    SCHEDULE: [
+        m(SCHEDULE, "schedule loses the last part",
+          ("bounds = (np.arange(parts + 1, dtype=np.int64) * total) // parts",
+           "bounds = (np.arange(parts + 1, dtype=np.int64) * total) // (parts + 1)")),
     ],
     DIST: [
         m(DIST, "gradients summed instead of averaged",
@@ -215,9 +218,15 @@ TESTS = {
             "tests/test_validation.py", "tests/test_api.py", "tests/test_reference.py"],
     GROUPED: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_api.py",
               "tests/test_grouped.py"],
+    SCHEDULE: ["tests/test_grouped.py", "tests/test_api.py"],
     DIST: ["tests/test_distributed.py"],
     RULES: ["tests/test_specs.py", "tests/test_reference.py"],
-    "fastrms/torch.py": ["tests/test_torch_optim.py", "tests/test_torch_parity.py"],
+    **dict.fromkeys(
+        ["fastrms/torch.py", "fastrms/torch_optimizer.py", "fastrms/torch_buckets.py",
+         "fastrms/torch_repeat.py", "fastrms/torch_checks.py", "fastrms/torch_layout.py"],
+        ["tests/test_torch_refusals.py", "tests/test_torch_optim.py", "tests/test_torch_layouts.py",
+         "tests/test_torch_specs.py", "tests/test_torch_parity.py"],
+    ),
 }  # fmt: skip
 
 
