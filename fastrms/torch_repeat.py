@@ -3,12 +3,14 @@
 A step that repeats the last one (the same parameters with gradients, the same state and data
 tensors, each bucket's step count one further) reuses the last step's buckets and plans
 (:func:`record`) after checking only what can change between steps (:func:`repeat`).
+Both take the optimizer, a :class:`fastrms.torch_optimizer.FusedOptimizer`, which calls them
+(typed as its base class here, so that the two modules do not import each other).
 """
 
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,9 +19,6 @@ from .arrays import extent
 from .grouped import _Spans as Spans
 from .torch_buckets import Bucket, run_bucket
 from .torch_checks import check_setup_fits_float32
-
-if TYPE_CHECKING:
-    from .torch_optimizer import FusedOptimizer
 
 
 class Run:
@@ -72,7 +71,7 @@ def items(state: dict) -> list:
     return [*state, *state.values()]
 
 
-def record(opt: FusedOptimizer, buckets: list[Bucket], plans: list) -> Repeat | None:
+def record(opt: torch.optim.Optimizer, buckets: list[Bucket], plans: list) -> Repeat | None:
     """What a next step needs to repeat this one without sorting the parameters again."""
     if not plans:
         return None
@@ -92,7 +91,7 @@ def record(opt: FusedOptimizer, buckets: list[Bucket], plans: list) -> Repeat | 
     return Repeat(flat, has_grad, len(groups), names, runs, opt.state)
 
 
-def repeat(opt: FusedOptimizer, last: Repeat) -> bool:
+def repeat(opt: torch.optim.Optimizer, last: Repeat) -> bool:
     """Step as last time, if the same parameters have gradients, their state tensors are
     the same and each bucket's step count moved on by one; return whether it did.
 
