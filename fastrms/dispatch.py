@@ -118,7 +118,11 @@ class _CpuBackend(_NumpyBackend):
 
     def launch(self, rule, flags, arrays, hyper):
         launch = self._launcher()
-        team = teams.default_team() if arrays[0].size >= teams.TEAM_THRESHOLD else None
+        # A one-array step takes torch's team only where Numba's threads would run it in
+        # parallel too: below that its serial loop was faster next to torch (measured by
+        # bench/team_vs_torch.py at 10^5: 0.81x-0.86x torch fused on the team, 1.5x-1.6x serial).
+        big = arrays[0].size >= self._cpu.PARALLEL_THRESHOLD
+        team = teams.default_team() if big else None
         if team is not None and team.threads() > 1:
             self._team_launch(team, rule, flags, arrays, hyper)
         else:
@@ -133,7 +137,7 @@ class _CpuBackend(_NumpyBackend):
         addresses = [a.__array_interface__["data"][0] for a in arrays]
         pad = addresses[:1] * (TABLE_WIDTH - 1 - len(arrays))
         table = np.array([[p.size, *addresses, *pad]], np.int64)
-        part_ptr, items = schedule(table[:, 0], PARTS_PER_THREAD * threads)
+        part_ptr, items = _one_row_schedule(p.size, PARTS_PER_THREAD * threads)
         scalars = np.zeros(self._cpu.HYPER_WIDTH, p.dtype)
         scalars[: len(hyper)] = hyper
         args = np.array([table.ctypes.data, part_ptr.ctypes.data, items.ctypes.data,
@@ -415,3 +419,13 @@ def backends() -> dict[str, BackendInfo]:
         the device or thread count when the backend is available, the reason when it is not.
     """
     return {name: _INSTANCES[name].probe() for name in BACKENDS}
+
+
+@functools.lru_cache(maxsize=64)
+def _one_row_schedule(size: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The schedule of a one-array step (it depends on nothing but the size and the parts):
+    computed once, as a plan computes its own, not at every step (about 20 us)."""
+    part_ptr, items = schedule(np.array([size], np.int64), parts)
+    part_ptr.setflags(write=False)
+    items.setflags(write=False)
+    return part_ptr, items

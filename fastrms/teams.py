@@ -13,8 +13,9 @@ import os
 import sys
 from collections.abc import Callable
 
-#: On PyTorch's OpenMP team, a plain fastrms step (an optimizer class, a grouped call, a
-#: functional call on one array) over fewer elements runs on one thread. The team's threads
+#: On PyTorch's OpenMP team, a plain fastrms step (an optimizer class, a grouped call) over
+#: fewer elements runs on one thread. (A functional call on one array takes the team only from
+#: ``kernels.cpu.PARALLEL_THRESHOLD`` on: below it, its serial loop was faster.) The team's threads
 #: are awake after torch's ops, so two pay off earlier than Numba's
 #: (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): as fastrms.torch's own TEAM_THRESHOLD, measured
 #: in its training loop, and by ``bench/team_vs_torch.py`` (shared 2-core VM): at n = 10^5 Adam

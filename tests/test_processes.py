@@ -252,11 +252,12 @@ def test_next_to_torch_steps_run_on_its_team_and_children_still_step(method, tmp
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ["adam", "rmsprop"])
 def test_one_array_next_to_torch_runs_on_its_team(monkeypatch, name, dtype):
-    """functional's one-array step (dispatch) takes torch's team as the classes do, above
-    fastrms.teams.TEAM_THRESHOLD, with the reference's bits (odd length: uneven parts)."""
+    """functional's one-array step (dispatch) takes torch's team as the classes do, from
+    kernels.cpu.PARALLEL_THRESHOLD on, with the reference's bits (odd length: uneven parts)."""
     import torch
 
     from fastrms import teams
+    from fastrms.kernels import cpu as cpu_kernels
 
     if teams.default_team() is None:
         pytest.skip("this torch does not run on an OpenMP runtime fastrms can use")
@@ -267,7 +268,7 @@ def test_one_array_next_to_torch_runs_on_its_team(monkeypatch, name, dtype):
     torch.set_num_threads(2)
     try:
         rng = np.random.default_rng(5)
-        n = teams.TEAM_THRESHOLD + 11
+        n = cpu_kernels.PARALLEL_THRESHOLD + 11
         start = {k: randn(rng, n, dtype) for k in ("param", "grad")}
         state = {"exp_avg": np.zeros(n, dtype), "exp_avg_sq": np.abs(randn(rng, n, dtype))}
         if name == "rmsprop":
