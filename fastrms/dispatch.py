@@ -24,7 +24,7 @@ import numpy as np
 from . import reference, teams, threads
 from .arrays import DEVICE, HOST, device_of
 from .errors import BackendUnavailableError, FallbackWarning
-from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule
+from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule, team_block
 
 BACKENDS = ("cuda", "cpu", "numpy")
 CHOICES = ("auto", *BACKENDS)
@@ -140,8 +140,7 @@ class _CpuBackend(_NumpyBackend):
         part_ptr, items = _one_row_schedule(p.size, PARTS_PER_THREAD * threads)
         scalars = np.zeros(self._cpu.HYPER_WIDTH, p.dtype)
         scalars[: len(hyper)] = hyper
-        args = np.array([table.ctypes.data, part_ptr.ctypes.data, items.ctypes.data,
-                         part_ptr.size - 1, scalars.ctypes.data, 0], np.int64)  # fmt: skip
+        args = team_block(table, part_ptr, items, scalars)
         team.run(body, args.ctypes.data, threads)
 
     def grouped_kernels(self, rule: str, flags: tuple) -> tuple[Callable, Callable]:

@@ -42,7 +42,7 @@ from .arrays import (
 )
 from .errors import BackendUnavailableError
 from .precision import HYPER_WIDTH, SLOTS, cast, cast_array
-from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule
+from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule, team_block
 from .specs import Setup
 
 
@@ -473,10 +473,7 @@ class _CpuGroup(_Group):
             self._schedule = schedule(self.table[:, 0], PARTS_PER_THREAD * threads)
             self._threads = threads
             if self.team is not None:
-                part_ptr, items = self._schedule
-                self._team_args[:4] = (self.table.ctypes.data, part_ptr.ctypes.data,
-                                       items.ctypes.data, part_ptr.size - 1)  # fmt: skip
-                self._team_args[4] = self._scalars.ctypes.data
+                self._team_args[:] = team_block(self.table, *self._schedule, self._scalars)
         if threads == 1:
             self._serial(self.table, *self._schedule, hyper)
         elif self.team is not None:

@@ -36,3 +36,11 @@ def schedule(sizes: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
     part = np.searchsorted(bounds, starts, "right") - 1
     part_ptr = np.searchsorted(part, np.arange(parts + 1), "left").astype(np.int64)
     return part_ptr, np.ascontiguousarray(items, np.int64)
+
+
+def team_block(table: np.ndarray, part_ptr: np.ndarray, items: np.ndarray, scalars: np.ndarray):
+    """The int64 argument block of ``kernels.cpu.grouped_team_body`` (its ``TEAM_ARGS``): the
+    addresses of ``table``, ``part_ptr`` and ``items``, the number of parts, the address of
+    ``scalars``, and the claim counter, 0. The arrays must outlive the team's run."""
+    return np.array([table.ctypes.data, part_ptr.ctypes.data, items.ctypes.data,
+                     part_ptr.size - 1, scalars.ctypes.data, 0], np.int64)  # fmt: skip
