@@ -165,6 +165,16 @@ def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
     return ref
 
 
+def span(a: Any) -> tuple[int, int]:
+    """``(address of the first byte, size in bytes)`` of the memory an array's elements lie
+    in: :func:`extent` for a C-contiguous array, NumPy's byte bounds for a strided one."""
+    if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
+        bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None)  # NumPy 2
+        lo, hi = (bounds or np.byte_bounds)(a)  # noqa: NPY201 (NumPy 1)
+        return lo, hi - lo
+    return extent(a)
+
+
 def check_no_overlap(arrays: list[tuple[str, Any, bool]]) -> None:
     """Raise ValueError if an array that is written overlaps any other array.
 
@@ -173,7 +183,7 @@ def check_no_overlap(arrays: list[tuple[str, Any, bool]]) -> None:
     """
     spans = []
     for label, a, written in arrays:
-        start, nbytes = extent(a)
+        start, nbytes = span(a)
         if nbytes:
             spans.append((start, start + nbytes, label, written))
     spans.sort(key=lambda s: s[0])

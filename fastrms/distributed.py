@@ -15,7 +15,6 @@ DeepSpeed's flat partitions are. Importing this module does not import mpi4py; c
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import os
 import re
@@ -27,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import dispatch
-from .arrays import DEVICE, FLOAT_DTYPES, describe, extent
+from .arrays import DEVICE, FLOAT_DTYPES, check_no_overlap, describe, extent
 from .optim import Optimizer
 
 Params = Any  # an array, a list/tuple of arrays, or a dict of str -> array
@@ -201,9 +200,8 @@ class ShardedOptimizer:
                 raise ValueError("params is empty")
             self._names = self._labels("params")
             self._mem = _memory_for(self._params, self._names)
-            # The parameters' byte ranges, sorted, for the gradients' overlap check.
-            self._spans = sorted((s, s + n, name) for p, name in zip(self._params, self._names)
-                                 for s, n in [extent(p)] if n)  # fmt: skip
+            # What the step writes, for the gradients' overlap check.
+            self._written = [(name, p, True) for name, p in zip(self._names, self._params)]
         except (TypeError, ValueError) as exc:
             error = exc
         signature = None
@@ -363,15 +361,8 @@ class ShardedOptimizer:
 
     def _refuse_overlaps(self, grads: list) -> None:
         """A gradient must not share memory with a parameter, which the step writes."""
-        spans = self._spans
-        starts = [s[0] for s in spans]
-        for g, name in zip(grads, self._labels("grads")):
-            lo, n = _byte_span(g)
-            # The parameters' spans are disjoint and sorted: only the last one starting
-            # before the gradient's end can overlap it.
-            k = bisect.bisect_left(starts, lo + n) - 1
-            if n and k >= 0 and spans[k][1] > lo:
-                raise ValueError(f"{name} overlaps {spans[k][2]} in memory; pass separate arrays")
+        read = [(name, g, False) for name, g in zip(self._labels("grads"), grads)]
+        check_no_overlap(self._written + read)
 
     def _step_signature(self) -> str:
         inner = self._inner
@@ -699,19 +690,6 @@ def _mpi_is_cuda_aware() -> bool:
             query.restype = ctypes.c_int
             return bool(query())
     return False
-
-
-def _byte_span(a) -> tuple[int, int]:
-    """``(first byte, bytes)`` of the memory that an array's elements lie in, any strides."""
-    if isinstance(a, np.ndarray) and not a.flags.c_contiguous:
-        lo, hi = _byte_bounds(a)
-        return lo, hi - lo
-    return extent(a)
-
-
-def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
-    bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None)  # NumPy 2
-    return (bounds or np.byte_bounds)(a)  # noqa: NPY201 (NumPy 1)
 
 
 def _dtype(a) -> np.dtype:
