@@ -29,6 +29,7 @@ from .arrays import DEVICE, check_no_overlap, describe
 from .optim import Optimizer
 from .shard_memory import memory_for
 from .shard_partition import Group, Piece, bounds, make_groups, partition, size_of
+from .state import checked_entry
 from .tree import Params, Tree, state_names
 
 __all__ = ["REDUCTIONS", "Piece", "ShardedOptimizer", "bounds", "partition"]
@@ -273,10 +274,7 @@ class ShardedOptimizer:
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state held by this rank (its shard's state arrays)."""
-        if self._dummy:
-            return 0
-        return sum(a.nbytes for arrays in self._inner.state.values() for a in arrays
-                   if a is not None)  # fmt: skip
+        return 0 if self._dummy else self._inner._store.nbytes()
 
     def state_dict(self, root: int | None = None) -> dict[str, Any] | None:
         """The full, unsharded state, in the format of ``optimizer(params).state_dict()``.
@@ -293,7 +291,7 @@ class ShardedOptimizer:
         ):  # fmt: skip
             error = ValueError(f"root must be None or a rank in [0, {self.size}), got {root!r}")
         inner_sd = self._inner.state_dict() if error is None else {}
-        buffers = sorted({k.split(".")[1] for k in inner_sd if k.startswith("state.")})
+        buffers = sorted(state_names(inner_sd))
         self._agree(error, repr((root, buffers, self._step_signature())), "state_dict arguments")
         receive = root is None or root == self.rank
         sd: dict[str, Any] = {k: v for k, v in inner_sd.items() if not k.startswith("state.")}
@@ -303,8 +301,8 @@ class ShardedOptimizer:
                     g_full = np.empty(g.total, g.dtype)
                 else:
                     g_full = np.empty(0, g.dtype)
-                inner_tree = self._inner._tree
-                shard = [inner_sd[inner_tree.state_key(name, j)] for j in self._shard_indices(g)]
+                key = self._inner._tree.state_key
+                shard = [inner_sd[key(name, j)] for j in self._shard_indices(g)]
                 mine = np.concatenate(shard) if shard else np.empty(0, g.dtype)
                 mpitype = self._mpitype(g.dtype)
                 if g.total:
@@ -361,23 +359,18 @@ class ShardedOptimizer:
             if key not in by_key:
                 raise ValueError(f"state_dict has unexpected key {key!r} for these params")
             s, i = by_key[key]
-            a, shape, dtype = np.asarray(value), _shape(self._params[i]), _dtype(self._params[i])
-            if a.shape != shape or a.dtype != dtype:
-                raise ValueError(
-                    f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
-                    f"parameter has shape {shape} and dtype {dtype}"
-                )
-            full[s, i] = a.reshape(-1)
+            full[s, i] = checked_entry(key, value, self._params[i]).reshape(-1)
         for s in {s for s, _ in full}:
             missing = [
                 self._tree.state_key(s, i) for i in range(len(self._params)) if (s, i) not in full
             ]
             if missing:
                 raise ValueError(f"state_dict lacks {missing[0]!r} (it has {s} for other params)")
+            key = self._inner._tree.state_key  # the inner optimizer's keys: one per piece
             if self._dummy:
-                out[f"state.{s}.0"] = np.empty(0, _dtype(self._shard[0]))
+                out[key(s, 0)] = np.empty(0, _dtype(self._shard[0]))
             for j, p in enumerate(self.pieces):
-                out[f"state.{s}.{j}"] = full[s, p.index][p.start : p.stop]
+                out[key(s, j)] = full[s, p.index][p.start : p.stop]
         return out
 
     def _outer_keys(self, message: str) -> str:

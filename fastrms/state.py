@@ -127,15 +127,12 @@ class StateStore:
                     if s not in used:
                         continue
                     raise ValueError(f"state_dict lacks {key!r} (for these params and options)")
-                a = np.asarray(sd.pop(key))
-                info = describe(p, "param")
-                if a.shape != info.shape or a.dtype != info.dtype:
-                    raise ValueError(
-                        f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
-                        f"parameter has shape {info.shape} and dtype {info.dtype}"
-                    )
-                arrays[s, i] = a
+                arrays[s, i] = checked_entry(key, sd.pop(key), p)
         return arrays
+
+    def nbytes(self) -> int:
+        """Bytes of the state arrays held."""
+        return sum(a.nbytes for arrays in self.arrays.values() for a in arrays if a is not None)
 
     def load(self, arrays: dict[tuple, np.ndarray], hyper: Mapping[str, Any]) -> None:
         """Replace the state with ``arrays`` (from :meth:`take_entries`), copied in."""
@@ -144,6 +141,19 @@ class StateStore:
         for (s, i), a in arrays.items():
             dst = self.get(s, i, hyper)
             _backend_of(dst).copy_from_host(dst, a)
+
+
+def checked_entry(key: str, value: Any, param: Any) -> np.ndarray:
+    """State-dict entry ``key`` as an array, refused (``ValueError``) unless it has the shape
+    and dtype of its parameter ``param``."""
+    a = np.asarray(value)
+    info = describe(param, "param")
+    if a.shape != info.shape or a.dtype != info.dtype:
+        raise ValueError(
+            f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
+            f"parameter has shape {info.shape} and dtype {info.dtype}"
+        )
+    return a
 
 
 def plain(x: Any) -> Any:
