@@ -319,6 +319,15 @@ def check_bad_input() -> None:
         ro["b"] = ro["b"].copy()
         ro["b"].flags.writeable = False
     expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, ro), "read-only")
+    # A dict key that is not a str (its state-dict key would be ambiguous), as the NumPy
+    # classes refuse it: the one parameter tree (fastrms.tree) checks for both.
+    keyed = {**params, 3: np.zeros(2, np.float32)}
+    expect_all(
+        TypeError, lambda: ShardedOptimizer(fastrms.Adam, keyed), "params dict keys must be str"
+    )
+    expect_all(
+        TypeError, lambda: opt.step({**gs[RANK], 3: gs[RANK]["w"]}), "grads dict keys must be str"
+    )
     lr = -1.0 if RANK == last else 0.1
     expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, params, lr=lr), "lr")
     unchanged()
