@@ -9,6 +9,10 @@ Each class is declared by its :class:`fastrms.specs.Spec`: the hyperparameters, 
 and the constructor's signature come from it. A step reuses a :class:`fastrms.grouped.StepPlan`
 made at the first step (and remade only when the options change which state or kernel is
 used), so it checks only the gradients and the hyperparameters' values.
+
+The base class is a thin face: the parameter structure, its names and state-dict keys are a
+:class:`fastrms.tree.Tree`; the state arrays live in a :class:`fastrms.state.StateStore`
+(``opt.state`` is its dict); the parameters are checked by :func:`fastrms.arrays.check_params`.
 """
 
 from __future__ import annotations
