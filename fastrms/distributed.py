@@ -124,8 +124,7 @@ class ShardedOptimizer:
         if error is None:
             signature = (
                 optimizer.__name__, self._tree.structure, self._tree.keys, self.average,
-                self.reduce,
-                self._mem.kind, [(_shape(p), _dtype(p).str) for p in self._params],
+                self.reduce, self._mem.kind, [(_shape(p), _dtype(p).str) for p in self._params],
                 repr(sorted(hyperparameters.items())),
             )  # fmt: skip
         self._agree(error, repr(signature), "params, optimizer and options")
