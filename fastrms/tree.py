@@ -77,7 +77,7 @@ class Tree:
         is not structured like this tree."""
         if self.structure == LIST and isinstance(grads, (list, tuple)):  # the common case
             if len(grads) != len(self.keys):
-                raise ValueError(self._count_message(len(grads), what))
+                raise ValueError(f"{what} has {len(grads)} arrays but params has {len(self.keys)}")
             return grads if isinstance(grads, list) else list(grads)
         structure, keys, arrays = flatten(grads, what)
         if structure != self.structure:
@@ -93,12 +93,7 @@ class Tree:
                 )
             by_key = dict(zip(keys, arrays))
             return [by_key[k] for k in self.keys]
-        if len(arrays) != len(self.keys):
-            raise ValueError(self._count_message(len(arrays), what))
-        return arrays
-
-    def _count_message(self, n: int, what: str) -> str:
-        return f"{what} has {n} arrays but params has {len(self.keys)}"
+        return arrays  # one array, as params is
 
     # -- state-dict keys -----------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ def test_tree_flattens_names_and_keys(params, structure, keys, labels, key1):
     assert (tree.structure, tree.keys, tree.labels("params")) == (structure, keys, labels)
     assert len(tree) == len(keys)
     assert tree.state_key("m", 0) == ("state.m" if structure == "array" else f"state.m.{keys[0]}")
+    assert tree.state_order(tree.state_key("m", 0)) == ("m", 0)
     if key1 is not None:
         assert tree.state_key("m", 1) == key1
         assert tree.state_order(key1) == ("m", 1)
@@ -110,6 +111,17 @@ def test_store_makes_state_lazily_at_its_initial_value():
     assert np.all(adam.get("exp_avg", 0, {}) == 0)
 
 
+def test_store_places_each_state_array_its_own_kib_after_the_parameter():
+    """Slot k (the k-th state array of the layout) starts k KiB after the parameter modulo
+    4 KiB, so that no two arrays of one loop alias (fastrms.dispatch._staggered_zeros_like)."""
+    p = np.zeros(20_000, np.float32)  # large enough to be placed
+    store = StateStore(specs.ADAM, Tree(p))
+    for k, name in enumerate(specs.ADAM.layout.slots, start=1):
+        a = store.get(name, 0, {})
+        gap = (a.ctypes.data - p.ctypes.data - 1024 * k) % 4096
+        assert gap < 64, (name, gap)  # then rounded up to 64-byte alignment
+
+
 def test_store_forgets_only_what_a_refused_step_made():
     store = _store(specs.ADAM)
     kept = store.get("exp_avg", 0, {})
@@ -158,7 +170,7 @@ def test_checked_entry_and_step_counts():
     with pytest.raises(ValueError, match=r"^state_dict\['k'\] has shape \(3, 2\)"):
         checked_entry("k", np.zeros((3, 2), np.float32), p)
     assert checked_entry("k", np.ones((2, 3), np.float32), p).sum() == 6
-    assert [is_step_count(x) for x in (0, 5, np.int64(3))] == [True] * 3
+    assert [is_step_count(x) for x in (0, 5, np.int64(0), np.int64(3))] == [True] * 4
     assert [is_step_count(x) for x in (-1, True, 1.0, "1", None, np.int32(-2))] == [False] * 6
     assert plain(np.array(3)) == 3 and plain(np.array([0.9, 0.99])) == (0.9, 0.99)
 
