@@ -73,9 +73,9 @@ def m(file: str, name: str, *edits: tuple[str, str]) -> Mutant:
     return Mutant(file, name, list(edits))
 
 
-SPECS, GROUPED, SCHEDULE, DIST, RULES = (
+SPECS, GROUPED, SCHEDULE, DIST, PART, RULES = (
     "fastrms/specs.py", "fastrms/grouped.py", "fastrms/schedule.py", "fastrms/distributed.py",
-    "kernels/rules.py",
+    "fastrms/shard_partition.py", "kernels/rules.py",
 )  # fmt: skip
 
 #: The listed mutants. The first of grouped.py, distributed.py and specs.py are the three the
@@ -165,9 +165,6 @@ MUTANTS: dict[str, list[Mutant]] = {
           ("if not flags[0] and flags[1] == -flags[2]:", "if not flags[0]:")),
         m(DIST, "gradient shapes not compared",
           ("            if gi.shape != pi.shape:\n", "            if False:\n")),
-        m(DIST, "pieces end one element early",
-          ("a, z = max(lo, starts[i]), min(hi, starts[i] + n)",
-           "a, z = max(lo, starts[i]), min(hi, starts[i] + n - 1)")),
         m(DIST, "own pieces not copied into the gathered buffer",
           ("            for dst, src in zip(g.mine_in_gathered, g.mine):\n                mem.copy(dst, src)",
            "            for dst, src in zip(g.mine_in_gathered, g.mine):\n                pass")),
@@ -181,7 +178,12 @@ MUTANTS: dict[str, list[Mutant]] = {
         m(DIST, "a failed construction check not shared",
           ('        self._agree(error, repr(signature), "params, optimizer and options")\n',
            "")),
-        m(DIST, "uneven bounds", ("return [total * r // nranks for r in range(nranks + 1)]",
+    ],
+    PART: [
+        m(PART, "pieces end one element early",
+          ("a, z = max(lo, starts[i]), min(hi, starts[i] + n)",
+           "a, z = max(lo, starts[i]), min(hi, starts[i] + n - 1)")),
+        m(PART, "uneven bounds", ("return [total * r // nranks for r in range(nranks + 1)]",
                                   "return [-(-total * r // nranks) for r in range(nranks + 1)]")),
     ],
     RULES: [
@@ -220,6 +222,7 @@ TESTS = {
               "tests/test_grouped.py"],
     SCHEDULE: ["tests/test_grouped.py", "tests/test_api.py"],
     DIST: ["tests/test_distributed.py"],
+    PART: ["tests/test_distributed.py"],
     RULES: ["tests/test_specs.py", "tests/test_reference.py"],
     **dict.fromkeys(
         ["fastrms/torch.py", "fastrms/torch_optimizer.py", "fastrms/torch_buckets.py",

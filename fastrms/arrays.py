@@ -117,6 +117,43 @@ def _host_arrays_ok(items: list, writes: tuple) -> bool:
 _WHERE = {HOST: "in host memory (NumPy)", DEVICE: "on a CUDA device"}
 
 
+def check_updatable(info: ArrayInfo, name: str) -> None:
+    """Refuse an array (described by ``info``, named ``name``) that a step cannot update in
+    place: not float32/float64 (``TypeError``), not C-contiguous or read-only
+    (``ValueError``). The check every frontend makes of a parameter."""
+    if info.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {info.dtype}")
+    _check_layout(info, name, True)
+
+
+def _check_layout(info: ArrayInfo, name: str, written: bool) -> None:
+    if not info.c_contiguous:
+        raise ValueError(
+            f"{name} is not C-contiguous: pass a contiguous array "
+            "(numpy.ascontiguousarray makes a copy; the update would not reach your original)"
+        )
+    if written and not info.writeable:
+        raise ValueError(f"{name} is read-only; fastrms updates it in place")
+
+
+def check_params(params: list, names: list[str], one_side: bool = False) -> list[ArrayInfo]:
+    """Check the parameters of an optimizer and return their descriptions.
+
+    Each must pass :func:`check_updatable`, and none may overlap another (they are all
+    written). With ``one_side``, all must be host arrays or all device arrays. Raises
+    ``TypeError``/``ValueError`` naming the parameter (``names``).
+    """
+    infos = []
+    for p, name in zip(params, names):
+        info = describe(p, name)
+        check_updatable(info, name)
+        if one_side and infos and info.kind != infos[0].kind:
+            raise TypeError(f"{name} and {names[0]} must all be NumPy arrays or all CUDA arrays")
+        infos.append(info)
+    check_no_overlap([(name, p, True) for p, name in zip(params, names)])
+    return infos
+
+
 def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
     """Check the arrays of one update and return the parameter's description.
 
@@ -131,10 +168,9 @@ def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
         return ArrayInfo(HOST, p.shape, p.dtype, True, True, None)
     pname, param = items[0]
     ref = describe(param, pname)
-    if ref.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{pname} must have dtype float32 or float64, got {ref.dtype}")
-    for name, a in items:
-        info = ref if a is param else describe(a, name)
+    check_updatable(ref, pname)
+    for name, a in items[1:]:
+        info = describe(a, name)
         if info.kind != ref.kind:
             raise TypeError(
                 f"{name} is {_WHERE[info.kind]} but {pname} is {_WHERE[ref.kind]}: "
@@ -151,13 +187,7 @@ def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
             )
         if info.shape != ref.shape:
             raise ValueError(f"{name} has shape {info.shape} but {pname} has shape {ref.shape}")
-        if not info.c_contiguous:
-            raise ValueError(
-                f"{name} is not C-contiguous: pass a contiguous array "
-                "(numpy.ascontiguousarray makes a copy; the update would not reach your original)"
-            )
-        if name in writes and not info.writeable:
-            raise ValueError(f"{name} is read-only; fastrms updates it in place")
+        _check_layout(info, name, name in writes)
     for i, (name, a) in enumerate(items):
         for other, b in items[i + 1 :]:
             if (name in writes or other in writes) and overlap(a, b):

@@ -9,6 +9,10 @@ Each class is declared by its :class:`fastrms.specs.Spec`: the hyperparameters, 
 and the constructor's signature come from it. A step reuses a :class:`fastrms.grouped.StepPlan`
 made at the first step (and remade only when the options change which state or kernel is
 used), so it checks only the gradients and the hyperparameters' values.
+
+The base class is a thin face: the parameter structure, its names and state-dict keys are a
+:class:`fastrms.tree.Tree`; the state arrays live in a :class:`fastrms.state.StateStore`
+(``opt.state`` is its dict); the parameters are checked by :func:`fastrms.arrays.check_params`.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import dispatch, specs
-from .arrays import DEVICE, FLOAT_DTYPES, check_no_overlap, describe
+from .arrays import check_params
 from .grouped import StepPlan
-
-Params = Any  # an array, a list/tuple of arrays, or a dict of str -> array
+from .state import StateStore, is_step_count, plain
+from .tree import Params, Tree
 
 #: Each optimizer class by its spec's name (``"adam"``: :class:`Adam`), filled as they are made.
 OPTIMIZERS: dict[str, type[Optimizer]] = {}
@@ -73,21 +77,30 @@ class Optimizer:
             cls.__init__ = _init_from(spec)
 
     def __init__(self, params: Params, backend: str = "auto", **hyper: Any) -> None:
-        self._structure, self._keys, self._params = _flatten(params, "params")
+        self._tree = Tree(params, "params")
+        self._params = self._tree.arrays
         if not self._params:
             raise ValueError("params is empty")
-        self._pnames, self._gnames = self._names("params"), self._names("grads")
-        _check_params(self._params, self._pnames)
+        self._pnames, self._gnames = self._tree.labels("params"), self._tree.labels("grads")
+        check_params(self._params, self._pnames)
         if backend not in dispatch.CHOICES:
             raise ValueError(f"backend must be one of {dispatch.CHOICES}, got {backend!r}")
         self.backend = backend
         for name, value in hyper.items():
             setattr(self, name, value)
         self.step_count = 0
-        self.state: dict[str, list] = {}
+        self._store = StateStore(self.spec, self._tree)
         self._plan: StepPlan | None = None
-        self._created: list[tuple[str, int]] = []  # state made for a plan not yet run
         self._setup(1, self._hyper())  # check the hyperparameters now, not at the first step
+
+    @property
+    def state(self) -> dict[str, list]:
+        """``{state name: [array or None for each parameter]}``, made as steps need them."""
+        return self._store.arrays
+
+    @state.setter
+    def state(self, value: dict[str, list]) -> None:
+        self._store.arrays = value
 
     def _setup(self, step: int, hyper: dict[str, Any]) -> specs.Setup:
         """Check the hyperparameters ``hyper`` and compute the scalars of step ``step``."""
@@ -95,10 +108,6 @@ class Optimizer:
 
     def _hyper(self) -> dict[str, Any]:
         return {h: getattr(self, h) for h in self.hyperparameters}
-
-    def _initial_value(self, state_name: str) -> float:
-        option = self.spec.initial.get(state_name)
-        return 0.0 if option is None else float(getattr(self, option))
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -112,16 +121,16 @@ class Optimizer:
     def _checked_step(self, grads: Params) -> Callable[[], None]:
         """Check a step with ``grads`` (raising as :meth:`step` does, writing nothing);
         return the call that takes it. Until that call, :meth:`_forget_created` undoes it."""
-        grads = self._grads_of(grads)
+        grads = self._tree.match(grads, "grads")
         count = self.step_count
-        if type(count) is not int:
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
-                raise TypeError(f"step_count must be an int >= 0, got {count!r}")
-        if count < 0:
-            raise ValueError(f"step_count must be an int >= 0, got {count!r}")
+        if (type(count) is not int or count < 0) and not is_step_count(count):
+            wrong = isinstance(count, bool) or not isinstance(count, (int, np.integer))
+            raise (TypeError if wrong else ValueError)(
+                f"step_count must be an int >= 0, got {count!r}"
+            )
         setup = self._setup(count + 1, self._hyper())
         plan = self._plan
-        if plan is None or not plan.matches(setup, self.state, self.backend):
+        if plan is None or not plan.matches(setup, self._store.arrays, self.backend):
             plan = self._new_plan(setup)
         try:
             hypers = plan.check(grads, setup)
@@ -131,45 +140,16 @@ class Optimizer:
 
         def take() -> None:
             plan.launch(hypers, grads)
-            self._created = []
+            self._store.keep()
             self.step_count = count + 1
 
         return take
 
-    def _grads_of(self, grads: Params) -> list:
-        if self._structure == "list" and isinstance(grads, (list, tuple)):
-            if len(grads) != len(self._params):
-                raise ValueError(
-                    f"grads has {len(grads)} arrays but params has {len(self._params)}"
-                )
-            return grads if isinstance(grads, list) else list(grads)
-        structure, keys, grads = _flatten(grads, "grads")
-        self._match(structure, keys)
-        if structure == "dict":  # pair by key, whatever the order of the grads dict
-            by_key = dict(zip(keys, grads))
-            grads = [by_key[k] for k in self._keys]
-        return grads
-
     def _new_plan(self, setup: specs.Setup) -> StepPlan:
         self._plan = None
-        n = len(self._params)
-        for name in setup.state:
-            arrays = self.state.get(name, [])
-            if name in self.state and (type(arrays) is not list or len(arrays) != n):
-                what = f"{len(arrays)} items" if isinstance(arrays, list) else repr(arrays)[:40]
-                raise ValueError(
-                    f"state[{name!r}] must be a list of one array per parameter ({n}), got {what}"
-                )
-        for name in setup.state:
-            for i in range(len(self._params)):
-                if self.state.get(name, [None] * len(self._params))[i] is None:
-                    self._created.append((name, i))
-                self._state(name, i)
+        state = self._store.prepare(setup.state, self._hyper())
         try:
-            plan = StepPlan(
-                setup, self._params, {s: self.state[s] for s in setup.state}, self._pnames,
-                self.backend, self._gnames,
-            )  # fmt: skip
+            plan = StepPlan(setup, self._params, state, self._pnames, self.backend, self._gnames)
         except (TypeError, ValueError):
             self._forget_created()
             raise
@@ -178,47 +158,10 @@ class Optimizer:
 
     def _forget_created(self) -> None:
         """A refused step leaves no trace: the state it made is dropped, and its plan."""
-        if not self._created:
-            return
-        for name, i in self._created:
-            self.state[name][i] = None
-            if not any(a is not None for a in self.state[name]):
-                del self.state[name]
-        self._created = []
-        self._plan = None
-
-    def _state(self, name: str, i: int):
-        arrays = self.state.setdefault(name, [None] * len(self._params))
-        if arrays[i] is None:
-            slot = self.spec.layout.slots.index(name) + 1
-            arrays[i] = _full_like(self._params[i], self._initial_value(name), slot)
-        return arrays[i]
-
-    # -- structure -------------------------------------------------------------------------
-
-    def _names(self, what: str) -> list[str]:
-        if self._structure == "array":
-            return [what]
-        return [f"{what}[{k!r}]" for k in self._keys]
-
-    def _match(self, structure: str, keys: list) -> None:
-        if structure != self._structure:
-            raise TypeError(
-                f"grads must be structured like params (a {self._structure}), got {structure}"
-            )
-        if self._structure == "dict" and set(keys) != set(self._keys):
-            missing = sorted(set(self._keys) - set(keys), key=str)
-            extra = sorted(set(keys) - set(self._keys), key=str)
-            raise ValueError(
-                f"grads keys differ from params keys: missing {missing}, unexpected {extra}"
-            )
-        if len(keys) != len(self._keys):
-            raise ValueError(f"grads has {len(keys)} arrays but params has {len(self._keys)}")
+        if self._store.forget():
+            self._plan = None
 
     # -- state dicts -------------------------------------------------------------------------
-
-    def _state_key(self, name: str, i: int) -> str:
-        return f"state.{name}" if self._structure == "array" else f"state.{name}.{self._keys[i]}"
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state as plain Python and NumPy values.
@@ -227,21 +170,16 @@ class Optimizer:
         hyperparameter, and ``"state.<buffer>[.<param key>]"`` for each state array (host
         copies). It round-trips through ``np.savez(f, **sd)`` and ``dict(np.load(f))``.
         """
+        hyper = self._hyper()
         try:  # create the state these options need, so that the dict loads back as it is
-            needed = self._setup(self.step_count + 1, self._hyper()).state
+            needed = self._setup(self.step_count + 1, hyper).state
         except (TypeError, ValueError):  # bad hyperparameters: load_state_dict will say so
             needed = ()
-        for name in needed:
-            for i in range(len(self._params)):
-                self._state(name, i)
         sd: dict[str, Any] = {"optimizer": type(self).__name__, "step": self.step_count}
         for name in self.hyperparameters:
             value = getattr(self, name)
             sd[f"hyper.{name}"] = tuple(value) if isinstance(value, (list, tuple)) else value
-        for name, arrays in self.state.items():
-            for i, a in enumerate(arrays):
-                if a is not None:
-                    sd[self._state_key(name, i)] = _backend_of(a).to_host(a)
+        sd.update(self._store.entries(needed, hyper))
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -251,45 +189,25 @@ class Optimizer:
         another parameter structure, or arrays of other shapes or dtypes.
         """
         sd = dict(state_dict)
-        name = _plain(sd.pop("optimizer", None))
+        name = plain(sd.pop("optimizer", None))
         if name != type(self).__name__:
             raise ValueError(f"state_dict is from optimizer {name!r}, not {type(self).__name__!r}")
-        step = _plain(sd.pop("step", None))
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        step = plain(sd.pop("step", None))
+        if not is_step_count(step):
             raise ValueError(f"state_dict has an invalid step {step!r}")
         hyper = {}
         for h in self.hyperparameters:
             if f"hyper.{h}" not in sd:
                 raise ValueError(f"state_dict lacks hyperparameter {h!r}")
-            hyper[h] = _plain(sd.pop(f"hyper.{h}"))
+            hyper[h] = plain(sd.pop(f"hyper.{h}"))
         setup = self._setup(int(step) + 1, hyper)
-        arrays = {}
-        # Every buffer these options use must be there; the others of the rule (kept from
-        # options switched off since) may be.
-        for s in self.spec.layout.slots:
-            for i, p in enumerate(self._params):
-                key = self._state_key(s, i)
-                if key not in sd:
-                    if s not in setup.state:
-                        continue
-                    raise ValueError(f"state_dict lacks {key!r} (for these params and options)")
-                a = np.asarray(sd.pop(key))
-                info = describe(p, "param")
-                if a.shape != info.shape or a.dtype != info.dtype:
-                    raise ValueError(
-                        f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
-                        f"parameter has shape {info.shape} and dtype {info.dtype}"
-                    )
-                arrays[s, i] = a
+        arrays = self._store.take_entries(sd, setup.state)
         if sd:
             raise ValueError(f"state_dict has unexpected keys {sorted(sd)}")
         for h, value in hyper.items():
             setattr(self, h, value)
         self.step_count = int(step)
-        self.state = {}
-        for (s, i), a in arrays.items():
-            dst = self._state(s, i)
-            _backend_of(dst).copy_from_host(dst, a)
+        self._store.load(arrays, hyper)
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{h}={getattr(self, h)!r}" for h in self.hyperparameters)
@@ -446,53 +364,3 @@ class Lion(Optimizer):
     """
 
     spec = specs.LION
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-
-def _flatten(params: Params, what: str) -> tuple[str, list, list]:
-    if isinstance(params, Mapping):
-        keys = list(params)
-        for k in keys:
-            if not isinstance(k, str):
-                raise TypeError(f"{what} dict keys must be str, got {k!r}")
-        return "dict", keys, list(params.values())
-    if isinstance(params, (list, tuple)):
-        return "list", list(range(len(params))), list(params)
-    return "array", [None], [params]
-
-
-def _check_params(params: list, names: list[str]) -> None:
-    for p, name in zip(params, names):
-        info = describe(p, name)
-        if info.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must have dtype float32 or float64, got {info.dtype}")
-        if not info.c_contiguous:
-            raise ValueError(f"{name} is not C-contiguous")
-        if not info.writeable:
-            raise ValueError(f"{name} is read-only; fastrms updates it in place")
-    check_no_overlap([(name, p, True) for p, name in zip(params, names)])
-
-
-def _backend_of(a):
-    return dispatch.get("cuda" if describe(a, "array").kind == DEVICE else "numpy")
-
-
-def _full_like(p, value: float, slot: int):
-    """A state array like ``p`` on ``p``'s side (host or device), filled with ``value``."""
-    backend = _backend_of(p)
-    a = backend.zeros_like(p, slot)
-    if value:
-        info = describe(p, "param")
-        backend.copy_from_host(a, np.full(info.shape, value, info.dtype))
-    return a
-
-
-def _plain(x):
-    """A value from np.load (0-d or small arrays) back to plain Python."""
-    if isinstance(x, np.ndarray):
-        return x.item() if x.ndim == 0 else tuple(x.tolist())
-    if isinstance(x, np.generic):
-        return x.item()
-    return x

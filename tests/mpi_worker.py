@@ -21,6 +21,7 @@ from mpi4py import MPI
 
 import fastrms
 from fastrms.distributed import ShardedOptimizer
+from fastrms.optim import OPTIMIZERS
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -43,6 +44,9 @@ CASES = [
     ("SGD", dict(momentum=0.9, dampening=0.5, weight_decay=0.1)),
     ("SGD", dict(momentum=0.9, nesterov=True, maximize=True)),
 ]
+#: Every other optimizer class made from a spec (Lion, and any added since), plainly: the
+#: sharded optimizer must take any of them, with nothing in it listing them.
+CASES += [(cls.__name__, {}) for cls in OPTIMIZERS.values() if cls.__name__ not in LR]
 #: Tensor boundaries fall inside and between the ranks' ranges; one tensor is empty.
 SHAPES = {"w": (5, 7), "b": (7,), "empty": (0,), "v": (3, 2, 2), "s": (1,)}
 STEPS = 3
@@ -91,6 +95,11 @@ def state_bytes(opt: fastrms.Optimizer) -> int:
     return sum(a.nbytes for arrays in opt.state.values() for a in arrays if a is not None)
 
 
+def lr_of(name: str) -> float:
+    """The learning rate a case runs at: :data:`LR`'s, else the class's default."""
+    return LR.get(name, getattr(fastrms, name).spec.defaults["lr"])
+
+
 def run_case(
     name: str, options: dict, dtype=np.float32, exact=None, average=True, reduce="reduce_scatter"
 ) -> None:
@@ -99,8 +108,8 @@ def run_case(
     exact = SIZE > 2 if exact is None else exact
     p0 = initial(SHAPES, dtype)
     params, ref_params = {k: v.copy() for k, v in p0.items()}, {k: v.copy() for k, v in p0.items()}
-    opt = ShardedOptimizer(cls, params, average=average, reduce=reduce, lr=LR[name], **options)
-    ref = cls(ref_params, lr=LR[name], **options)
+    opt = ShardedOptimizer(cls, params, average=average, reduce=reduce, lr=lr_of(name), **options)
+    ref = cls(ref_params, lr=lr_of(name), **options)
     what = f"{name} {options} {np.dtype(dtype)} exact={exact} average={average} {reduce}"
     for k in range(STEPS):
         all_grads = grads_of(SHAPES, dtype, k, exact)
@@ -132,7 +141,7 @@ def run_case(
     back = {k: v.copy() for k, v in ref_params.items()}
     resharded = ShardedOptimizer(cls, back, average=average)
     resharded.load_state_dict(ref.state_dict())
-    assert resharded.lr == LR[name] and resharded.step_count == STEPS
+    assert resharded.lr == lr_of(name) and resharded.step_count == STEPS
     resharded.step(g[RANK])
     ref.step(reduced(g, average))
     same(back, ref_params, what + " 1 -> N", 0.0)
@@ -310,6 +319,15 @@ def check_bad_input() -> None:
         ro["b"] = ro["b"].copy()
         ro["b"].flags.writeable = False
     expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, ro), "read-only")
+    # A dict key that is not a str (its state-dict key would be ambiguous), as the NumPy
+    # classes refuse it: the one parameter tree (fastrms.tree) checks for both.
+    keyed = {**params, 3: np.zeros(2, np.float32)}
+    expect_all(
+        TypeError, lambda: ShardedOptimizer(fastrms.Adam, keyed), "params dict keys must be str"
+    )
+    expect_all(
+        TypeError, lambda: opt.step({**gs[RANK], 3: gs[RANK]["w"]}), "grads dict keys must be str"
+    )
     lr = -1.0 if RANK == last else 0.1
     expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, params, lr=lr), "lr")
     unchanged()
@@ -401,8 +419,8 @@ def check_cuda() -> None:
         p0 = initial(shapes, np.float32)
         params = {k: cuda.to_device(v) for k, v in p0.items()}
         ref_params = {k: cuda.to_device(v) for k, v in p0.items()}
-        opt = ShardedOptimizer(cls, params, reduce=reduce, lr=LR[name], **options)
-        ref = cls(ref_params, lr=LR[name], **options)
+        opt = ShardedOptimizer(cls, params, reduce=reduce, lr=lr_of(name), **options)
+        ref = cls(ref_params, lr=lr_of(name), **options)
         for k in range(STEPS):
             all_grads = grads_of(shapes, np.float32, k, exact=True)
             opt.step({k: cuda.to_device(v) for k, v in all_grads[RANK].items()})

@@ -1,0 +1,179 @@
+"""The state store: each parameter's state arrays, made, checked, saved and loaded per a spec.
+
+A :class:`StateStore` holds the state of one optimizer over a list of parameters (a
+:class:`fastrms.tree.Tree`'s leaves) as ``{state name: [array or None per parameter]}``. It
+makes an array when a step first needs it (on the parameter's side, host or device, at the
+initial value :attr:`fastrms.specs.Spec.initial` names), can drop what a refused step made,
+and turns the state into state-dict entries and back, checking what it loads. The NumPy
+classes (:mod:`fastrms.optim`) keep theirs in one, and so, through them, does each rank of
+the sharded optimizer (:mod:`fastrms.distributed`) for its shard's pieces. fastrms.torch keeps
+torch tensors in ``opt.state[p]`` (torch's API) and shares :func:`initial_option`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import dispatch, specs
+from .arrays import DEVICE, describe
+from .tree import Tree
+
+
+def initial_option(spec: specs.Spec, slot: str) -> str | None:
+    """The option whose value state array ``slot`` starts at (``None``: it starts at zero)."""
+    return spec.initial.get(slot)
+
+
+def is_step_count(x: Any) -> bool:
+    """Whether ``x`` is a valid step count: an int (not a bool) >= 0."""
+    if type(x) is int:
+        return x >= 0
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer)) and x >= 0
+
+
+class StateStore:
+    """The state arrays of one optimizer (``spec``) over the leaves of ``tree``.
+
+    Attributes
+    ----------
+    arrays : dict of str -> list
+        ``{state name: [array or None for each parameter]}``: the optimizer's ``state``.
+    """
+
+    __slots__ = ("spec", "tree", "params", "arrays", "_created")
+
+    def __init__(self, spec: specs.Spec, tree: Tree) -> None:
+        self.spec, self.tree, self.params = spec, tree, tree.arrays
+        self.arrays: dict[str, list] = {}
+        self._created: list[tuple[str, int]] = []  # made for a step not yet taken
+
+    def initial_value(self, name: str, hyper: Mapping[str, Any]) -> float:
+        """The value state array ``name`` starts at, under hyperparameters ``hyper``."""
+        option = initial_option(self.spec, name)
+        return 0.0 if option is None else float(hyper[option])
+
+    def get(self, name: str, i: int, hyper: Mapping[str, Any]):
+        """State array ``name`` of parameter ``i``, made now if it is not there yet."""
+        arrays = self.arrays.setdefault(name, [None] * len(self.params))
+        if arrays[i] is None:
+            slot = self.spec.layout.slots.index(name) + 1
+            arrays[i] = _full_like(self.params[i], self.initial_value(name, hyper), slot)
+        return arrays[i]
+
+    # -- the state of a step ---------------------------------------------------------------------
+
+    def prepare(self, names: tuple[str, ...], hyper: Mapping[str, Any]) -> dict[str, list]:
+        """The state arrays ``names`` of every parameter, made where missing (remembered, for
+        :meth:`forget`, until :meth:`keep`). Raises ``ValueError`` if a list was replaced by
+        something that is not one array (or None) per parameter."""
+        n = len(self.params)
+        for name in names:
+            arrays = self.arrays.get(name, [])
+            if name in self.arrays and (type(arrays) is not list or len(arrays) != n):
+                what = f"{len(arrays)} items" if isinstance(arrays, list) else repr(arrays)[:40]
+                raise ValueError(
+                    f"state[{name!r}] must be a list of one array per parameter ({n}), got {what}"
+                )
+        for name in names:
+            for i in range(n):
+                if self.arrays.get(name, [None] * n)[i] is None:
+                    self._created.append((name, i))
+                self.get(name, i, hyper)
+        return {s: self.arrays[s] for s in names}
+
+    def keep(self) -> None:
+        """The step that the state was made for is taken: keep it."""
+        self._created = []
+
+    def forget(self) -> bool:
+        """Drop the state made since :meth:`keep` (a refused step leaves no trace); return
+        whether there was any."""
+        if not self._created:
+            return False
+        for name, i in self._created:
+            self.arrays[name][i] = None
+            if not any(a is not None for a in self.arrays[name]):
+                del self.arrays[name]
+        self._created = []
+        return True
+
+    # -- state dicts -----------------------------------------------------------------------------
+
+    def entries(self, names: tuple[str, ...], hyper: Mapping[str, Any]) -> dict[str, Any]:
+        """``{state-dict key: host copy}`` of every state array, the arrays ``names`` made
+        first where missing (so that the dict loads back as it is)."""
+        for name in names:
+            for i in range(len(self.params)):
+                self.get(name, i, hyper)
+        return {
+            self.tree.state_key(name, i): _backend_of(a).to_host(a)
+            for name, arrays in self.arrays.items()
+            for i, a in enumerate(arrays)
+            if a is not None
+        }
+
+    def take_entries(self, sd: dict[str, Any], used: tuple[str, ...]) -> dict[tuple, np.ndarray]:
+        """Pop the state entries from state dict ``sd``: ``{(name, i): array}``, each checked
+        against its parameter's shape and dtype. Every state array ``used`` must be there; the
+        others of the rule (kept from options switched off since) may be."""
+        arrays = {}
+        for s in self.spec.layout.slots:
+            for i, p in enumerate(self.params):
+                key = self.tree.state_key(s, i)
+                if key not in sd:
+                    if s not in used:
+                        continue
+                    raise ValueError(f"state_dict lacks {key!r} (for these params and options)")
+                arrays[s, i] = checked_entry(key, sd.pop(key), p)
+        return arrays
+
+    def nbytes(self) -> int:
+        """Bytes of the state arrays held."""
+        return sum(a.nbytes for arrays in self.arrays.values() for a in arrays if a is not None)
+
+    def load(self, arrays: dict[tuple, np.ndarray], hyper: Mapping[str, Any]) -> None:
+        """Replace the state with ``arrays`` (from :meth:`take_entries`), copied in."""
+        self.arrays = {}
+        self._created = []
+        for (s, i), a in arrays.items():
+            dst = self.get(s, i, hyper)
+            _backend_of(dst).copy_from_host(dst, a)
+
+
+def checked_entry(key: str, value: Any, param: Any) -> np.ndarray:
+    """State-dict entry ``key`` as an array, refused (``ValueError``) unless it has the shape
+    and dtype of its parameter ``param``."""
+    a = np.asarray(value)
+    info = describe(param, "param")
+    if a.shape != info.shape or a.dtype != info.dtype:
+        raise ValueError(
+            f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
+            f"parameter has shape {info.shape} and dtype {info.dtype}"
+        )
+    return a
+
+
+def plain(x: Any) -> Any:
+    """A value from np.load (0-d or small arrays) back to plain Python."""
+    if isinstance(x, np.ndarray):
+        return x.item() if x.ndim == 0 else tuple(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _backend_of(a):
+    return dispatch.get("cuda" if describe(a, "array").kind == DEVICE else "numpy")
+
+
+def _full_like(p, value: float, slot: int):
+    """A state array like ``p`` on ``p``'s side (host or device), filled with ``value``."""
+    backend = _backend_of(p)
+    a = backend.zeros_like(p, slot)
+    if value:
+        info = describe(p, "param")
+        backend.copy_from_host(a, np.full(info.shape, value, info.dtype))
+    return a
