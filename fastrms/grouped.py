@@ -41,8 +41,8 @@ from .arrays import (
     host_addresses,
 )
 from .errors import BackendUnavailableError
-from .precision import HYPER_WIDTH, SLOTS, cast, cast_array
-from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule, team_block
+from .precision import SLOTS, cast, cast_array, signature
+from .schedule import PARTS_PER_THREAD, schedule, team_block
 from .specs import Setup
 
 
@@ -116,7 +116,8 @@ class StepPlan:
                 chosen, auto = dispatch.resolve(backend, info.kind)
             except TypeError as exc:
                 raise TypeError(f"{names[i]}: {exc}") from None
-            groups.setdefault((chosen.name, auto, info.dtype), []).append(i)
+            key = (chosen.name, auto, signature(setup.rule, info.dtype))
+            groups.setdefault(key, []).append(i)
             written += [(label, a, True) for label, a in named.items()]
         check_no_overlap(written)
         kinds = {info.kind for info in infos}
@@ -130,12 +131,12 @@ class StepPlan:
         self._addresses = np.zeros(len(params), np.int64)
         slots = SLOTS[setup.rule]
         self.groups = []
-        for (name, auto, dtype), rows in groups.items():
+        for (name, auto, sig), rows in groups.items():
             arrays = [
                 [params[i], None, *[state[s][i] if s in setup.state else params[i] for s in slots]]
                 for i in rows
             ]
-            group = _GROUPS[name](setup, dispatch.get(name), auto, dtype, rows, arrays)
+            group = _GROUPS[name](setup, dispatch.get(name), auto, sig, rows, arrays)
             group.serial_below = parallel_threshold
             group.team = team
             self.groups.append(group)
@@ -327,10 +328,12 @@ _overlap = None
 
 
 class _Group:
-    """The arrays of one (backend, dtype) and how they run."""
+    """The arrays of one (backend, kernel signature) and how they run."""
 
-    def __init__(self, setup, backend, auto, dtype, rows, arrays):
-        self.setup, self.backend, self.auto, self.dtype = setup, backend, auto, np.dtype(dtype)
+    def __init__(self, setup, backend, auto, signature, rows, arrays):
+        self.setup, self.backend, self.auto = setup, backend, auto
+        self.signature = signature  # the precision policy's key (fastrms.precision)
+        self.dtype = np.dtype(signature.compute)  # the scalars' dtype
         self.rows = rows  # indices of the step's parameters
         # A slice where the rows run in order (a view, not a copy, of the step's addresses).
         consecutive = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False
@@ -351,7 +354,7 @@ class _Group:
     def _table(self) -> np.ndarray:
         """One int64 row per array: element count, then the addresses of param, grad (filled
         per step) and state; columns the rule does not use repeat the param's address."""
-        table = np.zeros((len(self.rows), TABLE_WIDTH), np.int64)
+        table = np.zeros((len(self.rows), self.signature.table_width), np.int64)
         for r, arrays in enumerate(self.arrays):
             p = arrays[0]
             table[r, 0] = _size(p)
@@ -406,7 +409,9 @@ class _CpuGroup(_Group):
 
     def prepare(self):
         try:
-            kernels = self.backend.grouped_kernels(self.setup.rule, self.setup.flags)
+            kernels = self.backend.grouped_kernels(
+                self.setup.rule, self.setup.flags, self.signature
+            )
             self._parallel, self._serial = kernels
             empty = np.zeros(1, np.int64)
             hyper = self.cast(self.setup)
@@ -438,12 +443,12 @@ class _CpuGroup(_Group):
         from numba.core.errors import NumbaError
 
         try:
-            body = self.backend.grouped_team_body(self.setup.rule, self.setup.flags, self.dtype)
+            body = self.backend.grouped_team_body(self.setup.rule, self.setup.flags, self.signature)
         except NumbaError:  # Numba's own threads run the parallel steps instead
             self.team = None
             return
         # The argument block of kernels.cpu.grouped_team_body, and the scalars it points to.
-        self._scalars = np.zeros(HYPER_WIDTH, self.dtype)
+        self._scalars = np.zeros(self.signature.scalars, self.dtype)
         self._team_args = np.zeros(6, np.int64)
         self._team_call = (body, self._team_args.ctypes.data)
 
@@ -454,7 +459,7 @@ class _CpuGroup(_Group):
 
     def _fall_back(self):
         numpy = dispatch.fall_back(self.backend._reason)
-        return _NumpyGroup(self.setup, numpy, False, self.dtype, self.rows, self.arrays)
+        return _NumpyGroup(self.setup, numpy, False, self.signature, self.rows, self.arrays)
 
     def kernel_call(self, hyper):
         self.launch(hyper, None)  # sets the schedule and the team's scalars

@@ -185,8 +185,8 @@ def test_compile_failure_of_one_group_writes_nothing(monkeypatch):
     backend = fastrms.dispatch.get("cpu")
     real = backend.grouped_kernels
 
-    def failing(rule, flags):
-        parallel, serial = real(rule, flags)
+    def failing(rule, flags, signature):
+        parallel, serial = real(rule, flags, signature)
 
         def kernel(table, part_ptr, items, hyper):
             if hyper[0].dtype == np.float64:
@@ -378,7 +378,7 @@ def _flag_cases() -> list:
 
 @pytest.mark.parametrize(("algo", "options", "dtype"), _flag_cases())
 def test_a_team_runs_the_parallel_step_bit_for_bit(algo, options, dtype):
-    """Through kernels.cpu.grouped_team_body, three threads claiming parts as they go give
+    """Through kernels.elementwise.team_body, three threads claiming parts as they go give
     the bits of Numba's own parallel kernel, on arrays that span parts."""
     rng = np.random.default_rng(8)
     options = {k: v for k, v in options.items() if k in SPECS[algo].step_options}

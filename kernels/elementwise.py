@@ -1,0 +1,190 @@
+"""The elementwise computation shape: every kernel that steps arrays element by element,
+generated in one place from (rule, flags, signature).
+
+A rule (:mod:`fastrms.kernels.rules`) updates element ``i`` of its arrays. Around it this
+module emits:
+
+- :func:`loops`: the one-array CPU loops, ``prange`` and serial, ``kernel(n, arrays, hyper)``;
+- :func:`grouped_loops`: the grouped CPU kernels over a table of many arrays, parallel and
+  serial, ``kernel(table, part_ptr, items, scalars)``;
+- :func:`team_body`: the same grouped step as a C function for another library's OpenMP team;
+- :func:`cuda_grid_stride` and :func:`cuda_grouped`: the CUDA kernels (imported lazily).
+
+Nothing here is written per width: a grouped kernel's table columns and scalars come from its
+:class:`fastrms.precision.Signature` (one column per array of the rule, one scalar per
+scalar of its layout), read by the intrinsics :func:`~fastrms.kernels.pointers.arrays_at` and
+:func:`~fastrms.kernels.pointers.scalars_at`, which type the tuples they return from the
+signature's dtypes. A rule with 4 state arrays or 12 scalars needs no edit here.
+
+Storages: each array is loaded and stored through its storage
+(:class:`fastrms.precision.Storage`). The float storages hold their compute dtype; their codec
+is the identity, so the rule indexes the arrays themselves and the loops compile to exactly the
+code they did before the storage model (checked bit for bit and timed). A storage with a codec
+(bf16 as uint16, 8-bit blockwise) adds its load/store pair to :data:`CODECS` and a column type
+whose ``[i]`` loads and ``[i] = x`` stores through them; :func:`_column_likes` is where the
+generator would choose it. Until one exists, :func:`_column_likes` refuses such a signature.
+
+The kernels are closures defined in this file, so Numba's ``cache=True`` keeps working (a
+function made by ``exec`` has no file to cache beside). Each binds :data:`TOKEN` (a digest of
+the rules, and the fastmath setting), because Numba keys a cached kernel on
+this file, not on what it inlines.
+"""
+
+from functools import cache
+
+import numpy as np
+from numba import cfunc, njit, prange, types
+from numba.extending import register_jitable
+
+from ._options import FASTMATH, RULES_TOKEN
+from .pointers import address_of, arrays_at, fetch_add, load_int64, scalars_at
+
+#: Part of every kernel's closure, hence of Numba's cache key: the rules' digest and the
+#: fastmath setting. The widths need no token: the tuples that carry them (the columns' and
+#: scalars' likes, the row stride) are closure values too, and Numba keys its cache on those.
+TOKEN = RULES_TOKEN
+
+
+@register_jitable(inline="always")
+def _identity_load(array, i):
+    return array[i]
+
+
+@register_jitable(inline="always")
+def _identity_store(array, i, x):
+    array[i] = x
+
+
+#: Load/store pairs by codec name (None: the float storages, which hold their compute dtype).
+CODECS = {None: (_identity_load, _identity_store)}
+
+
+def _column_likes(columns, codecs):
+    """A zero of each column's held dtype: the tuple that types the arrays of a table row."""
+    if any(c is not None for c in codecs):
+        raise NotImplementedError(f"no column type for storages with codecs {codecs} yet")
+    return tuple(np.dtype(c).type(0) for c in columns)
+
+
+def _shape(signature):
+    """What the kernels close over: the columns' likes, the scalars' likes, the row stride."""
+    columns = _column_likes(signature.columns, tuple(s.codec for s in signature.storages))
+    scalars = (np.dtype(signature.compute).type(0),) * signature.scalars
+    return columns, scalars, 8 * signature.table_width
+
+
+@cache
+def loops(rule, flags):
+    """Return ``(parallel, serial)`` kernels ``kernel(n, arrays, hyper)`` for ``rule``.
+
+    ``flags`` is bound as a closure constant, so Numba compiles one specialization per flag
+    combination and LLVM folds the rule's branches on it. ``error_model="numpy"`` gives IEEE
+    division (as NumPy and PyTorch do) instead of a zero check that keeps the loop scalar.
+    """
+    token = TOKEN  # read below only so that it is part of the closure, hence the cache key
+
+    @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+    def parallel(n, arrays, hyper):
+        token  # noqa: B018
+        for i in prange(n):
+            rule(i, arrays, hyper, flags)
+
+    @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+    def serial(n, arrays, hyper):
+        token  # noqa: B018
+        for i in range(n):
+            rule(i, arrays, hyper, flags)
+
+    return parallel, serial
+
+
+@cache
+def grouped_loops(rule, flags, signature):
+    """Return ``(parallel, serial)`` kernels ``kernel(table, part_ptr, items, scalars)`` that
+    step many arrays of ``signature`` in one call.
+
+    ``scalars`` is a 1-D array of the signature's compute dtype holding the rule's scalars.
+    ``table`` holds one int64 row per array of :attr:`~fastrms.precision.Signature.table_width`
+    words: its element count, then the addresses of its param, grad and state arrays (a slot
+    the options leave unused holds the param's address and is never touched). Part ``k`` of
+    the work is the pieces ``items[part_ptr[k]:part_ptr[k + 1]]``, each an ``(array, start,
+    stop)`` row: the parallel kernel hands the parts to the threads (see
+    :func:`fastrms.schedule.schedule`), the serial one runs them in order. Each piece's arrays
+    start at its first element (indexed from 0), so it runs the same inlined, vectorized loop
+    as the one-array kernels, and the results are bit for bit theirs.
+    """
+    token = TOKEN  # read below only so that it is part of the closure, hence the cache key
+    columns, scalar_likes, stride = _shape(signature)
+
+    @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+    def parallel(table, part_ptr, items, scalars):
+        token  # noqa: B018
+        hyper = scalars_at(address_of(scalars), scalar_likes)
+        rows = address_of(table) + 8  # the first address of row 0
+        for k in prange(part_ptr.size - 1):
+            for j in range(part_ptr[k], part_ptr[k + 1]):
+                row, start = items[j, 0], items[j, 1]
+                n = items[j, 2] - start
+                arrays = arrays_at(rows + stride * row, start, n, columns)
+                for i in range(n):
+                    rule(i, arrays, hyper, flags)
+
+    @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+    def serial(table, part_ptr, items, scalars):
+        token  # noqa: B018
+        hyper = scalars_at(address_of(scalars), scalar_likes)
+        rows = address_of(table) + 8
+        for j in range(part_ptr[0], part_ptr[part_ptr.size - 1]):
+            row, start = items[j, 0], items[j, 1]
+            n = items[j, 2] - start
+            arrays = arrays_at(rows + stride * row, start, n, columns)
+            for i in range(n):
+                rule(i, arrays, hyper, flags)
+
+    return parallel, serial
+
+
+#: The int64 words of a team step's argument block (see :func:`team_body`).
+TEAM_ARGS = ("table", "part_ptr", "items", "parts", "scalars", "counter")
+
+
+@cache
+def team_body(rule, flags, signature):
+    """Return a C function ``void body(int64 args)`` that runs a grouped step (the work of
+    :func:`grouped_loops`' kernels) on a team of threads that someone else starts.
+
+    Every thread of an OpenMP team calls ``body(args)`` with the same ``args``: the address
+    of an int64 block of the words named by :data:`TEAM_ARGS`: the addresses of ``table``,
+    ``part_ptr`` and ``items`` (as :func:`grouped_loops` takes them), the number of parts, the
+    address of the scalars (as :func:`grouped_loops` takes them) and a counter that starts at
+    0. Each thread claims the next part by an atomic increment of the counter until none is
+    left, so parts go to the threads that are free, as Numba's own schedulers hand them out.
+    Each piece runs the same vectorized loop as the other kernels, so the results are bit for
+    bit theirs.
+
+    fastrms.torch runs it on PyTorch's own OpenMP team, whose threads are awake after
+    torch's ops, instead of starting Numba's thread pool beside it.
+    """
+    token = TOKEN  # read below only so that it is part of the closure, hence the cache key
+    columns, scalar_likes, stride = _shape(signature)
+
+    @cfunc(types.void(types.int64), cache=True, fastmath=FASTMATH, error_model="numpy")
+    def body(args):
+        token  # noqa: B018
+        rows = load_int64(args) + 8
+        part_ptr = load_int64(args + 8)
+        items = load_int64(args + 16)
+        parts = load_int64(args + 24)
+        hyper = scalars_at(load_int64(args + 32), scalar_likes)
+        k = fetch_add(args + 40)
+        while k < parts:
+            for j in range(load_int64(part_ptr + 8 * k), load_int64(part_ptr + 8 * k + 8)):
+                item = items + 24 * j
+                row, start = load_int64(item), load_int64(item + 8)
+                n = load_int64(item + 16) - start
+                arrays = arrays_at(rows + stride * row, start, n, columns)
+                for i in range(n):
+                    rule(i, arrays, hyper, flags)
+            k = fetch_add(args + 40)
+
+    return body
