@@ -25,7 +25,7 @@ from conftest import (
 )
 
 import fastrms
-from fastrms import grouped
+from fastrms import grouped, schedule
 from fastrms.errors import BackendUnavailableError, FallbackWarning
 from fastrms.specs import SPECS
 
@@ -273,7 +273,7 @@ def test_schedule_covers_every_element_once_in_equal_parts(parts):
     rng = np.random.default_rng(6)
     sizes = rng.integers(0, 5000, 40)
     sizes[[0, 5, 17]] = 0
-    part_ptr, items = grouped.schedule(sizes, parts)
+    part_ptr, items = schedule.schedule(sizes, parts)
     covered = [np.zeros(n, int) for n in sizes]
     per_part = []
     for k in range(len(part_ptr) - 1):
@@ -288,7 +288,7 @@ def test_schedule_covers_every_element_once_in_equal_parts(parts):
 
 
 def test_schedule_of_nothing():
-    part_ptr, items = grouped.schedule(np.array([0, 0]), 4)
+    part_ptr, items = schedule.schedule(np.array([0, 0]), 4)
     assert items.shape == (0, 3) and list(part_ptr) == [0, 0]
 
 
