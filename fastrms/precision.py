@@ -20,6 +20,7 @@ through it. Nothing here imports numba.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,10 +97,27 @@ def signature(rule: str, param: np.dtype, slots: tuple[Storage, ...] | None = No
     return Signature(rule, (held, held, *slots), held.compute)
 
 
+class _PerLayout(Mapping):
+    """A read-only view of one property of every layout, by rule name, read from
+    :data:`fastrms.specs.LAYOUTS` when asked (a layout registered later is seen too)."""
+
+    def __init__(self, get: Callable) -> None:
+        self._get = get
+
+    def __getitem__(self, rule: str):
+        return self._get(LAYOUTS[rule])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(LAYOUTS)
+
+    def __len__(self) -> int:
+        return len(LAYOUTS)
+
+
 #: The state arrays of each rule, in the order the kernels take them (after param and grad).
-SLOTS = {name: layout.slots for name, layout in LAYOUTS.items()}
+SLOTS = _PerLayout(lambda layout: layout.slots)
 #: What each rule's host scalars are, in the order the kernels take them.
-SCALARS = {name: tuple(layout.scalars.values()) for name, layout in LAYOUTS.items()}
+SCALARS = _PerLayout(lambda layout: tuple(layout.scalars.values()))
 #: The most scalars a rule takes (derived from the layouts; each grouped kernel takes its own
 #: rule's count, :attr:`Signature.scalars`).
 HYPER_WIDTH = specs.MAX_SCALARS
