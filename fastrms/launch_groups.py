@@ -160,7 +160,7 @@ class CpuGroup(Group):
         except NumbaError:  # Numba's own threads run the parallel steps instead
             self.team = None
             return
-        # The argument block of kernels.cpu.grouped_team_body, and the scalars it points to.
+        # The argument block of kernels.elementwise.team_body, and the scalars it points to.
         self._scalars = np.zeros(self.signature.scalars, self.dtype)
         self._team_args = np.zeros(6, np.int64)
         self._team_call = (body, self._team_args.ctypes.data)

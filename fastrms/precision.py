@@ -61,6 +61,12 @@ class Signature:
     storages: tuple[Storage, ...]
     compute: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.rule, self.storages, self.compute)))
+
+    def __hash__(self) -> int:  # computed once: a step looks its kernels up by signature
+        return self._hash
+
     @property
     def columns(self) -> tuple[str, ...]:
         """The held dtype of each array, in the rule's order."""
@@ -83,18 +89,34 @@ def storage_of(dtype: np.dtype) -> Storage:
 
 
 @functools.lru_cache(maxsize=256)
-def signature(rule: str, param: np.dtype, slots: tuple[Storage, ...] | None = None) -> Signature:
+def signature(
+    rule: str,
+    param: np.dtype,
+    slots: tuple[Storage, ...] | None = None,
+    compute: np.dtype | None = None,
+) -> Signature:
     """The policy: the kernel signature of ``rule`` for parameters of dtype ``param``.
 
-    ``slots`` gives a storage per state slot of the layout; by default each slot, and the
-    gradient, is held as the parameter is, and the rule computes in the parameter's dtype.
+    ``slots`` gives a storage per state slot of the layout, ``compute`` the dtype the rule
+    computes in. By default each slot, and the gradient, is held as the parameter is, and the
+    rule computes in the parameter's dtype. An array is loaded into the compute dtype by its
+    storage's codec; a storage without one must hold the compute dtype itself (a float64 state
+    beside float32 parameters is refused until a codec converts it).
     """
     held = storage_of(param)
     layout = LAYOUTS[rule]
     slots = (held,) * len(layout.slots) if slots is None else tuple(slots)
     if len(slots) != len(layout.slots):
         raise ValueError(f"{rule} has {len(layout.slots)} state slots, got {len(slots)} storages")
-    return Signature(rule, (held, held, *slots), held.compute)
+    compute = held.compute if compute is None else np.dtype(compute).name
+    storages = (held, held, *slots)
+    for name, storage in zip(layout.arrays, storages):
+        if storage.codec is None and storage.dtype != compute:
+            raise ValueError(
+                f"{name} held as {storage.name} cannot be computed in {compute}: "
+                "no codec converts it"
+            )
+    return Signature(rule, storages, compute)
 
 
 class _PerLayout(Mapping):

@@ -188,3 +188,97 @@ def team_body(rule, flags, signature):
             k = fetch_add(args + 40)
 
     return body
+
+
+# -- CUDA (numba.cuda is imported only here, when a CUDA kernel is asked for) ------------------
+
+cuda = None  # numba.cuda, once a CUDA kernel is asked for
+
+
+def _import_cuda() -> None:
+    """Import numba.cuda as this module's global ``cuda``: the simulator runs a kernel with
+    its own ``cuda`` swapped into the kernel's globals, which a local name would escape."""
+    global cuda
+    if cuda is None:
+        from numba import cuda as module
+
+        cuda = module
+
+
+@cache
+def cuda_grid_stride(rule, flags):
+    """Return a kernel ``kernel[blocks, threads, stream](n, arrays, hyper)`` for ``rule``.
+
+    ``flags`` is bound as a closure constant, as in :func:`loops`. The rule is compiled as a
+    device function of its own: numba-cuda 0.30 cannot type a
+    ``register_jitable(inline="always")`` function called directly from a kernel, and NVVM
+    inlines the device function anyway.
+    """
+    _import_cuda()
+    token = TOKEN  # read below only so that it is part of the closure
+    device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
+
+    @cuda.jit(fastmath=FASTMATH)
+    def kernel(n, arrays, hyper):
+        token  # noqa: B018
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            device_rule(i, arrays, hyper, flags)
+            i += stride
+
+    return kernel
+
+
+# Generated per k (arrays per tensor), so that the tuple of arrays has a static length. CUDA
+# kernels are compiled per process (no disk cache), so a kernel made by exec loses nothing;
+# the simulator runs it as Python, which an intrinsic like the CPU kernels' could not be.
+_CUDA_GROUPED_SOURCE = """
+def make(device_rule, as_device_array, flags, token):
+    def kernel(meta, first, count, chunk, hyper):
+        token
+        like = hyper[0]
+        c = cuda.blockIdx.x
+        while c < count:
+            at = first + 2 * c
+            row = meta[at] * {width}
+            start = meta[at + 1]
+            n = meta[row]
+            stop = min(start + chunk, n)
+            arrays = ({arrays},)
+            i = start + cuda.threadIdx.x
+            while i < stop:
+                device_rule(i, arrays, hyper, flags)
+                i += cuda.blockDim.x
+            c += cuda.gridDim.x
+
+    return kernel
+"""
+
+
+@cache
+def cuda_grouped(rule, flags, k):
+    """Return the grouped CUDA kernel for ``rule`` over tensors of ``k`` arrays each::
+
+        kernel[blocks, threads, stream](meta, first, count, chunk, hyper)
+
+    ``meta`` is one int64 device array: the tensor table (``n_tensors`` rows of ``1 + k``:
+    element count, then the ``k`` addresses), flattened, followed by the chunk table (pairs of
+    tensor row and first element). Block ``b`` steps the chunks ``b, b + gridDim, ...`` of the
+    ``count`` that start at ``meta[first]``, elements ``start .. min(start + chunk, n) - 1`` of
+    its tensor, its threads striding by ``blockDim``. The rule is a device function, as in
+    :func:`cuda_grid_stride`. ``k`` is the table's width less one
+    (:attr:`fastrms.precision.Signature.table_width`), so it follows the rule's layout.
+    """
+    _import_cuda()
+    from .cuda_pointers import as_device_array
+
+    token = TOKEN
+    device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
+    arrays = ", ".join(f"as_device_array(meta[row + {j}], n, like)" for j in range(1, k + 1))
+    source = _CUDA_GROUPED_SOURCE.format(width=k + 1, arrays=arrays)
+    namespace = {"cuda": cuda}
+    exec(compile(source, f"<grouped kernel, k={k}>", "exec"), namespace)
+    return cuda.jit(fastmath=FASTMATH)(
+        namespace["make"](device_rule, as_device_array, flags, token)
+    )

@@ -128,6 +128,19 @@ def test_the_policy_sizes_the_signature_from_the_layout(registered):
     assert precision.SLOTS["wide"] == SLOT_NAMES and len(precision.SCALARS["wide"]) == N_SCALARS
 
 
+def test_the_policy_refuses_storages_it_cannot_load():
+    """Without a codec, a storage must hold the compute dtype: float64 state beside float32
+    parameters, or a float32 step computed in float64, has no kernel yet."""
+    f32, f64 = precision.STORAGES["float32"], precision.STORAGES["float64"]
+    assert precision.signature("adam", np.dtype(np.float32), (f32,) * 3).storages == (f32,) * 5
+    with pytest.raises(ValueError, match="exp_avg_sq held as float64 cannot be computed"):
+        precision.signature("adam", np.dtype(np.float32), (f32, f64, f32))
+    with pytest.raises(ValueError, match="param held as float32 cannot be computed in float64"):
+        precision.signature("adam", np.dtype(np.float32), compute=np.dtype(np.float64))
+    with pytest.raises(ValueError, match="adam has 3 state slots, got 2"):
+        precision.signature("adam", np.dtype(np.float32), (f32, f32))
+
+
 @pytest.mark.parametrize("keep_max", [False, True])
 @pytest.mark.parametrize("n", [1000, cpu.PARALLEL_THRESHOLD + 17])  # serial, prange
 def test_one_array_loops(registered, keep_max, n):
