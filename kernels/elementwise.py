@@ -17,12 +17,12 @@ scalar of its layout), read by the intrinsics :func:`~fastrms.kernels.pointers.a
 signature's dtypes. A rule with 4 state arrays or 12 scalars needs no edit here.
 
 Storages: each array is loaded and stored through its storage
-(:class:`fastrms.precision.Storage`). The float storages hold their compute dtype; their codec
-is the identity, so the rule indexes the arrays themselves and the loops compile to exactly the
-code they did before the storage model (checked bit for bit and timed). A storage with a codec
-(bf16 as uint16, 8-bit blockwise) adds its load/store pair to :data:`CODECS` and a column type
-whose ``[i]`` loads and ``[i] = x`` stores through them; :func:`_column_likes` is where the
-generator would choose it. Until one exists, :func:`_column_likes` refuses such a signature.
+(:class:`fastrms.precision.Storage`). The float storages hold their compute dtype and have no
+codec: the rule indexes the arrays themselves, and the loops compile to exactly the code they
+did before the storage model (checked bit for bit and timed). A storage with a codec (bf16 held
+as uint16, 8-bit blockwise) registers its load/store pair in :mod:`fastrms.kernels.codecs`; its
+column then reaches the rule as an array-like whose ``[i]`` loads and ``[i] = x`` stores through
+them, so neither the rules nor these loops change (a test runs Adam with bf16 state so).
 
 The kernels are closures defined in this file, so Numba's ``cache=True`` keeps working (a
 function made by ``exec`` has no file to cache beside). Each binds :data:`TOKEN` (a digest of
@@ -31,44 +31,39 @@ this file, not on what it inlines.
 """
 
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from numba import cfunc, njit, prange, types
-from numba.extending import register_jitable
 
-from ._options import FASTMATH, RULES_TOKEN
+from . import codecs
+from ._options import FASTMATH, RULES_TOKEN, digest
 from .pointers import address_of, arrays_at, fetch_add, load_int64, scalars_at
 
 #: Part of every kernel's closure, hence of Numba's cache key: the rules' digest and the
-#: fastmath setting. The widths need no token: the tuples that carry them (the columns' and
-#: scalars' likes, the row stride) are closure values too, and Numba keys its cache on those.
-TOKEN = RULES_TOKEN
+#: fastmath setting, and the codecs' digest. The widths need no token: the tuples that carry
+#: them (the columns' and scalars' likes, the row stride) are closure values too, and Numba
+#: keys its cache on those.
+TOKEN = (RULES_TOKEN, digest(Path(__file__).with_name("codecs.py")))
 
 
-@register_jitable(inline="always")
-def _identity_load(array, i):
-    return array[i]
-
-
-@register_jitable(inline="always")
-def _identity_store(array, i, x):
-    array[i] = x
-
-
-#: Load/store pairs by codec name (None: the float storages, which hold their compute dtype).
-CODECS = {None: (_identity_load, _identity_store)}
-
-
-def _column_likes(columns, codecs):
-    """A zero of each column's held dtype: the tuple that types the arrays of a table row."""
-    if any(c is not None for c in codecs):
-        raise NotImplementedError(f"no column type for storages with codecs {codecs} yet")
-    return tuple(np.dtype(c).type(0) for c in columns)
+def _column_likes(storages):
+    """What types each column of a table row: a zero of the held dtype for a float storage
+    (a plain array), a :class:`~fastrms.kernels.codecs.ColumnLike` for one with a codec."""
+    likes = []
+    for storage in storages:
+        if storage.codec is None:
+            likes.append(np.dtype(storage.dtype).type(0))
+        elif storage.codec in codecs.CODECS:
+            likes.append(codecs.ColumnLike(storage.dtype, storage.compute, storage.codec))
+        else:
+            raise ValueError(f"no codec {storage.codec!r} is registered (kernels.codecs)")
+    return tuple(likes)
 
 
 def _shape(signature):
     """What the kernels close over: the columns' likes, the scalars' likes, the row stride."""
-    columns = _column_likes(signature.columns, tuple(s.codec for s in signature.storages))
+    columns = _column_likes(signature.storages)
     scalars = (np.dtype(signature.compute).type(0),) * signature.scalars
     return columns, scalars, 8 * signature.table_width
 

@@ -18,6 +18,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
+from . import codecs
+
 
 @intrinsic
 def as_array(typingctx, address, size, like):
@@ -157,36 +159,49 @@ def _likes(likes):
     return tuple(likes)
 
 
+def _column_type(like):
+    """What a table column becomes in a kernel: a plain array for a float ``like``, a
+    :class:`~fastrms.kernels.codecs.CodecColumn` for a codec's ``ColumnLike``; else None."""
+    if isinstance(like, types.Float):
+        return types.Array(like, 1, "C")
+    if isinstance(like, codecs.ColumnLikeType):
+        return codecs.CodecColumn.of(like)
+    return None
+
+
 @intrinsic
 def arrays_at(typingctx, words, start, size, likes):
     """``arrays_at(words, start, size, likes)``: a tuple of 1-D arrays, one per element of the
-    tuple ``likes`` (a scalar of each array's element type): array ``j`` is the ``size``
-    elements from element ``start`` on of the array whose address is the int64 at
-    ``words + 8 * j``.
+    tuple ``likes``: column ``j`` is the ``size`` elements from element ``start`` on of the
+    array whose address is the int64 at ``words + 8 * j``, of ``likes[j]``'s type (a float
+    scalar), or a :class:`~fastrms.kernels.codecs.CodecColumn` over it (for a
+    :class:`~fastrms.kernels.codecs.ColumnLike`: a storage with a codec).
 
     The grouped kernels build their arrays from a table row with it, so the number of columns
     and their types come from the rule's signature, not from code written per width. It is one
     call in Numba's IR (an inlined helper returning the tuple trips the parfor array analysis)
     and lowers to the same loads and pointer arithmetic as :func:`as_array_from` per column.
     """
-    element_types = _likes(likes)
-    if element_types is None or not isinstance(words, types.Integer):
+    if not isinstance(likes, types.BaseTuple) or not isinstance(words, types.Integer):
         return None
-    array_types = [types.Array(t, 1, "C") for t in element_types]
-    tuple_type = (
-        types.Tuple(array_types)
-        if len(set(array_types)) > 1
-        else types.UniTuple(array_types[0], len(array_types))
-    )
+    column_types = [_column_type(like) for like in likes]
+    if any(t is None for t in column_types):
+        return None
+    if len(set(column_types)) == 1:
+        tuple_type = types.UniTuple(column_types[0], len(column_types))
+    else:
+        tuple_type = types.Tuple(column_types)
 
     def codegen(context, builder, signature, args):
         words, start, size, _ = args
         word_type = ir.IntType(64)
         base = builder.inttoptr(words, word_type.as_pointer())
         values = []
-        for j, (like, array_type) in enumerate(zip(element_types, array_types)):
+        for j, column_type in enumerate(column_types):
+            codec = isinstance(column_type, codecs.CodecColumn)
+            array_type = column_type.array if codec else column_type
             address = builder.load(builder.gep(base, [ir.Constant(word_type, j)]))
-            data_type = context.get_data_type(like)
+            data_type = context.get_data_type(array_type.dtype)
             itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
             data = builder.gep(builder.inttoptr(address, data_type.as_pointer()), [start])
             array = make_array(array_type)(context, builder)
@@ -198,7 +213,8 @@ def arrays_at(typingctx, words, start, size, likes):
                 itemsize=itemsize,
                 meminfo=None,
             )
-            values.append(array._getvalue())
+            value = array._getvalue()
+            values.append(codecs.wrap(context, builder, column_type, value) if codec else value)
         return context.make_tuple(builder, tuple_type, values)
 
     return tuple_type(words, types.int64, types.int64, likes), codegen
