@@ -4,8 +4,11 @@ the step computes in, and the one kernel signature that follows.
 - A :class:`Storage` says how an array is held (``dtype``) and what its elements are loaded as
   (``compute``); the kernels load each element through it and store the result back
   (:mod:`fastrms.kernels.elementwise`). ``float32`` and ``float64`` hold what they compute
-  in, so loading and storing are the identity and the kernels index the arrays directly.
-- A layout's state arrays are :class:`fastrms.specs.Slot`\\ s (name, initial value, shape rule).
+  in, so loading and storing are the identity and the kernels index the arrays directly; a
+  storage that holds something else names a ``codec``, a load/store pair registered in
+  :mod:`fastrms.kernels.codecs` (bf16 as uint16 and 8-bit blockwise come next).
+- A layout's state arrays are :class:`fastrms.specs.Slot` objects (name, initial value,
+  shape rule).
 - :func:`signature` is the policy: it maps a parameter's dtype, the storage of each state
   slot (today: the parameter's) and the compute dtype (today: the parameter's) to a
   :class:`Signature`, the key that selects a compiled kernel and groups arrays in a grouped

@@ -62,8 +62,9 @@ class Slot:
 class Layout:
     """The arguments of one kernel rule, by name, in the order the rule indexes them.
 
-    ``slots`` may be given as names or as :class:`Slot`\\ s; ``layout.slots`` is always the
-    tuple of names and ``layout.slot_specs`` the :class:`Slot`\\ s.
+    ``slots`` may be given as names or as :class:`Slot` objects; ``layout.slots`` is always
+    the tuple of names (what every user of a layout reads) and ``layout.slot_specs`` the
+    :class:`Slot` objects.
     """
 
     name: str
