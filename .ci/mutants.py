@@ -73,9 +73,9 @@ def m(file: str, name: str, *edits: tuple[str, str]) -> Mutant:
     return Mutant(file, name, list(edits))
 
 
-SPECS, GROUPED, SCHEDULE, DIST, PART, RULES = (
-    "fastrms/specs.py", "fastrms/grouped.py", "fastrms/schedule.py", "fastrms/distributed.py",
-    "fastrms/shard_partition.py", "kernels/rules.py",
+SPECS, GROUPED, GROUPS, SCHEDULE, DIST, PART, RULES = (
+    "fastrms/specs.py", "fastrms/grouped.py", "fastrms/launch_groups.py", "fastrms/schedule.py",
+    "fastrms/distributed.py", "fastrms/shard_partition.py", "kernels/rules.py",
 )  # fmt: skip
 
 #: The listed mutants. The first of grouped.py, distributed.py and specs.py are the three the
@@ -138,15 +138,17 @@ MUTANTS: dict[str, list[Mutant]] = {
            "            if not all(map(operator.is_, current, arrays)):\n                pass")),
         m(GROUPED, "quick gradient check skips the shape",
           ("            and g.shape == shapes[i]\n", "")),
-        m(GROUPED, "stale scalars: cast once, never again",
-          ("if setup.scalars != self._cast_of:", "if self._cast_of is None:")),
-        m(GROUPED, "any group's rows taken as consecutive",
-          ("consecutive = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False",
-           "consecutive = bool(rows)")),
-        m(GROUPED, "table holds one element fewer", ("table[r, 0] = _size(p)", "table[r, 0] = _size(p) - 1")),
         m(GROUPED, "grads count not checked",
           ('        if len(grads) != len(self._params):\n            raise ValueError(f"grads has',
            '        if False:\n            raise ValueError(f"grads has')),
+    ],
+    GROUPS: [
+        m(GROUPS, "stale scalars: cast once, never again",
+          ("if setup.scalars != self._cast_of:", "if self._cast_of is None:")),
+        m(GROUPS, "any group's rows taken as consecutive",
+          ("consecutive = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False",
+           "consecutive = bool(rows)")),
+        m(GROUPS, "table holds one element fewer", ("table[r, 0] = _size(p)", "table[r, 0] = _size(p) - 1")),
     ],
     SCHEDULE: [
         m(SCHEDULE, "schedule loses the last part",
@@ -220,6 +222,8 @@ TESTS = {
             "tests/test_validation.py", "tests/test_api.py", "tests/test_reference.py"],
     GROUPED: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_api.py",
               "tests/test_grouped.py"],
+    GROUPS: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_api.py",
+             "tests/test_grouped.py"],
     SCHEDULE: ["tests/test_grouped.py", "tests/test_api.py"],
     DIST: ["tests/test_distributed.py"],
     PART: ["tests/test_distributed.py"],

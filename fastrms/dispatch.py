@@ -24,7 +24,8 @@ import numpy as np
 from . import reference, teams, threads
 from .arrays import DEVICE, HOST, device_of
 from .errors import BackendUnavailableError, FallbackWarning
-from .schedule import PARTS_PER_THREAD, TABLE_WIDTH, schedule, team_block
+from .precision import signature
+from .schedule import PARTS_PER_THREAD, schedule, team_block
 
 BACKENDS = ("cuda", "cpu", "numpy")
 CHOICES = ("auto", *BACKENDS)
@@ -132,28 +133,27 @@ class _CpuBackend(_NumpyBackend):
         """One array's step on ``team`` (torch's OpenMP team, see fastrms.teams), as a grouped
         step of one row: the same loop, so the same bits. Small arrays, none sized by n."""
         p = arrays[0]
-        body = self.grouped_team_body(rule, flags, p.dtype)
+        body = self.grouped_team_body(rule, flags, signature(rule, p.dtype))
         threads = team.threads()
         addresses = [a.__array_interface__["data"][0] for a in arrays]
-        pad = addresses[:1] * (TABLE_WIDTH - 1 - len(arrays))
-        table = np.array([[p.size, *addresses, *pad]], np.int64)
+        table = np.array([[p.size, *addresses]], np.int64)
         part_ptr, items = _one_row_schedule(p.size, PARTS_PER_THREAD * threads)
-        scalars = np.zeros(self._cpu.HYPER_WIDTH, p.dtype)
-        scalars[: len(hyper)] = hyper
+        scalars = np.array(hyper, p.dtype)
         args = team_block(table, part_ptr, items, scalars)
         team.run(body, args.ctypes.data, threads)
 
-    def grouped_kernels(self, rule: str, flags: tuple) -> tuple[Callable, Callable]:
-        """``(parallel, serial)`` kernels over a table of arrays (see kernels.cpu)."""
+    def grouped_kernels(self, rule: str, flags: tuple, signature) -> tuple[Callable, Callable]:
+        """``(parallel, serial)`` kernels over a table of arrays of ``signature`` (a
+        :class:`fastrms.precision.Signature`; see kernels.elementwise)."""
         self._launcher()
-        parallel, serial = self._cpu.grouped_loops(self._rules[rule], flags)
+        parallel, serial = self._cpu.grouped_loops(self._rules[rule], flags, signature)
         return threads.guard(parallel), serial  # a serial loop starts no thread team
 
-    def grouped_team_body(self, rule: str, flags: tuple, dtype: np.dtype) -> int:
-        """The address of a C function that runs a grouped step on a team of threads that
-        another library starts (see kernels.cpu.grouped_team_body)."""
+    def grouped_team_body(self, rule: str, flags: tuple, signature) -> int:
+        """The address of a C function that runs a grouped step of ``signature`` on a team of
+        threads that another library starts (see kernels.elementwise.team_body)."""
         self._launcher()
-        return self._cpu.grouped_team_body(self._rules[rule], flags, np.dtype(dtype)).address
+        return self._cpu.team_body(self._rules[rule], flags, signature).address
 
     @property
     def parallel_threshold(self) -> int:

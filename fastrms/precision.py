@@ -1,26 +1,150 @@
-"""The precision policy: the arrays' dtype decides the dtype of a step's scalars.
+"""The storage model and the precision policy: how each array of a step is held, what dtype
+the step computes in, and the one kernel signature that follows.
 
-A step runs in the dtype of its arrays, so its host scalars (learning rate, bias corrections,
-decay factors) are cast to that dtype before a kernel sees them: Python floats passed to a
-float32 kernel would type as float64 and halve its speed. Casting checks that the scalars fit
-(:func:`fastrms.specs.check_fits_float32`). This module sits below :mod:`fastrms.functional`
-and :mod:`fastrms.grouped`, which both cast through it.
+- A :class:`Storage` says how an array is held (``dtype``) and what its elements are loaded as
+  (``compute``); the kernels load each element through it and store the result back
+  (:mod:`fastrms.kernels.elementwise`). ``float32`` and ``float64`` hold what they compute
+  in, so loading and storing are the identity and the kernels index the arrays directly; a
+  storage that holds something else names a ``codec``, a load/store pair registered in
+  :mod:`fastrms.kernels.codecs` (bf16 as uint16 and 8-bit blockwise come next).
+- A layout's state arrays are :class:`fastrms.specs.Slot` objects (name, initial value,
+  shape rule).
+- :func:`signature` is the policy: it maps a parameter's dtype, the storage of each state
+  slot (today: the parameter's) and the compute dtype (today: the parameter's) to a
+  :class:`Signature`, the key that selects a compiled kernel and groups arrays in a grouped
+  step. The step's host scalars (learning rate, bias corrections, decay factors) are cast to
+  its compute dtype here, and checked to fit in it: Python floats passed to a float32 kernel
+  would type as float64 and halve its speed.
+
+This module sits below :mod:`fastrms.functional` and :mod:`fastrms.grouped`, which both cast
+through it. Nothing here imports numba.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import specs
 from .specs import LAYOUTS
 
+
+@dataclass(frozen=True)
+class Storage:
+    """How an array is held, and the dtype its elements are loaded as and stored from.
+
+    ``codec`` names the kernels' load/store pair (:data:`fastrms.kernels.elementwise.CODECS`);
+    None means the identity, for a storage that holds its compute dtype.
+    """
+
+    name: str
+    dtype: str  # NumPy dtype of the held array
+    compute: str  # dtype an element is loaded as
+    codec: str | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.codec is None and self.dtype == self.compute
+
+
+STORAGES = {s.name: s for s in (Storage("float32", "float32", "float32"),
+                                Storage("float64", "float64", "float64"))}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One kernel signature: a rule, the storage of each of its arrays (param, grad, then
+    the layout's slots) and the dtype the rule computes in. Arrays with equal signatures run
+    in one grouped kernel call; each signature compiles once per flag combination."""
+
+    rule: str
+    storages: tuple[Storage, ...]
+    compute: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.rule, self.storages, self.compute)))
+
+    def __hash__(self) -> int:  # computed once: a step looks its kernels up by signature
+        return self._hash
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The held dtype of each array, in the rule's order."""
+        return tuple(s.dtype for s in self.storages)
+
+    @property
+    def scalars(self) -> int:
+        """How many host scalars the rule takes (the width of a grouped step's scalars)."""
+        return len(LAYOUTS[self.rule].scalars)
+
+    @property
+    def table_width(self) -> int:
+        """Columns of a grouped step's table: the element count, then an address per array."""
+        return 1 + len(self.storages)
+
+
+def storage_of(dtype: np.dtype) -> Storage:
+    """The storage that holds ``dtype`` as it is (float32 or float64)."""
+    return STORAGES[np.dtype(dtype).name]
+
+
+@functools.lru_cache(maxsize=256)
+def signature(
+    rule: str,
+    param: np.dtype,
+    slots: tuple[Storage, ...] | None = None,
+    compute: np.dtype | None = None,
+) -> Signature:
+    """The policy: the kernel signature of ``rule`` for parameters of dtype ``param``.
+
+    ``slots`` gives a storage per state slot of the layout, ``compute`` the dtype the rule
+    computes in. By default each slot, and the gradient, is held as the parameter is, and the
+    rule computes in the parameter's dtype. An array is loaded into the compute dtype by its
+    storage's codec; a storage without one must hold the compute dtype itself (a float64 state
+    beside float32 parameters is refused until a codec converts it).
+    """
+    held = storage_of(param)
+    layout = LAYOUTS[rule]
+    slots = (held,) * len(layout.slots) if slots is None else tuple(slots)
+    if len(slots) != len(layout.slots):
+        raise ValueError(f"{rule} has {len(layout.slots)} state slots, got {len(slots)} storages")
+    compute = held.compute if compute is None else np.dtype(compute).name
+    storages = (held, held, *slots)
+    for name, storage in zip(layout.arrays, storages):
+        if storage.codec is None and storage.dtype != compute:
+            raise ValueError(
+                f"{name} held as {storage.name} cannot be computed in {compute}: "
+                "no codec converts it"
+            )
+    return Signature(rule, storages, compute)
+
+
+class _PerLayout(Mapping):
+    """A read-only view of one property of every layout, by rule name, read from
+    :data:`fastrms.specs.LAYOUTS` when asked (a layout registered later is seen too)."""
+
+    def __init__(self, get: Callable) -> None:
+        self._get = get
+
+    def __getitem__(self, rule: str):
+        return self._get(LAYOUTS[rule])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(LAYOUTS)
+
+    def __len__(self) -> int:
+        return len(LAYOUTS)
+
+
 #: The state arrays of each rule, in the order the kernels take them (after param and grad).
-SLOTS = {name: layout.slots for name, layout in LAYOUTS.items()}
+SLOTS = _PerLayout(lambda layout: layout.slots)
 #: What each rule's host scalars are, in the order the kernels take them.
-SCALARS = {name: tuple(layout.scalars.values()) for name, layout in LAYOUTS.items()}
-#: Scalars of the grouped CPU kernels, padded to this many (kernels.cpu.HYPER_WIDTH).
+SCALARS = _PerLayout(lambda layout: tuple(layout.scalars.values()))
+#: The most scalars a rule takes (derived from the layouts; each grouped kernel takes its own
+#: rule's count, :attr:`Signature.scalars`).
 HYPER_WIDTH = specs.MAX_SCALARS
 
 
@@ -31,7 +155,7 @@ def _check_fits(rule: str, scalars: tuple, dtype: np.dtype) -> None:
 
 @functools.lru_cache(maxsize=256)
 def cast(rule: str, scalars: tuple, dtype: np.dtype) -> tuple:
-    """The scalars as NumPy scalars of the arrays' dtype, checked to fit in it (cached: a
+    """The scalars as NumPy scalars of the compute dtype, checked to fit in it (cached: a
     training loop reuses them; a refusal raises and so is not cached)."""
     _check_fits(rule, scalars, dtype)
     return tuple(np.array(scalars, dtype))
@@ -39,9 +163,9 @@ def cast(rule: str, scalars: tuple, dtype: np.dtype) -> tuple:
 
 @functools.lru_cache(maxsize=256)
 def cast_array(rule: str, scalars: tuple, dtype: np.dtype) -> np.ndarray:
-    """The scalars as one read-only array of the arrays' dtype, padded to
-    :data:`HYPER_WIDTH`, checked to fit in it (cached as :func:`cast` is)."""
+    """The scalars as one read-only array of the compute dtype, as a grouped kernel takes
+    them, checked to fit in it (cached as :func:`cast` is)."""
     _check_fits(rule, scalars, dtype)
-    out = np.array(scalars + (0.0,) * (HYPER_WIDTH - len(scalars)), dtype)
+    out = np.array(scalars, dtype)
     out.flags.writeable = False  # shared by the cache
     return out

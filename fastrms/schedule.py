@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Address columns of a group's table: param, grad and up to three state arrays (a rule with
-#: fewer state arrays gets the parameter's address in the rest, which it never touches).
-TABLE_WIDTH = 6
-
 #: Equal parts per thread: a little slack for threads that start late or run slower.
 PARTS_PER_THREAD = 4
 
@@ -39,7 +35,7 @@ def schedule(sizes: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def team_block(table: np.ndarray, part_ptr: np.ndarray, items: np.ndarray, scalars: np.ndarray):
-    """The int64 argument block of ``kernels.cpu.grouped_team_body`` (its ``TEAM_ARGS``): the
+    """The int64 argument block of ``kernels.elementwise.team_body`` (its ``TEAM_ARGS``): the
     addresses of ``table``, ``part_ptr`` and ``items``, the number of parts, the address of
     ``scalars``, and the claim counter, 0. The arrays must outlive the team's run."""
     return np.array([table.ctypes.data, part_ptr.ctypes.data, items.ctypes.data,

@@ -43,13 +43,39 @@ class Setup(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Slot:
+    """One state array of a layout: its name, its initial value and its shape rule.
+
+    ``initial`` is a number, or the name of the option that gives it (AdaGrad's
+    ``initial_accumulator_value``). ``like`` says what the array is shaped as: ``"param"``,
+    the parameter's shape (the only rule today; a factored second moment would add another).
+    How the array is held (its storage) is not the layout's: the precision policy chooses it
+    (:mod:`fastrms.precision`).
+    """
+
+    name: str
+    initial: float | str = 0.0
+    like: str = "param"
+
+
+@dataclass(frozen=True)
 class Layout:
-    """The arguments of one kernel rule, by name, in the order the rule indexes them."""
+    """The arguments of one kernel rule, by name, in the order the rule indexes them.
+
+    ``slots`` may be given as names or as :class:`Slot` objects; ``layout.slots`` is always
+    the tuple of names (what every user of a layout reads) and ``layout.slot_specs`` the
+    :class:`Slot` objects.
+    """
 
     name: str
     slots: tuple[str, ...]  # state arrays, after param and grad
     scalars: Mapping[str, str]  # scalar name -> how the host computes it (for messages)
     flags: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        given = tuple(s if isinstance(s, Slot) else Slot(s) for s in self.slots)
+        object.__setattr__(self, "slot_specs", given)
+        object.__setattr__(self, "slots", tuple(s.name for s in given))
 
     @property
     def arrays(self) -> tuple[str, ...]:
@@ -453,6 +479,7 @@ LION = Spec(
 
 SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION)}
 
-#: The most scalars a rule may take (the grouped CPU kernels unpack this many).
-MAX_SCALARS = 10
-assert max(len(layout.scalars) for layout in LAYOUTS.values()) <= MAX_SCALARS
+#: The most scalars and state slots of any rule, derived from the layouts (nothing is sized by
+#: hand: each kernel takes its own rule's counts).
+MAX_SCALARS = max(len(layout.scalars) for layout in LAYOUTS.values())
+MAX_SLOTS = max(len(layout.slots) for layout in LAYOUTS.values())

@@ -8,13 +8,16 @@ from pathlib import Path
 #: arithmetic, so results would no longer match the NumPy reference or PyTorch bit for bit.
 FASTMATH = os.environ.get("FASTRMS_FASTMATH", "0") == "1"
 
+
 # Numba keys a cached kernel on the file that defines the loop, not on the rules it inlines.
 # Binding this digest of rules.py into every loop (with the fastmath setting, which is not part
 # of Numba's key either) makes an edit to a rule, or a change of FASTRMS_FASTMATH, recompile.
-RULES_TOKEN = (
-    int(hashlib.sha256((Path(__file__).parent / "rules.py").read_bytes()).hexdigest()[:15], 16),
-    FASTMATH,
-)
+def digest(path: Path) -> int:
+    """A file's content as an int (the first 60 bits of its SHA-256), for a cache key."""
+    return int(hashlib.sha256(path.read_bytes()).hexdigest()[:15], 16)
+
+
+RULES_TOKEN = (digest(Path(__file__).parent / "rules.py"), FASTMATH)
 
 
 # -- where compiled kernels are cached ------------------------------------------------------------

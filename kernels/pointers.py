@@ -18,6 +18,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
+from . import codecs
+
 
 @intrinsic
 def as_array(typingctx, address, size, like):
@@ -81,6 +83,20 @@ def as_array_from(typingctx, address, start, size, like):
 
 
 @intrinsic
+def address_of(typingctx, array):
+    """``address_of(array)``: the address of a C-contiguous array's first element, as an int64
+    (``array.ctypes.data`` is unsigned, and Numba types unsigned plus signed as a float)."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = make_array(array)(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+
+    return types.int64(array), codegen
+
+
+@intrinsic
 def load_int64(typingctx, address):
     """``load_int64(address)``: the int64 stored at ``address``."""
     if not isinstance(address, types.Integer):
@@ -131,3 +147,101 @@ def first_overlap(starts, ends, query_starts, query_nbytes):
         if k >= 0 and ends[k] > query_starts[i]:
             return i, k
     return -1, -1
+
+
+# -- the width-dependent parts of the grouped kernels, generated from their types ----------------
+
+
+def _likes(likes):
+    """The element types a tuple of ``like`` scalars names, or None if it is not one."""
+    if not isinstance(likes, types.BaseTuple) or not all(isinstance(t, types.Float) for t in likes):
+        return None
+    return tuple(likes)
+
+
+def _column_type(like):
+    """What a table column becomes in a kernel: a plain array for a float ``like``, a
+    :class:`~fastrms.kernels.codecs.CodecColumn` for a codec's ``ColumnLike``; else None."""
+    if isinstance(like, types.Float):
+        return types.Array(like, 1, "C")
+    if isinstance(like, codecs.ColumnLikeType):
+        return codecs.CodecColumn.of(like)
+    return None
+
+
+@intrinsic
+def arrays_at(typingctx, words, start, size, likes):
+    """``arrays_at(words, start, size, likes)``: a tuple of 1-D arrays, one per element of the
+    tuple ``likes``: column ``j`` is the ``size`` elements from element ``start`` on of the
+    array whose address is the int64 at ``words + 8 * j``, of ``likes[j]``'s type (a float
+    scalar), or a :class:`~fastrms.kernels.codecs.CodecColumn` over it (for a
+    :class:`~fastrms.kernels.codecs.ColumnLike`: a storage with a codec).
+
+    The grouped kernels build their arrays from a table row with it, so the number of columns
+    and their types come from the rule's signature, not from code written per width. It is one
+    call in Numba's IR (an inlined helper returning the tuple trips the parfor array analysis)
+    and lowers to the same loads and pointer arithmetic as :func:`as_array_from` per column.
+    """
+    if not isinstance(likes, types.BaseTuple) or not isinstance(words, types.Integer):
+        return None
+    column_types = [_column_type(like) for like in likes]
+    if any(t is None for t in column_types):
+        return None
+    if len(set(column_types)) == 1:
+        tuple_type = types.UniTuple(column_types[0], len(column_types))
+    else:
+        tuple_type = types.Tuple(column_types)
+
+    def codegen(context, builder, signature, args):
+        words, start, size, _ = args
+        word_type = ir.IntType(64)
+        base = builder.inttoptr(words, word_type.as_pointer())
+        values = []
+        for j, column_type in enumerate(column_types):
+            codec = isinstance(column_type, codecs.CodecColumn)
+            array_type = column_type.array if codec else column_type
+            address = builder.load(builder.gep(base, [ir.Constant(word_type, j)]))
+            data_type = context.get_data_type(array_type.dtype)
+            itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
+            data = builder.gep(builder.inttoptr(address, data_type.as_pointer()), [start])
+            array = make_array(array_type)(context, builder)
+            populate_array(
+                array,
+                data=data,
+                shape=cgutils.pack_array(builder, [size]),
+                strides=cgutils.pack_array(builder, [itemsize]),
+                itemsize=itemsize,
+                meminfo=None,
+            )
+            value = array._getvalue()
+            values.append(codecs.wrap(context, builder, column_type, value) if codec else value)
+        return context.make_tuple(builder, tuple_type, values)
+
+    return tuple_type(words, types.int64, types.int64, likes), codegen
+
+
+@intrinsic
+def scalars_at(typingctx, address, likes):
+    """``scalars_at(address, likes)``: the tuple of ``len(likes)`` scalars of ``likes``'
+    types stored one after the other at ``address`` (an int64).
+
+    The grouped kernels unpack their scalar array with it once, before the loops, so that the
+    loops see values, not loads that might alias the arrays being written.
+    """
+    element_types = _likes(likes)
+    if element_types is None or not isinstance(address, types.Integer):
+        return None
+    tuple_type = likes
+
+    def codegen(context, builder, signature, args):
+        address, _ = args
+        offset = 0
+        values = []
+        for like in element_types:
+            data_type = context.get_data_type(like)
+            byte = builder.add(address, ir.Constant(address.type, offset))
+            values.append(builder.load(builder.inttoptr(byte, data_type.as_pointer())))
+            offset += context.get_abi_sizeof(data_type)
+        return context.make_tuple(builder, tuple_type, values)
+
+    return tuple_type(address, likes), codegen

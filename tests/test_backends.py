@@ -28,7 +28,7 @@ def numba_missing(monkeypatch, fresh):
     import fastrms.kernels
 
     monkeypatch.setitem(sys.modules, "numba", None)
-    for name in ("cpu", "rules", "cuda", "_options"):
+    for name in ("cpu", "elementwise", "rules", "cuda", "_options"):
         monkeypatch.delitem(sys.modules, f"fastrms.kernels.{name}", raising=False)
         monkeypatch.delattr(fastrms.kernels, name, raising=False)
 
@@ -44,7 +44,7 @@ def compile_fails(monkeypatch, fresh):
         raise TypingError("simulated compile failure")
 
     monkeypatch.setattr(cpu, "launch", broken)
-    monkeypatch.setattr(cpu, "grouped_loops", lambda rule, flags: (broken, broken))
+    monkeypatch.setattr(cpu, "grouped_loops", lambda rule, flags, signature: (broken, broken))
 
 
 def _adam_case(seed=0):

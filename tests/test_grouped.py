@@ -25,7 +25,7 @@ from conftest import (
 )
 
 import fastrms
-from fastrms import grouped
+from fastrms import grouped, schedule
 from fastrms.errors import BackendUnavailableError, FallbackWarning
 from fastrms.specs import SPECS
 
@@ -185,8 +185,8 @@ def test_compile_failure_of_one_group_writes_nothing(monkeypatch):
     backend = fastrms.dispatch.get("cpu")
     real = backend.grouped_kernels
 
-    def failing(rule, flags):
-        parallel, serial = real(rule, flags)
+    def failing(rule, flags, signature):
+        parallel, serial = real(rule, flags, signature)
 
         def kernel(table, part_ptr, items, hyper):
             if hyper[0].dtype == np.float64:
@@ -273,7 +273,7 @@ def test_schedule_covers_every_element_once_in_equal_parts(parts):
     rng = np.random.default_rng(6)
     sizes = rng.integers(0, 5000, 40)
     sizes[[0, 5, 17]] = 0
-    part_ptr, items = grouped.schedule(sizes, parts)
+    part_ptr, items = schedule.schedule(sizes, parts)
     covered = [np.zeros(n, int) for n in sizes]
     per_part = []
     for k in range(len(part_ptr) - 1):
@@ -288,7 +288,7 @@ def test_schedule_covers_every_element_once_in_equal_parts(parts):
 
 
 def test_schedule_of_nothing():
-    part_ptr, items = grouped.schedule(np.array([0, 0]), 4)
+    part_ptr, items = schedule.schedule(np.array([0, 0]), 4)
     assert items.shape == (0, 3) and list(part_ptr) == [0, 0]
 
 
@@ -378,7 +378,7 @@ def _flag_cases() -> list:
 
 @pytest.mark.parametrize(("algo", "options", "dtype"), _flag_cases())
 def test_a_team_runs_the_parallel_step_bit_for_bit(algo, options, dtype):
-    """Through kernels.cpu.grouped_team_body, three threads claiming parts as they go give
+    """Through kernels.elementwise.team_body, three threads claiming parts as they go give
     the bits of Numba's own parallel kernel, on arrays that span parts."""
     rng = np.random.default_rng(8)
     options = {k: v for k, v in options.items() if k in SPECS[algo].step_options}

@@ -16,7 +16,7 @@ import pytest
 from numba import njit, types
 
 import fastrms
-from fastrms import functional, reference
+from fastrms import functional, precision, reference
 from fastrms.kernels import _options, cpu, rules
 from fastrms.specs import LAYOUTS
 
@@ -50,7 +50,8 @@ def _llvm_ir(rule, flags, dtype):
 
 def _grouped_llvm_ir(rule, flags, dtype):
     """LLVM IR of the serial grouped kernel (the same body as the parallel one's parts)."""
-    serial = cpu.grouped_loops(rules.RULES[rule], flags)[1]
+    signature = precision.signature(rule, np.dtype(str(dtype)))
+    serial = cpu.grouped_loops(rules.RULES[rule], flags, signature)[1]
     fresh = njit(cache=False, error_model=serial.targetoptions["error_model"])(serial.py_func)
     table = types.Array(types.int64, 2, "C")
     sig = (table, types.Array(types.int64, 1, "C"), table, types.Array(dtype, 1, "C"))
@@ -72,11 +73,11 @@ def test_grouped_float32_kernel_is_float32_and_vectorized(rule, flags):
 
 @pytest.mark.parametrize(("rule", "flags"), CASES, ids=str)
 def test_team_body_is_float32_vectorized_and_claims_parts_atomically(rule, flags):
-    """The C function that torch's OpenMP team runs (kernels.cpu.grouped_team_body) has the
+    """The C function that torch's OpenMP team runs (kernels.elementwise.team_body) has the
     grouped kernels' vectorized float32 loop, and takes parts with an atomic add."""
     from numba import cfunc
 
-    body = cpu.grouped_team_body(rules.RULES[rule], flags, np.dtype(np.float32))
+    body = cpu.team_body(rules.RULES[rule], flags, precision.signature(rule, np.dtype("float32")))
     fresh = cfunc(body._sig, cache=False, error_model="numpy")(body._pyfunc)  # not cached
     ir = fresh.inspect_llvm()
     assert not DOUBLE_OP.search(ir), DOUBLE_OP.search(ir)
@@ -167,12 +168,14 @@ def test_a_cpu_step_never_imports_cuda():
 def test_kernels_compile_lazily_and_load_from_the_disk_cache(tmp_path):
     code = """
         import json, numpy as np, fastrms
+        from fastrms import precision
         from fastrms.kernels import cpu, rules
         assert cpu.loops.cache_info().currsize == 0  # importing compiled nothing
         assert cpu.grouped_loops.cache_info().currsize == 0
         p = np.ones(1 << 17, np.float32)
         fastrms.AdaGrad(p, eps_in_sqrt=True).step(np.ones_like(p))
-        parallel = cpu.grouped_loops(rules.adagrad, (True,))[0]
+        signature = precision.signature("adagrad", np.dtype(np.float32))
+        parallel = cpu.grouped_loops(rules.adagrad, (True,), signature)[0]
         print(json.dumps({"hits": sum(parallel.stats.cache_hits.values()),
                           "misses": sum(parallel.stats.cache_misses.values()),
                           "p0": float(p[0])}))

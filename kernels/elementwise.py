@@ -1,0 +1,279 @@
+"""The elementwise computation shape: every kernel that steps arrays element by element,
+generated in one place from (rule, flags, signature).
+
+A rule (:mod:`fastrms.kernels.rules`) updates element ``i`` of its arrays. Around it this
+module emits:
+
+- :func:`loops`: the one-array CPU loops, ``prange`` and serial, ``kernel(n, arrays, hyper)``;
+- :func:`grouped_loops`: the grouped CPU kernels over a table of many arrays, parallel and
+  serial, ``kernel(table, part_ptr, items, scalars)``;
+- :func:`team_body`: the same grouped step as a C function for another library's OpenMP team;
+- :func:`cuda_grid_stride` and :func:`cuda_grouped`: the CUDA kernels (imported lazily).
+
+Nothing here is written per width: a grouped kernel's table columns and scalars come from its
+:class:`fastrms.precision.Signature` (one column per array of the rule, one scalar per
+scalar of its layout), read by the intrinsics :func:`~fastrms.kernels.pointers.arrays_at` and
+:func:`~fastrms.kernels.pointers.scalars_at`, which type the tuples they return from the
+signature's dtypes. A rule with 4 state arrays or 12 scalars needs no edit here.
+
+Storages: each array is loaded and stored through its storage
+(:class:`fastrms.precision.Storage`). The float storages hold their compute dtype and have no
+codec: the rule indexes the arrays themselves, and the loops compile to exactly the code they
+did before the storage model (checked bit for bit and timed). A storage with a codec (bf16 held
+as uint16, 8-bit blockwise) registers its load/store pair in :mod:`fastrms.kernels.codecs`; its
+column then reaches the rule as an array-like whose ``[i]`` loads and ``[i] = x`` stores through
+them, so neither the rules nor these loops change (a test runs Adam with bf16 state so).
+
+The kernels are closures defined in this file, so Numba's ``cache=True`` keeps working (a
+function made by ``exec`` has no file to cache beside). Each binds :data:`TOKEN` (a digest of
+the rules, and the fastmath setting), because Numba keys a cached kernel on
+this file, not on what it inlines.
+"""
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from numba import cfunc, njit, prange, types
+
+from . import codecs
+from ._options import FASTMATH, RULES_TOKEN, digest
+from .pointers import address_of, arrays_at, fetch_add, load_int64, scalars_at
+
+#: Part of every kernel's closure, hence of Numba's cache key: the rules' digest and the
+#: fastmath setting, and the codecs' digest. The widths need no token: the tuples that carry
+#: them (the columns' and scalars' likes, the row stride) are closure values too, and Numba
+#: keys its cache on those.
+TOKEN = (RULES_TOKEN, digest(Path(__file__).with_name("codecs.py")))
+
+
+def _column_likes(storages):
+    """What types each column of a table row: a zero of the held dtype for a float storage
+    (a plain array), a :class:`~fastrms.kernels.codecs.ColumnLike` for one with a codec."""
+    likes = []
+    for storage in storages:
+        if storage.codec is None:
+            likes.append(np.dtype(storage.dtype).type(0))
+        elif storage.codec in codecs.CODECS:
+            likes.append(codecs.ColumnLike(storage.dtype, storage.compute, storage.codec))
+        else:
+            raise ValueError(f"no codec {storage.codec!r} is registered (kernels.codecs)")
+    return tuple(likes)
+
+
+def _shape(signature):
+    """What the kernels close over: the columns' likes, the scalars' likes, the row stride."""
+    columns = _column_likes(signature.storages)
+    scalars = (np.dtype(signature.compute).type(0),) * signature.scalars
+    return columns, scalars, 8 * signature.table_width
+
+
+@cache
+def loops(rule, flags):
+    """Return ``(parallel, serial)`` kernels ``kernel(n, arrays, hyper)`` for ``rule``.
+
+    ``flags`` is bound as a closure constant, so Numba compiles one specialization per flag
+    combination and LLVM folds the rule's branches on it. ``error_model="numpy"`` gives IEEE
+    division (as NumPy and PyTorch do) instead of a zero check that keeps the loop scalar.
+    """
+    token = TOKEN  # read below only so that it is part of the closure, hence the cache key
+
+    @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+    def parallel(n, arrays, hyper):
+        token  # noqa: B018
+        for i in prange(n):
+            rule(i, arrays, hyper, flags)
+
+    @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+    def serial(n, arrays, hyper):
+        token  # noqa: B018
+        for i in range(n):
+            rule(i, arrays, hyper, flags)
+
+    return parallel, serial
+
+
+@cache
+def grouped_loops(rule, flags, signature):
+    """Return ``(parallel, serial)`` kernels ``kernel(table, part_ptr, items, scalars)`` that
+    step many arrays of ``signature`` in one call.
+
+    ``scalars`` is a 1-D array of the signature's compute dtype holding the rule's scalars.
+    ``table`` holds one int64 row per array of :attr:`~fastrms.precision.Signature.table_width`
+    words: its element count, then the addresses of its param, grad and state arrays (a slot
+    the options leave unused holds the param's address and is never touched). Part ``k`` of
+    the work is the pieces ``items[part_ptr[k]:part_ptr[k + 1]]``, each an ``(array, start,
+    stop)`` row: the parallel kernel hands the parts to the threads (see
+    :func:`fastrms.schedule.schedule`), the serial one runs them in order. Each piece's arrays
+    start at its first element (indexed from 0), so it runs the same inlined, vectorized loop
+    as the one-array kernels, and the results are bit for bit theirs.
+    """
+    token = TOKEN  # read below only so that it is part of the closure, hence the cache key
+    columns, scalar_likes, stride = _shape(signature)
+
+    @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+    def parallel(table, part_ptr, items, scalars):
+        token  # noqa: B018
+        hyper = scalars_at(address_of(scalars), scalar_likes)
+        rows = address_of(table) + 8  # the first address of row 0
+        for k in prange(part_ptr.size - 1):
+            for j in range(part_ptr[k], part_ptr[k + 1]):
+                row, start = items[j, 0], items[j, 1]
+                n = items[j, 2] - start
+                arrays = arrays_at(rows + stride * row, start, n, columns)
+                for i in range(n):
+                    rule(i, arrays, hyper, flags)
+
+    @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+    def serial(table, part_ptr, items, scalars):
+        token  # noqa: B018
+        hyper = scalars_at(address_of(scalars), scalar_likes)
+        rows = address_of(table) + 8
+        for j in range(part_ptr[0], part_ptr[part_ptr.size - 1]):
+            row, start = items[j, 0], items[j, 1]
+            n = items[j, 2] - start
+            arrays = arrays_at(rows + stride * row, start, n, columns)
+            for i in range(n):
+                rule(i, arrays, hyper, flags)
+
+    return parallel, serial
+
+
+#: The int64 words of a team step's argument block (see :func:`team_body`).
+TEAM_ARGS = ("table", "part_ptr", "items", "parts", "scalars", "counter")
+
+
+@cache
+def team_body(rule, flags, signature):
+    """Return a C function ``void body(int64 args)`` that runs a grouped step (the work of
+    :func:`grouped_loops`' kernels) on a team of threads that someone else starts.
+
+    Every thread of an OpenMP team calls ``body(args)`` with the same ``args``: the address
+    of an int64 block of the words named by :data:`TEAM_ARGS`: the addresses of ``table``,
+    ``part_ptr`` and ``items`` (as :func:`grouped_loops` takes them), the number of parts, the
+    address of the scalars (as :func:`grouped_loops` takes them) and a counter that starts at
+    0. Each thread claims the next part by an atomic increment of the counter until none is
+    left, so parts go to the threads that are free, as Numba's own schedulers hand them out.
+    Each piece runs the same vectorized loop as the other kernels, so the results are bit for
+    bit theirs.
+
+    fastrms.torch runs it on PyTorch's own OpenMP team, whose threads are awake after
+    torch's ops, instead of starting Numba's thread pool beside it.
+    """
+    token = TOKEN  # read below only so that it is part of the closure, hence the cache key
+    columns, scalar_likes, stride = _shape(signature)
+
+    @cfunc(types.void(types.int64), cache=True, fastmath=FASTMATH, error_model="numpy")
+    def body(args):
+        token  # noqa: B018
+        rows = load_int64(args) + 8
+        part_ptr = load_int64(args + 8)
+        items = load_int64(args + 16)
+        parts = load_int64(args + 24)
+        hyper = scalars_at(load_int64(args + 32), scalar_likes)
+        k = fetch_add(args + 40)
+        while k < parts:
+            for j in range(load_int64(part_ptr + 8 * k), load_int64(part_ptr + 8 * k + 8)):
+                item = items + 24 * j
+                row, start = load_int64(item), load_int64(item + 8)
+                n = load_int64(item + 16) - start
+                arrays = arrays_at(rows + stride * row, start, n, columns)
+                for i in range(n):
+                    rule(i, arrays, hyper, flags)
+            k = fetch_add(args + 40)
+
+    return body
+
+
+# -- CUDA (numba.cuda is imported only here, when a CUDA kernel is asked for) ------------------
+
+cuda = None  # numba.cuda, once a CUDA kernel is asked for
+
+
+def _import_cuda() -> None:
+    """Import numba.cuda as this module's global ``cuda``: the simulator runs a kernel with
+    its own ``cuda`` swapped into the kernel's globals, which a local name would escape."""
+    global cuda
+    if cuda is None:
+        from numba import cuda as module
+
+        cuda = module
+
+
+@cache
+def cuda_grid_stride(rule, flags):
+    """Return a kernel ``kernel[blocks, threads, stream](n, arrays, hyper)`` for ``rule``.
+
+    ``flags`` is bound as a closure constant, as in :func:`loops`. The rule is compiled as a
+    device function of its own: numba-cuda 0.30 cannot type a
+    ``register_jitable(inline="always")`` function called directly from a kernel, and NVVM
+    inlines the device function anyway.
+    """
+    _import_cuda()
+    token = TOKEN  # read below only so that it is part of the closure
+    device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
+
+    @cuda.jit(fastmath=FASTMATH)
+    def kernel(n, arrays, hyper):
+        token  # noqa: B018
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        while i < n:
+            device_rule(i, arrays, hyper, flags)
+            i += stride
+
+    return kernel
+
+
+# Generated per k (arrays per tensor), so that the tuple of arrays has a static length. CUDA
+# kernels are compiled per process (no disk cache), so a kernel made by exec loses nothing;
+# the simulator runs it as Python, which an intrinsic like the CPU kernels' could not be.
+_CUDA_GROUPED_SOURCE = """
+def make(device_rule, as_device_array, flags, token):
+    def kernel(meta, first, count, chunk, hyper):
+        token
+        like = hyper[0]
+        c = cuda.blockIdx.x
+        while c < count:
+            at = first + 2 * c
+            row = meta[at] * {width}
+            start = meta[at + 1]
+            n = meta[row]
+            stop = min(start + chunk, n)
+            arrays = ({arrays},)
+            i = start + cuda.threadIdx.x
+            while i < stop:
+                device_rule(i, arrays, hyper, flags)
+                i += cuda.blockDim.x
+            c += cuda.gridDim.x
+
+    return kernel
+"""
+
+
+@cache
+def cuda_grouped(rule, flags, k):
+    """Return the grouped CUDA kernel for ``rule`` over tensors of ``k`` arrays each::
+
+        kernel[blocks, threads, stream](meta, first, count, chunk, hyper)
+
+    ``meta`` is one int64 device array: the tensor table (``n_tensors`` rows of ``1 + k``:
+    element count, then the ``k`` addresses), flattened, followed by the chunk table (pairs of
+    tensor row and first element). Block ``b`` steps the chunks ``b, b + gridDim, ...`` of the
+    ``count`` that start at ``meta[first]``, elements ``start .. min(start + chunk, n) - 1`` of
+    its tensor, its threads striding by ``blockDim``. The rule is a device function, as in
+    :func:`cuda_grid_stride`. ``k`` is the table's width less one
+    (:attr:`fastrms.precision.Signature.table_width`), so it follows the rule's layout.
+    """
+    _import_cuda()
+    from .cuda_pointers import as_device_array
+
+    token = TOKEN
+    device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
+    arrays = ", ".join(f"as_device_array(meta[row + {j}], n, like)" for j in range(1, k + 1))
+    source = _CUDA_GROUPED_SOURCE.format(width=k + 1, arrays=arrays)
+    namespace = {"cuda": cuda}
+    exec(compile(source, f"<grouped kernel, k={k}>", "exec"), namespace)
+    return cuda.jit(fastmath=FASTMATH)(
+        namespace["make"](device_rule, as_device_array, flags, token)
+    )
