@@ -448,6 +448,33 @@ class Lion(Optimizer):
     spec = specs.LION
 
 
+# -- the optimizers a spec declares without a hand-written class ---------------------------------
+
+_PARAMS_DOC = """params : array, list/tuple of arrays, or dict of str -> array
+    float32 or float64, C-contiguous, writeable; NumPy arrays or CUDA arrays."""
+_BACKEND_DOC = """backend : {"auto", "cuda", "cpu", "numpy"}
+    ``auto`` picks from the array type; see :mod:`fastrms.dispatch`."""
+
+
+def declare(spec: specs.Spec) -> type[Optimizer]:
+    """The optimizer class of ``spec``, named ``spec.title``, documented from the spec."""
+    doc = "\n\n".join(
+        [
+            inspect.cleandoc(spec.doc),
+            "Parameters\n----------",
+            "\n".join([_PARAMS_DOC, inspect.cleandoc(spec.option_doc), _BACKEND_DOC]),
+        ]
+    )
+    namespace = {"spec": spec, "__doc__": doc, "__module__": __name__, "__qualname__": spec.title}
+    return type(spec.title, (Optimizer,), namespace)
+
+
+for _spec in specs.SPECS.values():
+    if _spec.name not in OPTIMIZERS:
+        globals()[_spec.title] = declare(_spec)
+del _spec
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 

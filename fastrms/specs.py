@@ -96,12 +96,41 @@ F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 @dataclass(frozen=True)
+class TorchFace:
+    """How an optimizer looks in :mod:`fastrms.torch`: what is torch's and not the spec's.
+
+    ``fastrms.torch`` generates a class from it for every spec that has no hand-written one:
+    ``__init__(self, params, *positional, *, *keyword_only)``, each argument an option of the
+    spec (with its default) or one of ``extra`` (torch's own, such as ``foreach``), in torch's
+    order, so that ``inspect.signature`` matches ``torch.optim.<name>``'s.
+    """
+
+    name: str  # the class name, torch.optim's
+    positional: tuple[str, ...]  # arguments after ``params`` that may be positional
+    keyword_only: tuple[str, ...] = ()
+    #: torch's arguments that fastrms accepts and ignores (``foreach``, ``fused``) or refuses
+    #: when True (``capturable``, ``differentiable``), with torch's defaults.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    #: fastrms state names that torch spells differently (Adagrad: ``state_sum`` -> ``sum``).
+    renames: Mapping[str, str] = field(default_factory=dict)
+    #: Per-parameter 0-d float32 state that torch keeps beside ``step``, as a function of the
+    #: step options and the step count it has reached (NAdam's ``mu_product``); written after
+    #: every step so that checkpoints interchange with ``torch.optim``.
+    scalar_state: Mapping[str, Callable[..., float]] = field(default_factory=dict)
+    keeps_step: bool = True  # whether torch keeps ``state["step"]`` (not SGD)
+
+
+@dataclass(frozen=True)
 class Spec:
     """One optimizer: a layout, its options and the host-side scalars of a step.
 
     ``prepare(step, **options)`` receives every step and fixed option, checked, and returns
     ``(scalars, flags, state)``: two dicts keyed by the layout's names, and the tuple of state
     arrays these options use.
+
+    ``title``, ``doc``, ``option_doc`` and ``torch`` are what the frontends show: a frontend
+    without a hand-written class or function for the spec generates one from them
+    (:mod:`fastrms.optim`, :mod:`fastrms.functional`, :mod:`fastrms.torch`).
     """
 
     name: str
@@ -110,6 +139,15 @@ class Spec:
     prepare: Callable[..., tuple[dict, dict, tuple]]
     counts_steps: bool = True  # whether the step number changes the scalars
     initial: Mapping[str, str] = field(default_factory=dict)  # slot -> option of its start value
+    #: The NumPy class's name (``fastrms.<title>``).
+    title: str = ""
+    #: The numpy-style description shared by the frontends' docstrings: a summary line, then
+    #: the update formula as a ``::`` block (and any notes).
+    doc: str = ""
+    #: The "Parameters" entries of the options, numpy-style.
+    option_doc: str = ""
+    #: The class in :mod:`fastrms.torch` (None: none is generated).
+    torch: TorchFace | None = None
 
     @property
     def rule(self) -> str:
@@ -386,6 +424,7 @@ RMSPROP = Spec(
     ),
     _rmsprop,
     counts_steps=False,
+    title="RMSProp",
 )
 
 ADAGRAD = Spec(
@@ -402,6 +441,7 @@ ADAGRAD = Spec(
     ),
     _adagrad,
     initial={"state_sum": "initial_accumulator_value"},
+    title="AdaGrad",
 )
 
 ADAM = Spec(
@@ -417,10 +457,13 @@ ADAM = Spec(
         Option("decoupled_weight_decay", False, hyper.flag, kind="fixed"),
     ),
     _adam,
+    title="Adam",
 )
 
 #: AdamW (Loshchilov & Hutter 2019) is Adam with decoupled weight decay, default 1e-2.
-ADAMW = ADAM.variant("adamw", weight_decay=1e-2, decoupled_weight_decay=True)
+ADAMW = replace(
+    ADAM.variant("adamw", weight_decay=1e-2, decoupled_weight_decay=True), title="AdamW"
+)
 
 SGD = Spec(
     "sgd",
@@ -434,6 +477,7 @@ SGD = Spec(
         _MAXIMIZE,
     ),
     _sgd,
+    title="SGD",
 )
 
 #: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), with the
@@ -449,6 +493,7 @@ LION = Spec(
     ),
     _lion,
     counts_steps=False,
+    title="Lion",
 )
 
 SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION)}

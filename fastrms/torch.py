@@ -47,19 +47,17 @@ Importing this module imports torch; ``import fastrms`` does not.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
 # Also read here (by the benchmarks and tests): the specs the classes step by, PyTorch's
 # OpenMP team, and the sizes from which a CPU bucket's step runs in parallel.
-from .specs import SPECS  # noqa: F401
+from .specs import SPECS, Spec
 from .teams import torch_team as _torch_team  # noqa: F401
 from .torch_buckets import PARALLEL_THRESHOLD, TEAM_THRESHOLD  # noqa: F401
 from .torch_optimizer import FusedOptimizer, Params, arguments
-
-__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Lion", "RMSprop"]
-
 
 # -- the optimizers ----------------------------------------------------------------------------
 
@@ -372,3 +370,71 @@ class Lion(FusedOptimizer):
         maximize: bool = False,
     ) -> None:
         super().__init__(params, arguments(locals()))
+
+
+# -- the optimizers a spec declares without a hand-written class ---------------------------------
+
+
+def declare(spec: Spec) -> type[FusedOptimizer]:
+    """The class of ``spec`` (which has a :class:`fastrms.specs.TorchFace`): torch's name,
+    signature and defaults, the spec's docstring, and the rest from :class:`FusedOptimizer`."""
+    face = spec.torch
+    defaults = {**spec.defaults, **face.extra}
+    names = (*face.positional, *face.keyword_only)
+    if set(names) != set(spec.hyperparameters) | set(face.extra):
+        raise TypeError(f"{face.name}: the arguments {names} are not the spec's and the extra")
+    P = inspect.Parameter
+    signature = inspect.Signature(
+        [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
+        + [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in face.positional]
+        + [P(n, P.KEYWORD_ONLY, default=defaults[n]) for n in face.keyword_only]
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        FusedOptimizer.__init__(self, bound.arguments["params"], arguments(bound.arguments))
+
+    __init__.__signature__ = signature
+    extra = ", ".join(face.extra)
+    doc = "\n\n".join(
+        [
+            f"{face.name} with ``torch.optim.{face.name}``'s signature, defaults, state and "
+            "semantics.",
+            inspect.cleandoc(spec.doc),
+            "Parameters\n----------",
+            "params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts\n"
+            + inspect.cleandoc(spec.option_doc)
+            + f"\n{extra}\n    torch's; ``foreach`` is ignored, ``capturable`` and "
+            "``differentiable`` must be False.",
+        ]
+    )
+    namespace = {
+        "__init__": __init__,
+        "__doc__": doc,
+        "__module__": __name__,
+        "__qualname__": face.name,
+        "_spec_name": spec.name,
+        "_group_defaults": {n: defaults[n] for n in names},
+        "_torch_names": dict(face.renames),
+        "_keeps_step": face.keeps_step,
+        "_scalar_state": dict(face.scalar_state),
+    }
+    return type(face.name, (FusedOptimizer,), namespace)
+
+
+def _classes() -> dict[str, type[FusedOptimizer]]:
+    """This module's optimizer classes by their spec's name."""
+    return {
+        c._spec_name: c
+        for c in globals().values()
+        if isinstance(c, type) and issubclass(c, FusedOptimizer) and "_spec_name" in vars(c)
+    }
+
+
+for _spec in SPECS.values():
+    if _spec.torch is not None and _spec.name not in _classes():
+        globals()[_spec.torch.name] = declare(_spec)
+del _spec
+
+__all__ = sorted(c.__name__ for c in _classes().values())
