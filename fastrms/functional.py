@@ -18,7 +18,6 @@ instead, which checks them once and runs each group of them as one call.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -421,18 +420,14 @@ def declare(spec: specs.Spec) -> Callable[..., None]:
     step_doc = (
         "step : int\n    The step being taken, counting from 1.\n" if spec.counts_steps else ""
     )
-    fn.__doc__ = "\n\n".join(
-        [
-            f"One {spec.title} step, in place (:class:`fastrms.{spec.title}` steps many).",
-            inspect.cleandoc(spec.doc),
-            "Parameters\n----------",
-            f"{', '.join(('param', 'grad', *slots))} : array\n"
-            "    Same shape and dtype (float32 or float64), C-contiguous; ``param`` and the "
-            f"state\n    are updated in place. The state {start}.\n"
-            + step_doc
-            + inspect.cleandoc(spec.option_doc)
-            + '\nbackend : {"auto", "cuda", "cpu", "numpy"}\n    See :mod:`fastrms.dispatch`.',
-        ]
+    doc, options = spec.docs
+    fn.__doc__ = (
+        f"One {spec.title} step, in place (:class:`fastrms.{spec.title}` steps many).\n\n"
+        f"{doc}\n\nParameters\n----------\n"
+        f"{', '.join(('param', 'grad', *slots))} : array\n"
+        "    Same shape and dtype (float32 or float64), C-contiguous; ``param`` and the state\n"
+        f"    are updated in place. The state {start}.\n{step_doc}{options}\n"
+        'backend : {"auto", "cuda", "cpu", "numpy"}\n    See :mod:`fastrms.dispatch`.'
     )
     return fn
 

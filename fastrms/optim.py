@@ -458,13 +458,8 @@ _BACKEND_DOC = """backend : {"auto", "cuda", "cpu", "numpy"}
 
 def declare(spec: specs.Spec) -> type[Optimizer]:
     """The optimizer class of ``spec``, named ``spec.title``, documented from the spec."""
-    doc = "\n\n".join(
-        [
-            inspect.cleandoc(spec.doc),
-            "Parameters\n----------",
-            "\n".join([_PARAMS_DOC, inspect.cleandoc(spec.option_doc), _BACKEND_DOC]),
-        ]
-    )
+    doc, options = spec.docs
+    doc += f"\n\nParameters\n----------\n{_PARAMS_DOC}\n{options}\n{_BACKEND_DOC}"
     namespace = {"spec": spec, "__doc__": doc, "__module__": __name__, "__qualname__": spec.title}
     return type(spec.title, (Optimizer,), namespace)
 

@@ -22,7 +22,9 @@ Nothing here imports numba.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import textwrap
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -144,7 +146,7 @@ class Spec:
     #: The numpy-style description shared by the frontends' docstrings: a summary line, then
     #: the update formula as a ``::`` block (and any notes).
     doc: str = ""
-    #: The "Parameters" entries of the options, numpy-style.
+    #: The "Parameters" entries of the options, numpy-style (indented as in the source).
     option_doc: str = ""
     #: The class in :mod:`fastrms.torch` (None: none is generated).
     torch: TorchFace | None = None
@@ -152,6 +154,11 @@ class Spec:
     @property
     def rule(self) -> str:
         return self.layout.name
+
+    @property
+    def docs(self) -> tuple[str, str]:
+        """``doc`` and ``option_doc`` without their source indentation, for docstrings."""
+        return inspect.cleandoc(self.doc), textwrap.dedent(self.option_doc).strip("\n")
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -397,17 +397,13 @@ def declare(spec: Spec) -> type[FusedOptimizer]:
 
     __init__.__signature__ = signature
     extra = ", ".join(face.extra)
-    doc = "\n\n".join(
-        [
-            f"{face.name} with ``torch.optim.{face.name}``'s signature, defaults, state and "
-            "semantics.",
-            inspect.cleandoc(spec.doc),
-            "Parameters\n----------",
-            "params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts\n"
-            + inspect.cleandoc(spec.option_doc)
-            + f"\n{extra}\n    torch's; ``foreach`` is ignored, ``capturable`` and "
-            "``differentiable`` must be False.",
-        ]
+    doc, options = spec.docs
+    doc = (
+        f"{face.name} with ``torch.optim.{face.name}``'s signature, defaults, state and "
+        f"semantics.\n\n{doc}\n\nParameters\n----------\n"
+        "params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts\n"
+        f"{options}\n{extra}\n    torch's; ``foreach`` is ignored, ``capturable`` and "
+        "``differentiable`` must be False."
     )
     namespace = {
         "__init__": __init__,

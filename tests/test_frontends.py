@@ -33,8 +33,10 @@ TWIN = replace(
 
         c = beta1 * m + (1 - beta1) * g;  p = (1 - lr * weight_decay) * p - lr * sign(c)
     """,
-    option_doc="""lr, betas, weight_decay, maximize
-        As :class:`fastrms.Lion`.""",
+    option_doc="""
+    lr, betas, weight_decay, maximize
+        As :class:`fastrms.Lion`.
+    """,
     torch=TorchFace("Twin", ("lr", "betas", "weight_decay"), ("maximize",), keeps_step=False),
 )
 
