@@ -158,7 +158,26 @@ def lion(arrays, hyper, flags):
         np.add(m, t, out=m)
 
 
-RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion}
+def adamax(arrays, hyper, flags):
+    a, h, _ = LAYOUTS["adamax"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, t) in _passes(param.size, param.dtype, 2):
+        p, m, u = param[s], a.exp_avg[s], a.exp_inf[s]
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.multiply(m, h.beta1, out=m)
+        np.add(m, t, out=m)
+        np.abs(g, out=g)
+        np.add(g, h.eps, out=g)
+        np.multiply(u, h.beta2, out=u)
+        np.maximum(u, g, out=u)  # NaN from either side propagates
+        np.multiply(m, h.clr, out=t)
+        np.divide(t, u, out=t)
+        np.subtract(p, t, out=p)
+
+
+RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
+         "adamax": adamax}  # fmt: skip
 
 
 # --- Naive textbook versions (for the benchmarks: what users write by hand) ---------------

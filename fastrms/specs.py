@@ -350,6 +350,13 @@ LAYOUTS = {
              "one_minus_beta2": "1 - beta2", "decay": "1 - lr * weight_decay", "sign": "sign"},
             (),
         ),
+        Layout(
+            "adamax",
+            ("exp_avg", "exp_inf"),
+            {"clr": "lr / (1 - beta1**step)", "beta1": "beta1", "one_minus_beta1": "1 - beta1",
+             "beta2": "beta2", "eps": "eps", "weight_decay": "weight_decay", "sign": "sign"},
+            (),
+        ),
     )
 }  # fmt: skip
 
@@ -503,7 +510,56 @@ LION = Spec(
     title="Lion",
 )
 
-SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION)}
+
+def _adamax(step, *, lr, betas, eps, weight_decay, maximize):
+    beta1, beta2 = betas
+    scalars = dict(
+        clr=lr / (1 - beta1**step), beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, sign=_sign(maximize),
+    )  # fmt: skip
+    return scalars, {}, ("exp_avg", "exp_inf")
+
+
+#: torch's arguments that fastrms accepts and ignores (foreach) or refuses when True.
+_TORCH_EXTRA = dict(foreach=None, capturable=False, differentiable=False)
+
+#: Adamax (Kingma & Ba 2015, section 7.1), torch.optim.Adamax's semantics and defaults.
+ADAMAX = Spec(
+    "adamax",
+    LAYOUTS["adamax"],
+    (
+        Option("lr", 2e-3, hyper.nonneg),
+        Option("betas", (0.9, 0.999), _betas),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        _MAXIMIZE,
+    ),
+    _adamax,
+    title="Adamax",
+    doc="""Adamax (Kingma & Ba 2015, section 7.1: Adam with the infinity norm), PyTorch's
+    defaults and semantics (``torch.optim.Adamax``), L2 weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g                       (exp_avg)
+        u = max(beta2 * u, |g| + eps)                          (exp_inf)
+        p = p - lr / (1 - beta1**t) * m / u
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, maximize
+        As ``torch.optim.Adamax``, same defaults: 2e-3, (0.9, 0.999), 1e-8, 0, False.
+        ``eps`` must be > 0.
+    """,
+    torch=TorchFace(
+        "Adamax",
+        ("lr", "betas", "eps", "weight_decay", "foreach"),
+        ("maximize", "differentiable", "capturable"),
+        _TORCH_EXTRA,
+    ),
+)
+
+SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX)}
 
 #: The most scalars a rule may take (the grouped CPU kernels unpack this many).
 MAX_SCALARS = 10

@@ -220,4 +220,38 @@ def lion(i, arrays, hyper, flags):
     exp_avg[i] = beta2 * m + one_minus_beta2 * g
 
 
-RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion}
+@register_jitable(inline="always")
+def adamax(i, arrays, hyper, flags):
+    """Adamax (Kingma & Ba 2015, section 7.1), PyTorch's form.
+
+    g = sign*grad + wd*p;  m = b1*m + (1-b1)*g;  u = max(b2*u, |g| + eps)
+    p = p - clr*m/u,  clr = lr/(1-b1^t)
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    exp_avg = arrays[2]
+    exp_inf = arrays[3]
+    clr = hyper[0]
+    beta1 = hyper[1]
+    one_minus_beta1 = hyper[2]
+    beta2 = hyper[3]
+    eps = hyper[4]
+    weight_decay = hyper[5]
+    sign = hyper[6]
+    p = param[i]
+    g = sign * grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m = beta1 * exp_avg[i] + one_minus_beta1 * g
+    exp_avg[i] = m
+    u = beta2 * exp_inf[i]
+    a = abs(g) + eps
+    # max() that keeps a NaN from either side, as torch.maximum does.
+    if a != a or u < a:
+        u = a
+    exp_inf[i] = u
+    param[i] = p - clr * m / u
+
+
+RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
+         "adamax": adamax}  # fmt: skip

@@ -74,7 +74,7 @@ def test_float32_kernel_has_no_float64_arithmetic(rule, flags):
 
 def test_every_rule_is_checked():
     assert {rule for rule, _ in CASES} == set(rules.RULES) == {"rmsprop", "adagrad", "adam",
-                                                               "sgd", "lion"}  # fmt: skip
+                                                               "sgd", "lion", "adamax"}  # fmt: skip
 
 
 def test_float64_kernel_is_float64():

@@ -50,6 +50,9 @@ HYPER = {
     "lion": st.fixed_dictionaries(
         dict(lr=rate, betas=st.tuples(decay, decay), weight_decay=rate, maximize=flag)
     ),
+    "adamax": st.fixed_dictionaries(
+        dict(lr=rate, betas=st.tuples(decay, decay), eps=eps, weight_decay=rate, maximize=flag)
+    ),
 }  # fmt: skip
 HYPER["adamw"] = HYPER["adam"]
 

@@ -113,8 +113,19 @@ def lion(t: int, o: dict) -> tuple[dict, dict, tuple]:
     return scalars, {}, ("exp_avg",)
 
 
+def adamax(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.Adamax: clr = lr / (1 - b1^t); m = b1 m + (1 - b1) g;
+    u = max(b2 u, |g| + eps); p -= clr m / u."""
+    b1, b2 = o["betas"]
+    scalars = {
+        "clr": o["lr"] / (1.0 - b1**t), "beta1": b1, "one_minus_beta1": 1.0 - b1, "beta2": b2,
+        "eps": o["eps"], "weight_decay": o["weight_decay"], "sign": _sign(o),
+    }  # fmt: skip
+    return scalars, {}, ("exp_avg", "exp_inf")
+
+
 ORACLE = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "adamw": adamw, "sgd": sgd,
-          "lion": lion}  # fmt: skip
+          "lion": lion, "adamax": adamax}  # fmt: skip
 
 #: The defaults each optimizer documents (PyTorch's; Lion: the paper's code and Optax's).
 DEFAULTS = {
@@ -129,6 +140,7 @@ DEFAULTS = {
     "sgd": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                 maximize=False),
     "lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+    "adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
 }  # fmt: skip
 
 

@@ -385,6 +385,11 @@ BAD_HYPER = [  # (algo, options, exception, the argument named)
     ("sgd", dict(momentum=-0.5), ValueError, "momentum"),
     ("sgd", dict(lr=-0.1), ValueError, "lr"),
     ("sgd", dict(maximize="false"), TypeError, "maximize"),
+    ("adamax", dict(lr=-2e-3), ValueError, "lr"),
+    ("adamax", dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
+    ("adamax", dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
+    ("adamax", dict(eps=0.0), ValueError, "eps"),
+    ("adamax", dict(weight_decay=-0.1), ValueError, "weight_decay"),
 ]
 HYPER_IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for a, o, _, _ in BAD_HYPER]
 
