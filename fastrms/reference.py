@@ -176,8 +176,32 @@ def adamax(arrays, hyper, flags):
         np.subtract(p, t, out=p)
 
 
+def adadelta(arrays, hyper, flags):
+    a, h, _ = LAYOUTS["adadelta"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, v, u = param[s], a.square_avg[s], a.acc_delta[s]
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_rho, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, h.rho, out=v)
+        np.add(v, t, out=v)
+        np.add(u, h.eps, out=d)
+        np.sqrt(d, out=d)
+        np.multiply(d, g, out=d)
+        np.add(v, h.eps, out=t)
+        np.sqrt(t, out=t)
+        np.divide(d, t, out=d)  # delta
+        np.multiply(d, h.one_minus_rho, out=t)
+        np.multiply(t, d, out=t)
+        np.multiply(u, h.rho, out=u)
+        np.add(u, t, out=u)
+        np.multiply(d, h.lr, out=t)
+        np.subtract(p, t, out=p)
+
+
 RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
-         "adamax": adamax}  # fmt: skip
+         "adamax": adamax, "adadelta": adadelta}  # fmt: skip
 
 
 # --- Naive textbook versions (for the benchmarks: what users write by hand) ---------------

@@ -357,6 +357,13 @@ LAYOUTS = {
              "beta2": "beta2", "eps": "eps", "weight_decay": "weight_decay", "sign": "sign"},
             (),
         ),
+        Layout(
+            "adadelta",
+            ("square_avg", "acc_delta"),
+            {"lr": "lr", "rho": "rho", "one_minus_rho": "1 - rho", "eps": "eps",
+             "weight_decay": "weight_decay", "sign": "sign"},
+            (),
+        ),
     )
 }  # fmt: skip
 
@@ -559,7 +566,57 @@ ADAMAX = Spec(
     ),
 )
 
-SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX)}
+
+def _adadelta(step, *, lr, rho, eps, weight_decay, maximize):
+    scalars = dict(
+        lr=lr, rho=rho, one_minus_rho=1 - rho, eps=eps, weight_decay=weight_decay,
+        sign=_sign(maximize),
+    )  # fmt: skip
+    return scalars, {}, ("square_avg", "acc_delta")
+
+
+#: Adadelta (Zeiler 2012), torch.optim.Adadelta's semantics and defaults.
+ADADELTA = Spec(
+    "adadelta",
+    LAYOUTS["adadelta"],
+    (
+        Option("lr", 1.0, hyper.nonneg),
+        Option("rho", 0.9, lambda n, x: hyper.real(n, x, 0.0, 1.0)),
+        Option("eps", 1e-6, hyper.positive),
+        _WEIGHT_DECAY,
+        _MAXIMIZE,
+    ),
+    _adadelta,
+    counts_steps=False,
+    title="Adadelta",
+    doc="""Adadelta (Zeiler 2012, "ADADELTA: An Adaptive Learning Rate Method"), PyTorch's
+    defaults and semantics (``torch.optim.Adadelta``), L2 weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        v = rho * v + (1 - rho) * g**2                         (square_avg)
+        delta = sqrt(u + eps) / sqrt(v + eps) * g
+        u = rho * u + (1 - rho) * delta**2                     (acc_delta)
+        p = p - lr * delta
+
+    The step size adapts from the ratio of the two running averages: ``lr`` (default 1) only
+    scales it.
+    """,
+    option_doc="""
+    lr, rho, eps, weight_decay, maximize
+        As ``torch.optim.Adadelta``, same defaults: 1.0, 0.9, 1e-6, 0, False. ``rho`` is in
+        [0, 1]; ``eps`` must be > 0.
+    """,
+    torch=TorchFace(
+        "Adadelta",
+        ("lr", "rho", "eps", "weight_decay", "foreach"),
+        ("capturable", "maximize", "differentiable"),
+        _TORCH_EXTRA,
+    ),
+)
+
+SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX, ADADELTA)}
 
 #: The most scalars a rule may take (the grouped CPU kernels unpack this many).
 MAX_SCALARS = 10

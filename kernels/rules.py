@@ -253,5 +253,38 @@ def adamax(i, arrays, hyper, flags):
     param[i] = p - clr * m / u
 
 
+@register_jitable(inline="always")
+def adadelta(i, arrays, hyper, flags):
+    """Adadelta (Zeiler 2012), PyTorch's form.
+
+    g = sign*grad + wd*p;  v = rho*v + (1-rho)*g^2
+    delta = sqrt(u + eps)*g/sqrt(v + eps);  u = rho*u + (1-rho)*delta^2
+    p = p - lr*delta
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    square_avg = arrays[2]
+    acc_delta = arrays[3]
+    lr = hyper[0]
+    rho = hyper[1]
+    one_minus_rho = hyper[2]
+    eps = hyper[3]
+    weight_decay = hyper[4]
+    sign = hyper[5]
+    p = param[i]
+    g = sign * grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    v = rho * square_avg[i] + one_minus_rho * g * g
+    square_avg[i] = v
+    u = acc_delta[i]
+    # torch computes sqrt(u + eps) / sqrt(v + eps) * g. Multiplying first keeps every
+    # operation in the arrays' dtype under the CUDA simulator too, where math.sqrt returns a
+    # Python float (a quotient of two of them would be taken in float64).
+    d = math.sqrt(u + eps) * g / math.sqrt(v + eps)
+    acc_delta[i] = rho * u + one_minus_rho * d * d
+    param[i] = p - lr * d
+
+
 RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
-         "adamax": adamax}  # fmt: skip
+         "adamax": adamax, "adadelta": adadelta}  # fmt: skip

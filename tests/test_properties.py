@@ -53,6 +53,9 @@ HYPER = {
     "adamax": st.fixed_dictionaries(
         dict(lr=rate, betas=st.tuples(decay, decay), eps=eps, weight_decay=rate, maximize=flag)
     ),
+    "adadelta": st.fixed_dictionaries(
+        dict(lr=rate, rho=rate, eps=eps, weight_decay=rate, maximize=flag)
+    ),
 }  # fmt: skip
 HYPER["adamw"] = HYPER["adam"]
 

@@ -33,6 +33,7 @@ AWAY = {
     "betas": (0.8, 0.95),
     "lr_decay": 0.25,
     "dampening": 0.3,
+    "rho": 0.85,
 }
 REL_TOL = 4 * 2.0**-52
 
@@ -124,8 +125,18 @@ def adamax(t: int, o: dict) -> tuple[dict, dict, tuple]:
     return scalars, {}, ("exp_avg", "exp_inf")
 
 
+def adadelta(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.Adadelta: v = rho v + (1 - rho) g^2; delta = sqrt(u + eps)/sqrt(v + eps) g;
+    u = rho u + (1 - rho) delta^2; p -= lr delta (no step dependence)."""
+    scalars = {
+        "lr": o["lr"], "rho": o["rho"], "one_minus_rho": 1.0 - o["rho"], "eps": o["eps"],
+        "weight_decay": o["weight_decay"], "sign": _sign(o),
+    }  # fmt: skip
+    return scalars, {}, ("square_avg", "acc_delta")
+
+
 ORACLE = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "adamw": adamw, "sgd": sgd,
-          "lion": lion, "adamax": adamax}  # fmt: skip
+          "lion": lion, "adamax": adamax, "adadelta": adadelta}  # fmt: skip
 
 #: The defaults each optimizer documents (PyTorch's; Lion: the paper's code and Optax's).
 DEFAULTS = {
@@ -141,6 +152,7 @@ DEFAULTS = {
                 maximize=False),
     "lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
     "adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
+    "adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
 }  # fmt: skip
 
 

@@ -390,6 +390,12 @@ BAD_HYPER = [  # (algo, options, exception, the argument named)
     ("adamax", dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
     ("adamax", dict(eps=0.0), ValueError, "eps"),
     ("adamax", dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    ("adadelta", dict(lr=-1.0), ValueError, "lr"),
+    ("adadelta", dict(rho=1.5), ValueError, "rho"),
+    ("adadelta", dict(rho=-0.1), ValueError, "rho"),
+    ("adadelta", dict(rho=NAN), ValueError, "rho"),
+    ("adadelta", dict(eps=0.0), ValueError, "eps"),
+    ("adadelta", dict(weight_decay=-0.1), ValueError, "weight_decay"),
 ]
 HYPER_IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for a, o, _, _ in BAD_HYPER]
 
