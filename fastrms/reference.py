@@ -200,8 +200,31 @@ def adadelta(arrays, hyper, flags):
         np.subtract(p, t, out=p)
 
 
+def radam(arrays, hyper, flags):
+    a, h, f = LAYOUTS["radam"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, m, v = param[s], a.exp_avg[s], a.exp_avg_sq[s]
+        np.multiply(p, h.decay, out=p)
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.multiply(m, h.beta1, out=m)
+        np.add(m, t, out=m)
+        np.multiply(g, h.one_minus_beta2, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, h.beta2, out=v)
+        np.add(v, t, out=v)
+        np.multiply(m, h.step_size, out=t)
+        if f.rectify:  # the adaptive factor sqrt(1 - beta2**t) / (sqrt(v) + eps)
+            np.sqrt(v, out=d)
+            np.add(d, h.eps, out=d)
+            np.divide(h.bias_correction2_sqrt, d, out=d)
+            np.multiply(t, d, out=t)
+        np.subtract(p, t, out=p)
+
+
 RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
-         "adamax": adamax, "adadelta": adadelta}  # fmt: skip
+         "adamax": adamax, "adadelta": adadelta, "radam": radam}  # fmt: skip
 
 
 # --- Naive textbook versions (for the benchmarks: what users write by hand) ---------------

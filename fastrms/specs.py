@@ -364,6 +364,16 @@ LAYOUTS = {
              "weight_decay": "weight_decay", "sign": "sign"},
             (),
         ),
+        Layout(
+            "radam",
+            ("exp_avg", "exp_avg_sq"),
+            {"step_size": "lr * rect / (1 - beta1**step) (rect = 1 unless rectified)",
+             "bias_correction2_sqrt": "sqrt(1 - beta2**step)",
+             "beta1": "beta1", "one_minus_beta1": "1 - beta1", "beta2": "beta2",
+             "one_minus_beta2": "1 - beta2", "eps": "eps", "weight_decay": "weight_decay",
+             "decay": "1 - lr * weight_decay", "sign": "sign"},
+            ("rectify",),
+        ),
     )
 }  # fmt: skip
 
@@ -616,7 +626,75 @@ ADADELTA = Spec(
     ),
 )
 
-SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX, ADADELTA)}
+
+def _radam(step, *, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize):
+    beta1, beta2 = betas
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    # The length of the approximated simple moving average, and its limit (torch's names).
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rectify = rho_t > 5.0
+    rect = 1.0
+    if rectify:
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ) ** 0.5
+    scalars = dict(
+        step_size=lr * rect / bias_correction1, bias_correction2_sqrt=bias_correction2**0.5,
+        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        eps=eps,
+        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        sign=_sign(maximize),
+    )  # fmt: skip
+    return scalars, dict(rectify=rectify), ("exp_avg", "exp_avg_sq")
+
+
+#: RAdam (Liu et al. 2020), torch.optim.RAdam's semantics and defaults.
+RADAM = Spec(
+    "radam",
+    LAYOUTS["radam"],
+    (
+        Option("lr", 1e-3, hyper.nonneg),
+        Option("betas", (0.9, 0.999), _betas),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        Option("decoupled_weight_decay", False, hyper.flag),
+        _MAXIMIZE,
+    ),
+    _radam,
+    title="RAdam",
+    doc="""RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and
+    Beyond"), PyTorch's defaults and semantics (``torch.optim.RAdam``).
+
+    ::
+
+        decoupled_weight_decay:  p = (1 - lr * weight_decay) * p
+        g = grad (or -grad if maximize) + weight_decay * p      (L2 decay: not decoupled)
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
+        rho_inf = 2 / (1 - beta2) - 1;   rho_t = rho_inf - 2 t beta2**t / (1 - beta2**t)
+        rho_t > 5:  rect = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+                    p = p - lr * rect / (1 - beta1**t) * m * sqrt(1 - beta2**t) / (sqrt(v) + eps)
+        else:       p = p - lr / (1 - beta1**t) * m          (momentum SGD while v is unreliable)
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, maximize
+        As ``torch.optim.RAdam``, same defaults: 1e-3, (0.9, 0.999), 1e-8, 0, False.
+        ``eps`` must be > 0.
+    decoupled_weight_decay : bool
+        Decay ``p`` directly, as AdamW does, instead of adding ``weight_decay * p`` to the
+        gradient.
+    """,
+    torch=TorchFace(
+        "RAdam",
+        ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
+        ("foreach", "maximize", "capturable", "differentiable"),
+        _TORCH_EXTRA,
+    ),
+)
+
+SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX, ADADELTA, RADAM)}
 
 #: The most scalars a rule may take (the grouped CPU kernels unpack this many).
 MAX_SCALARS = 10

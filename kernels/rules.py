@@ -286,5 +286,45 @@ def adadelta(i, arrays, hyper, flags):
     param[i] = p - lr * d
 
 
+@register_jitable(inline="always")
+def radam(i, arrays, hyper, flags):
+    """RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond"),
+    PyTorch's form.
+
+    p = decay*p (decoupled: decay = 1 - lr*wd, else 1);  g = sign*grad + wd*p (L2 only)
+    m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+    rectify (rho_t > 5, a host flag):  p = p - m*step_size*(sqrt(1-b2^t)/(sqrt(v) + eps)),
+        step_size = lr*rect/(1-b1^t)
+    else:  p = p - m*step_size,  step_size = lr/(1-b1^t)
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    exp_avg = arrays[2]
+    exp_avg_sq = arrays[3]
+    step_size = hyper[0]
+    bias_correction2_sqrt = hyper[1]
+    beta1 = hyper[2]
+    one_minus_beta1 = hyper[3]
+    beta2 = hyper[4]
+    one_minus_beta2 = hyper[5]
+    eps = hyper[6]
+    weight_decay = hyper[7]
+    decay = hyper[8]
+    sign = hyper[9]
+    rectify = flags[0]
+    p = decay * param[i]
+    g = sign * grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m = beta1 * exp_avg[i] + one_minus_beta1 * g
+    exp_avg[i] = m
+    v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+    exp_avg_sq[i] = v
+    if rectify:
+        param[i] = p - m * step_size * (bias_correction2_sqrt / (math.sqrt(v) + eps))
+    else:
+        param[i] = p - m * step_size
+
+
 RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
-         "adamax": adamax, "adadelta": adadelta}  # fmt: skip
+         "adamax": adamax, "adadelta": adadelta, "radam": radam}  # fmt: skip

@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_close, randn
+from conftest import assert_close, assert_same_bits, randn
 
 import fastrms
 from fastrms import functional
@@ -42,7 +42,7 @@ from torch.testing._internal.common_optimizers import optim_db  # noqa: E402
 import fastrms.torch as ft  # noqa: E402
 
 #: The new optimizers: spec name -> torch's class name.
-NEW = {"adamax": "Adamax", "adadelta": "Adadelta"}
+NEW = {"adamax": "Adamax", "adadelta": "Adadelta", "radam": "RAdam"}
 STEPS = 12
 SHAPES = ((5, 4), (7,), (3, 2))
 #: Steps on which the second parameter has no gradient (None): it skips them, and its step
@@ -137,6 +137,7 @@ def test_matches_torch_optim(name, kwargs, dtype):
 CHECKPOINT_OPTIONS = {
     "adamax": dict(lr=0.05, weight_decay=0.1, maximize=True),
     "adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1, maximize=True),
+    "radam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
 }
 
 
@@ -209,7 +210,7 @@ def test_numpy_class_and_functional_step_alike(name):
     spec = SPECS[name]
     rng = np.random.default_rng(4)
     p0 = randn(rng, 33, np.float32)
-    grads = [randn(rng, 33, np.float32) for _ in range(4)]
+    grads = [randn(rng, 33, np.float32) for _ in range(8)]  # RAdam rectifies from step 6
     opt = getattr(fastrms, spec.title)([p := p0.copy()], lr=0.01, backend="cpu")
     q = p0.copy()
     state = {s: np.zeros_like(q) for s in spec.layout.slots}
@@ -220,3 +221,24 @@ def test_numpy_class_and_functional_step_alike(name):
     np.testing.assert_array_equal(p, q)
     for s, arrays in opt.state.items():
         np.testing.assert_array_equal(arrays[0], state[s])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", NEW)
+def test_kernels_equal_the_reference_over_many_steps(name, dtype):
+    """8 steps (the grid tests take 3; RAdam rectifies from step 6), every feature on, in
+    the serial and the parallel loop: cpu and numpy backends equal bit for bit."""
+    spec = SPECS[name]
+    options = {**CHECKPOINT_OPTIONS[name], "lr": 10 * spec.defaults["lr"]}
+    rng = np.random.default_rng(6)
+    for n in (100, 200_000):
+        p0 = randn(rng, n, dtype)
+        grads = [randn(rng, n, dtype) for _ in range(8)]
+        opts = [getattr(fastrms, spec.title)(p0.copy(), backend=b, **options)
+                for b in ("cpu", "numpy")]  # fmt: skip
+        for g in grads:
+            for opt in opts:
+                opt.step(g)
+        assert_same_bits(opts[0]._params[0], opts[1]._params[0], f"{name} n={n}")
+        for s in opts[1].state:
+            assert_same_bits(opts[0].state[s][0], opts[1].state[s][0], f"{s} n={n}")

@@ -56,6 +56,12 @@ HYPER = {
     "adadelta": st.fixed_dictionaries(
         dict(lr=rate, rho=rate, eps=eps, weight_decay=rate, maximize=flag)
     ),
+    "radam": st.fixed_dictionaries(
+        dict(
+            lr=rate, betas=st.tuples(decay, decay), eps=eps, weight_decay=rate,
+            decoupled_weight_decay=flag, maximize=flag,
+        )
+    ),
 }  # fmt: skip
 HYPER["adamw"] = HYPER["adam"]
 

@@ -24,7 +24,7 @@ from conftest import OPTION_GRIDS, options_id
 
 from fastrms.specs import SPECS
 
-STEPS = range(1, 7)
+STEPS = range(1, 9)  # RAdam rectifies from step 6 (betas (0.9, 0.999)) or 7 (AWAY)
 #: Hyperparameters away from their defaults, each a distinct value (none 0 or 1).
 AWAY = {
     "lr": 0.03,
@@ -135,8 +135,30 @@ def adadelta(t: int, o: dict) -> tuple[dict, dict, tuple]:
     return scalars, {}, ("square_avg", "acc_delta")
 
 
+def radam(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.RAdam: rho_inf = 2/(1 - b2) - 1, rho_t = rho_inf - 2 t b2^t/(1 - b2^t);
+    for rho_t > 5 the step is lr r/(1 - b1^t) m sqrt(1 - b2^t)/(sqrt(v) + eps) with
+    r = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)), else
+    lr/(1 - b1^t) m."""
+    b1, b2 = o["betas"]
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    rho_t = rho_inf - 2.0 * t * b2**t / (1.0 - b2**t)
+    rectify = rho_t > 5.0
+    r = 1.0
+    if rectify:
+        r = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    decoupled = o["decoupled_weight_decay"]
+    scalars = {
+        "step_size": o["lr"] * r / (1.0 - b1**t), "bias_correction2_sqrt": math.sqrt(1.0 - b2**t),
+        "beta1": b1, "one_minus_beta1": 1.0 - b1, "beta2": b2, "one_minus_beta2": 1.0 - b2,
+        "eps": o["eps"], "weight_decay": 0.0 if decoupled else o["weight_decay"],
+        "decay": 1.0 - o["lr"] * o["weight_decay"] if decoupled else 1.0, "sign": _sign(o),
+    }  # fmt: skip
+    return scalars, {"rectify": rectify}, ("exp_avg", "exp_avg_sq")
+
+
 ORACLE = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "adamw": adamw, "sgd": sgd,
-          "lion": lion, "adamax": adamax, "adadelta": adadelta}  # fmt: skip
+          "lion": lion, "adamax": adamax, "adadelta": adadelta, "radam": radam}  # fmt: skip
 
 #: The defaults each optimizer documents (PyTorch's; Lion: the paper's code and Optax's).
 DEFAULTS = {
@@ -153,6 +175,8 @@ DEFAULTS = {
     "lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
     "adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
     "adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
+    "radam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, maximize=False),
 }  # fmt: skip
 
 

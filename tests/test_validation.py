@@ -396,6 +396,11 @@ BAD_HYPER = [  # (algo, options, exception, the argument named)
     ("adadelta", dict(rho=NAN), ValueError, "rho"),
     ("adadelta", dict(eps=0.0), ValueError, "eps"),
     ("adadelta", dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    ("radam", dict(lr=-1e-3), ValueError, "lr"),
+    ("radam", dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
+    ("radam", dict(eps=-1e-8), ValueError, "eps"),
+    ("radam", dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    ("radam", dict(decoupled_weight_decay="yes"), TypeError, "decoupled_weight_decay"),
 ]
 HYPER_IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for a, o, _, _ in BAD_HYPER]
 
