@@ -223,8 +223,39 @@ def radam(arrays, hyper, flags):
         np.subtract(p, t, out=p)
 
 
+def nadam(arrays, hyper, flags):
+    a, h, f = LAYOUTS["nadam"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, m, v = param[s], a.exp_avg[s], a.exp_avg_sq[s]
+        np.multiply(p, h.decay, out=p)
+        if f.maximize:
+            np.negative(a.grad[s], out=g)
+        else:
+            np.copyto(g, a.grad[s])
+        if h.weight_decay != 0:
+            np.multiply(p, h.weight_decay, out=t)
+            np.add(g, t, out=g)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.multiply(m, h.beta1, out=m)
+        np.add(m, t, out=m)
+        np.multiply(g, h.one_minus_beta2, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, h.beta2, out=v)
+        np.add(v, t, out=v)
+        np.divide(v, h.bias_correction2, out=d)
+        np.sqrt(d, out=d)
+        np.add(d, h.eps, out=d)
+        np.multiply(g, h.grad_step, out=t)
+        np.divide(t, d, out=t)
+        np.subtract(p, t, out=p)
+        np.multiply(m, h.exp_avg_step, out=t)
+        np.divide(t, d, out=t)
+        np.subtract(p, t, out=p)
+
+
 RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
-         "adamax": adamax, "adadelta": adadelta, "radam": radam}  # fmt: skip
+         "adamax": adamax, "adadelta": adadelta, "radam": radam, "nadam": nadam}  # fmt: skip
 
 
 # --- Naive textbook versions (for the benchmarks: what users write by hand) ---------------

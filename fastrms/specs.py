@@ -374,6 +374,16 @@ LAYOUTS = {
              "decay": "1 - lr * weight_decay", "sign": "sign"},
             ("rectify",),
         ),
+        Layout(
+            "nadam",
+            ("exp_avg", "exp_avg_sq"),
+            {"grad_step": "lr * (1 - mu_t) / (1 - mu_product_t)",
+             "exp_avg_step": "lr * mu_(t+1) / (1 - mu_product_t * mu_(t+1))",
+             "bias_correction2": "1 - beta2**step", "beta1": "beta1",
+             "one_minus_beta1": "1 - beta1", "beta2": "beta2", "one_minus_beta2": "1 - beta2",
+             "eps": "eps", "weight_decay": "weight_decay", "decay": "1 - lr * weight_decay"},
+            ("maximize",),
+        ),
     )
 }  # fmt: skip
 
@@ -694,7 +704,103 @@ RADAM = Spec(
     ),
 )
 
-SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX, ADADELTA, RADAM)}
+
+def _nadam_mu(step: int, beta1: float, momentum_decay: float) -> float:
+    """NAdam's momentum coefficient of step ``step`` (Dozat 2016; torch's schedule)."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+@functools.lru_cache(maxsize=64)
+def _mu_products(beta1: float, momentum_decay: float) -> list[float]:
+    """The running products of mu, by step (index 0: 1.0), extended as steps need them."""
+    return [1.0]
+
+
+def nadam_mu_product(step: int, *, betas, momentum_decay: float, **_: Any) -> float:
+    """``mu_1 * ... * mu_step`` as torch.optim.NAdam keeps it: a float32 tensor multiplied by
+    each step's mu in turn (``mu_product *= mu``), so in float32 arithmetic. Computing it
+    the same way lets ``fastrms.torch.NAdam`` write torch's value into its state and take
+    torch's steps exactly. It reaches 0 in float32 after some hundreds of steps (mu <= beta1)
+    and stays there; until then each (beta1, momentum_decay) keeps its list of products."""
+    beta1 = betas[0]
+    products = _mu_products(beta1, momentum_decay)
+    while len(products) <= step:
+        if products[-1] == 0.0:
+            return 0.0
+        mu = _nadam_mu(len(products), beta1, momentum_decay)
+        products.append(float(np.float32(products[-1]) * np.float32(mu)))
+    return products[step]
+
+
+def _nadam(step, *, lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize):
+    beta1, beta2 = betas
+    mu = _nadam_mu(step, beta1, momentum_decay)
+    mu_next = _nadam_mu(step + 1, beta1, momentum_decay)
+    mu_product = nadam_mu_product(step, betas=betas, momentum_decay=momentum_decay)
+    mu_product_next = mu_product * mu_next
+    scalars = dict(
+        grad_step=lr * (1.0 - mu) / (1.0 - mu_product),
+        exp_avg_step=lr * mu_next / (1.0 - mu_product_next),
+        bias_correction2=1 - beta2**step,
+        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        eps=eps,
+        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+    )  # fmt: skip
+    return scalars, dict(maximize=maximize), ("exp_avg", "exp_avg_sq")
+
+
+#: NAdam (Dozat 2016), torch.optim.NAdam's semantics and defaults.
+NADAM = Spec(
+    "nadam",
+    LAYOUTS["nadam"],
+    (
+        Option("lr", 2e-3, hyper.nonneg),
+        Option("betas", (0.9, 0.999), _betas),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        Option("momentum_decay", 4e-3, hyper.nonneg, example=4e-3),
+        Option("decoupled_weight_decay", False, hyper.flag),
+        _MAXIMIZE,
+    ),
+    _nadam,
+    title="NAdam",
+    doc="""NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"), PyTorch's
+    defaults and semantics (``torch.optim.NAdam``).
+
+    ::
+
+        decoupled_weight_decay:  p = (1 - lr * weight_decay) * p
+        g = grad (or -grad if maximize) + weight_decay * p      (L2 decay: not decoupled)
+        mu_t = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay));   P_t = mu_1 * ... * mu_t
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
+        d = sqrt(v / (1 - beta2**t)) + eps
+        p = p - lr * (1 - mu_t) / (1 - P_t) * g / d
+        p = p - lr * mu_(t+1) / (1 - P_t * mu_(t+1)) * m / d
+
+    ``P_t`` is computed from the step count as torch keeps it (``mu_product``, a float32
+    running product).
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, momentum_decay, maximize
+        As ``torch.optim.NAdam``, same defaults: 2e-3, (0.9, 0.999), 1e-8, 0, 4e-3, False.
+        ``eps`` must be > 0.
+    decoupled_weight_decay : bool
+        Decay ``p`` directly, as AdamW does (NAdamW), instead of adding
+        ``weight_decay * p`` to the gradient.
+    """,
+    torch=TorchFace(
+        "NAdam",
+        ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"),
+        ("foreach", "maximize", "capturable", "differentiable"),
+        _TORCH_EXTRA,
+        scalar_state={"mu_product": nadam_mu_product},
+    ),
+)
+
+SPECS = {
+    s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX, ADADELTA, RADAM, NADAM)
+}
 
 #: The most scalars a rule may take (the grouped CPU kernels unpack this many).
 MAX_SCALARS = 10

@@ -326,5 +326,48 @@ def radam(i, arrays, hyper, flags):
         param[i] = p - m * step_size
 
 
+@register_jitable(inline="always")
+def nadam(i, arrays, hyper, flags):
+    """NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"), PyTorch's form.
+
+    p = decay*p (decoupled: decay = 1 - lr*wd, else 1);  g = -grad if maximize else grad
+    g = g + wd*p (L2 only);  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+    d = sqrt(v/(1-b2^t)) + eps
+    p = p - grad_step*g/d;  p = p - exp_avg_step*m/d
+    (grad_step = lr*(1-mu_t)/(1-prod mu), exp_avg_step = lr*mu_{t+1}/(1-prod mu * mu_{t+1}))
+
+    ``maximize`` is a flag, not a ``sign`` scalar as in the other rules: the rule takes ten
+    scalars already (negation is exact, so the two forms give the same bits).
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    exp_avg = arrays[2]
+    exp_avg_sq = arrays[3]
+    grad_step = hyper[0]
+    exp_avg_step = hyper[1]
+    bias_correction2 = hyper[2]
+    beta1 = hyper[3]
+    one_minus_beta1 = hyper[4]
+    beta2 = hyper[5]
+    one_minus_beta2 = hyper[6]
+    eps = hyper[7]
+    weight_decay = hyper[8]
+    decay = hyper[9]
+    maximize = flags[0]
+    p = decay * param[i]
+    g = grad[i]
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m = beta1 * exp_avg[i] + one_minus_beta1 * g
+    exp_avg[i] = m
+    v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+    exp_avg_sq[i] = v
+    d = math.sqrt(v / bias_correction2) + eps
+    p = p - grad_step * g / d
+    param[i] = p - exp_avg_step * m / d
+
+
 RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
-         "adamax": adamax, "adadelta": adadelta, "radam": radam}  # fmt: skip
+         "adamax": adamax, "adadelta": adadelta, "radam": radam, "nadam": nadam}  # fmt: skip

@@ -26,7 +26,7 @@ COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
 
 LR = {"RMSProp": 1e-2, "AdaGrad": 1e-1, "Adam": 1e-2, "AdamW": 1e-2, "SGD": 5e-2,
-      "Adamax": 1e-2, "Adadelta": 1.0, "RAdam": 1e-2}  # fmt: skip
+      "Adamax": 1e-2, "Adadelta": 1.0, "RAdam": 1e-2, "NAdam": 1e-2}  # fmt: skip
 #: Each optimizer plainly, with every state array it has, and with its other switches.
 CASES = [
     ("RMSProp", {}),
@@ -46,6 +46,7 @@ CASES = [
     ("Adamax", dict(weight_decay=0.1, maximize=True)),
     ("Adadelta", dict(rho=0.8, weight_decay=0.1, maximize=True)),
     ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ("NAdam", dict(weight_decay=0.1, momentum_decay=0.006, maximize=True)),
 ]
 #: Tensor boundaries fall inside and between the ranks' ranges; one tensor is empty.
 SHAPES = {"w": (5, 7), "b": (7,), "empty": (0,), "v": (3, 2, 2), "s": (1,)}

@@ -25,7 +25,7 @@ from fastrms.specs import LAYOUTS  # noqa: E402
 N_FLAGS = {name: len(layout.flags) for name, layout in LAYOUTS.items()}
 N_HYPER = {name: len(layout.scalars) for name, layout in LAYOUTS.items()}
 #: The rules that divide and take square roots (Lion only moves by lr * sign).
-DIVIDES = ("rmsprop", "adagrad", "adam", "adadelta")  # (RAdam only where it rectifies)
+DIVIDES = ("rmsprop", "adagrad", "adam", "adadelta", "nadam")  # (RAdam only where it rectifies)
 F64 = re.compile(r"^\s*[a-z]+(\.[a-z0-9]+)*\.f64\b", re.M)  # any instruction typed .f64
 
 
@@ -76,7 +76,8 @@ def test_float32_kernel_has_no_float64_arithmetic(rule, flags):
 def test_every_rule_is_checked():
     assert {rule for rule, _ in CASES} == set(rules.RULES) == {"rmsprop", "adagrad", "adam",
                                                                "sgd", "lion", "adamax",
-                                                               "adadelta", "radam"}  # fmt: skip
+                                                               "adadelta", "radam",
+                                                               "nadam"}  # fmt: skip
 
 
 def test_float64_kernel_is_float64():

@@ -42,7 +42,7 @@ from torch.testing._internal.common_optimizers import optim_db  # noqa: E402
 import fastrms.torch as ft  # noqa: E402
 
 #: The new optimizers: spec name -> torch's class name.
-NEW = {"adamax": "Adamax", "adadelta": "Adadelta", "radam": "RAdam"}
+NEW = {"adamax": "Adamax", "adadelta": "Adadelta", "radam": "RAdam", "nadam": "NAdam"}
 STEPS = 12
 SHAPES = ((5, 4), (7,), (3, 2))
 #: Steps on which the second parameter has no gradient (None): it skips them, and its step
@@ -138,6 +138,9 @@ CHECKPOINT_OPTIONS = {
     "adamax": dict(lr=0.05, weight_decay=0.1, maximize=True),
     "adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1, maximize=True),
     "radam": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+    "nadam": dict(
+        lr=0.01, weight_decay=0.1, momentum_decay=0.006, decoupled_weight_decay=True, maximize=True
+    ),
 }
 
 

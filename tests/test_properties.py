@@ -62,6 +62,12 @@ HYPER = {
             decoupled_weight_decay=flag, maximize=flag,
         )
     ),
+    "nadam": st.fixed_dictionaries(
+        dict(
+            lr=rate, betas=st.tuples(decay, decay), eps=eps, weight_decay=rate,
+            momentum_decay=st.floats(0.0, 1.0), decoupled_weight_decay=flag, maximize=flag,
+        )
+    ),
 }  # fmt: skip
 HYPER["adamw"] = HYPER["adam"]
 

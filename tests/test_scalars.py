@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from conftest import OPTION_GRIDS, options_id
 
@@ -34,6 +35,7 @@ AWAY = {
     "lr_decay": 0.25,
     "dampening": 0.3,
     "rho": 0.85,
+    "momentum_decay": 0.02,
 }
 REL_TOL = 4 * 2.0**-52
 
@@ -157,8 +159,35 @@ def radam(t: int, o: dict) -> tuple[dict, dict, tuple]:
     return scalars, {"rectify": rectify}, ("exp_avg", "exp_avg_sq")
 
 
+def nadam(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.NAdam: mu_k = b1 (1 - 0.5 * 0.96^(k psi)); P_t = mu_1 ... mu_t, a float32
+    running product in torch (so rounded to float32 after each multiplication here too);
+    p -= lr (1 - mu_t)/(1 - P_t) g/d + lr mu_{t+1}/(1 - P_t mu_{t+1}) m/d,
+    d = sqrt(v/(1 - b2^t)) + eps."""
+    b1, b2 = o["betas"]
+
+    def mu(k):
+        return b1 * (1.0 - 0.5 * 0.96 ** (k * o["momentum_decay"]))
+
+    product = np.float32(1.0)
+    for k in range(1, t + 1):
+        product = np.float32(product * np.float32(mu(k)))
+    product = float(product)
+    decoupled = o["decoupled_weight_decay"]
+    scalars = {
+        "grad_step": o["lr"] * (1.0 - mu(t)) / (1.0 - product),
+        "exp_avg_step": o["lr"] * mu(t + 1) / (1.0 - product * mu(t + 1)),
+        "bias_correction2": 1.0 - b2**t, "beta1": b1, "one_minus_beta1": 1.0 - b1,
+        "beta2": b2, "one_minus_beta2": 1.0 - b2, "eps": o["eps"],
+        "weight_decay": 0.0 if decoupled else o["weight_decay"],
+        "decay": 1.0 - o["lr"] * o["weight_decay"] if decoupled else 1.0,
+    }  # fmt: skip
+    return scalars, {"maximize": o["maximize"]}, ("exp_avg", "exp_avg_sq")
+
+
 ORACLE = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "adamw": adamw, "sgd": sgd,
-          "lion": lion, "adamax": adamax, "adadelta": adadelta, "radam": radam}  # fmt: skip
+          "lion": lion, "adamax": adamax, "adadelta": adadelta, "radam": radam,
+          "nadam": nadam}  # fmt: skip
 
 #: The defaults each optimizer documents (PyTorch's; Lion: the paper's code and Optax's).
 DEFAULTS = {
@@ -177,6 +206,8 @@ DEFAULTS = {
     "adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
     "radam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                   decoupled_weight_decay=False, maximize=False),
+    "nadam": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False),
 }  # fmt: skip
 
 

@@ -401,6 +401,13 @@ BAD_HYPER = [  # (algo, options, exception, the argument named)
     ("radam", dict(eps=-1e-8), ValueError, "eps"),
     ("radam", dict(weight_decay=-0.1), ValueError, "weight_decay"),
     ("radam", dict(decoupled_weight_decay="yes"), TypeError, "decoupled_weight_decay"),
+    ("nadam", dict(lr=-2e-3), ValueError, "lr"),
+    ("nadam", dict(betas=(-0.5, 0.999)), ValueError, r"betas\[0\]"),
+    ("nadam", dict(eps=0.0), ValueError, "eps"),
+    ("nadam", dict(weight_decay=-0.1), ValueError, "weight_decay"),
+    ("nadam", dict(momentum_decay=-4e-3), ValueError, "momentum_decay"),
+    ("nadam", dict(momentum_decay=INF), ValueError, "momentum_decay"),
+    ("nadam", dict(decoupled_weight_decay=2), TypeError, "decoupled_weight_decay"),
 ]
 HYPER_IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for a, o, _, _ in BAD_HYPER]
 
