@@ -1,4 +1,5 @@
-"""fastrms: fused, in-place optimizer steps (RMSProp, AdaGrad, Adam/AdamW/AMSGrad, SGD, Lion).
+"""fastrms: fused, in-place optimizer steps (RMSProp, AdaGrad, Adam/AdamW/AMSGrad, SGD, Lion,
+Adamax, NAdam, RAdam, Adadelta).
 
 Quick use::
 
