@@ -1,4 +1,5 @@
-"""fastrms: fused, in-place optimizer steps (RMSProp, AdaGrad, Adam/AdamW/AMSGrad, SGD, Lion).
+"""fastrms: fused, in-place optimizer steps (RMSProp, AdaGrad, Adam/AdamW/AMSGrad, SGD, Lion,
+Adamax, NAdam, RAdam, Adadelta).
 
 Quick use::
 
@@ -11,25 +12,30 @@ Importing fastrms compiles nothing and imports neither numba nor CUDA; the kerne
 first use and are cached on disk.
 """
 
-from . import functional
-from .dispatch import BackendInfo, backends
-from .errors import BackendUnavailableError, FallbackWarning, ThreadingLayerWarning
-from .optim import SGD, AdaGrad, Adam, AdamW, Lion, Optimizer, RMSProp
+# The names below are re-exported (``__all__`` is computed, so they are aliased to say so).
+from . import functional as functional
+from .dispatch import BackendInfo as BackendInfo
+from .dispatch import backends as backends
+from .errors import BackendUnavailableError as BackendUnavailableError
+from .errors import FallbackWarning as FallbackWarning
+from .errors import ThreadingLayerWarning as ThreadingLayerWarning
+from .optim import OPTIMIZERS
+from .optim import Optimizer as Optimizer
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SGD",
-    "AdaGrad",
-    "Adam",
-    "AdamW",
-    "BackendInfo",
-    "BackendUnavailableError",
-    "FallbackWarning",
-    "Lion",
-    "Optimizer",
-    "RMSProp",
-    "ThreadingLayerWarning",
-    "backends",
-    "functional",
-]
+# Every optimizer class, one per spec (fastrms.specs.SPECS): RMSProp, Adam, ... by name.
+globals().update({cls.__name__: cls for cls in OPTIMIZERS.values()})
+
+__all__ = sorted(
+    [
+        "BackendInfo",
+        "BackendUnavailableError",
+        "FallbackWarning",
+        "Optimizer",
+        "ThreadingLayerWarning",
+        "backends",
+        "functional",
+        *(cls.__name__ for cls in OPTIMIZERS.values()),
+    ]
+)

@@ -18,6 +18,7 @@ instead, which checks them once and runs each group of them as one call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from . import dispatch, specs
@@ -28,10 +29,8 @@ from .specs import SPECS, Setup
 
 Array = Any  # a NumPy array, or a CUDA array (Numba device array, CuPy, PyTorch CUDA tensor)
 
-__all__ = [
-    "Plan", "Setup", "adagrad", "adam", "adamw", "lion", "multi_tensor_step", "plan", "rmsprop",
-    "sgd",
-]  # fmt: skip
+#: The public names: these, and one step function per spec (``adam``...), added below.
+__all__ = ["Plan", "Setup", "multi_tensor_step", "plan"]
 
 
 class Plan(NamedTuple):
@@ -348,7 +347,7 @@ def multi_tensor_step(
 
     Parameters
     ----------
-    optimizer : {"rmsprop", "adagrad", "adam", "adamw", "sgd", "lion"}
+    optimizer : {OPTIMIZERS}
         The update rule; its formula is in the docstring of the function of that name.
     params, grads : sequence of arrays
         ``grads[i]`` is the gradient of ``params[i]``; the parameters may differ in size,
@@ -383,3 +382,62 @@ def multi_tensor_step(
     StepPlan(setup, list(params), {s: list(state[s]) for s in setup.state}, names, backend).run(
         list(grads), setup
     )
+
+
+# -- the step functions a spec declares without a hand-written one -------------------------------
+
+_TEMPLATE = """from __future__ import annotations
+def {name}({arrays}, *, {step}backend: str = "auto", **options) -> None:
+    _step({name!r}, param, grad, {{{state}}}, backend, {step_value}, options)
+"""
+
+
+def declare(spec: specs.Spec) -> Callable[..., None]:
+    """The one-step function of ``spec``, named ``spec.name``, documented from the spec.
+
+    Its signature is that of the hand-written ones: ``param, grad``, then the state arrays
+    (those that the default options use first; the others default to None), then keyword-only
+    ``step`` (where the step count changes the scalars), ``backend`` and the options.
+    """
+    used = spec.setup(1).state  # the state the default options use is always required
+    slots = spec.layout.slots
+    required = [s for s in slots if s in used]
+    optional = [s for s in slots if s not in used]
+    arrays = ["param: Array", "grad: Array", *(f"{s}: Array" for s in required)]
+    arrays += [f"{s}: Array | None = None" for s in optional]
+    source = _TEMPLATE.format(
+        name=spec.name,
+        arrays=", ".join(arrays),
+        step="step: int, " if spec.counts_steps else "",
+        state=", ".join(f"{s!r}: {s}" for s in slots),
+        step_value="step" if spec.counts_steps else "1",
+    )
+    namespace: dict[str, Any] = {"Array": Array, "_step": _step}
+    exec(source, namespace)  # a real signature: Python's own messages for a wrong call
+    fn = namespace[spec.name]
+    fn.__module__ = __name__
+    start = "starts at zero" if not spec.initial else "starts at zero unless an option says"
+    step_doc = (
+        "step : int\n    The step being taken, counting from 1.\n" if spec.counts_steps else ""
+    )
+    doc, options = spec.docs
+    fn.__doc__ = (
+        f"One {spec.title} step, in place (:class:`fastrms.{spec.title}` steps many).\n\n"
+        f"{doc}\n\nParameters\n----------\n"
+        f"{', '.join(('param', 'grad', *slots))} : array\n"
+        "    Same shape and dtype (float32 or float64), C-contiguous; ``param`` and the state\n"
+        f"    are updated in place. The state {start}.\n{step_doc}{options}\n"
+        'backend : {"auto", "cuda", "cpu", "numpy"}\n    See :mod:`fastrms.dispatch`.'
+    )
+    return fn
+
+
+for _spec in SPECS.values():
+    if _spec.name not in globals():
+        globals()[_spec.name] = declare(_spec)
+    __all__.append(_spec.name)
+del _spec
+__all__.sort()
+multi_tensor_step.__doc__ = multi_tensor_step.__doc__.replace(
+    "{OPTIMIZERS}", "{" + ", ".join(f'"{n}"' for n in SPECS) + "}"
+)

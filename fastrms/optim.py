@@ -364,3 +364,25 @@ class Lion(Optimizer):
     """
 
     spec = specs.LION
+
+
+# -- the optimizers a spec declares without a hand-written class ---------------------------------
+
+_PARAMS_DOC = """params : array, list/tuple of arrays, or dict of str -> array
+    float32 or float64, C-contiguous, writeable; NumPy arrays or CUDA arrays."""
+_BACKEND_DOC = """backend : {"auto", "cuda", "cpu", "numpy"}
+    ``auto`` picks from the array type; see :mod:`fastrms.dispatch`."""
+
+
+def declare(spec: specs.Spec) -> type[Optimizer]:
+    """The optimizer class of ``spec``, named ``spec.title``, documented from the spec."""
+    doc, options = spec.docs
+    doc += f"\n\nParameters\n----------\n{_PARAMS_DOC}\n{options}\n{_BACKEND_DOC}"
+    namespace = {"spec": spec, "__doc__": doc, "__module__": __name__, "__qualname__": spec.title}
+    return type(spec.title, (Optimizer,), namespace)
+
+
+for _spec in specs.SPECS.values():
+    if _spec.name not in OPTIMIZERS:
+        globals()[_spec.title] = declare(_spec)
+del _spec

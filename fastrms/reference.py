@@ -158,7 +158,104 @@ def lion(arrays, hyper, flags):
         np.add(m, t, out=m)
 
 
-RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion}
+def adamax(arrays, hyper, flags):
+    a, h, _ = LAYOUTS["adamax"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, t) in _passes(param.size, param.dtype, 2):
+        p, m, u = param[s], a.exp_avg[s], a.exp_inf[s]
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.multiply(m, h.beta1, out=m)
+        np.add(m, t, out=m)
+        np.abs(g, out=g)
+        np.add(g, h.eps, out=g)
+        np.multiply(u, h.beta2, out=u)
+        np.maximum(u, g, out=u)  # NaN from either side propagates
+        np.multiply(m, h.clr, out=t)
+        np.divide(t, u, out=t)
+        np.subtract(p, t, out=p)
+
+
+def adadelta(arrays, hyper, flags):
+    a, h, _ = LAYOUTS["adadelta"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, v, u = param[s], a.square_avg[s], a.acc_delta[s]
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_rho, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, h.rho, out=v)
+        np.add(v, t, out=v)
+        np.add(u, h.eps, out=d)
+        np.sqrt(d, out=d)
+        np.multiply(d, g, out=d)
+        np.add(v, h.eps, out=t)
+        np.sqrt(t, out=t)
+        np.divide(d, t, out=d)  # delta
+        np.multiply(d, h.one_minus_rho, out=t)
+        np.multiply(t, d, out=t)
+        np.multiply(u, h.rho, out=u)
+        np.add(u, t, out=u)
+        np.multiply(d, h.lr, out=t)
+        np.subtract(p, t, out=p)
+
+
+def radam(arrays, hyper, flags):
+    a, h, f = LAYOUTS["radam"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, m, v = param[s], a.exp_avg[s], a.exp_avg_sq[s]
+        np.multiply(p, h.decay, out=p)
+        _gradient(g, a.grad[s], p, h.sign, h.weight_decay, t)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.multiply(m, h.beta1, out=m)
+        np.add(m, t, out=m)
+        np.multiply(g, h.one_minus_beta2, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, h.beta2, out=v)
+        np.add(v, t, out=v)
+        np.multiply(m, h.step_size, out=t)
+        if f.rectify:  # the adaptive factor sqrt(1 - beta2**t) / (sqrt(v) + eps)
+            np.sqrt(v, out=d)
+            np.add(d, h.eps, out=d)
+            np.divide(h.bias_correction2_sqrt, d, out=d)
+            np.multiply(t, d, out=t)
+        np.subtract(p, t, out=p)
+
+
+def nadam(arrays, hyper, flags):
+    a, h, f = LAYOUTS["nadam"].named(arrays, hyper, flags)
+    param = a.param
+    for s, (g, d, t) in _passes(param.size, param.dtype, 3):
+        p, m, v = param[s], a.exp_avg[s], a.exp_avg_sq[s]
+        np.multiply(p, h.decay, out=p)
+        if f.maximize:
+            np.negative(a.grad[s], out=g)
+        else:
+            np.copyto(g, a.grad[s])
+        if h.weight_decay != 0:
+            np.multiply(p, h.weight_decay, out=t)
+            np.add(g, t, out=g)
+        np.multiply(g, h.one_minus_beta1, out=t)
+        np.multiply(m, h.beta1, out=m)
+        np.add(m, t, out=m)
+        np.multiply(g, h.one_minus_beta2, out=t)
+        np.multiply(t, g, out=t)
+        np.multiply(v, h.beta2, out=v)
+        np.add(v, t, out=v)
+        np.divide(v, h.bias_correction2, out=d)
+        np.sqrt(d, out=d)
+        np.add(d, h.eps, out=d)
+        np.multiply(g, h.grad_step, out=t)
+        np.divide(t, d, out=t)
+        np.subtract(p, t, out=p)
+        np.multiply(m, h.exp_avg_step, out=t)
+        np.divide(t, d, out=t)
+        np.subtract(p, t, out=p)
+
+
+RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
+         "adamax": adamax, "adadelta": adadelta, "radam": radam, "nadam": nadam}  # fmt: skip
 
 
 # --- Naive textbook versions (for the benchmarks: what users write by hand) ---------------

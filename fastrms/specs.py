@@ -22,7 +22,9 @@ Nothing here imports numba.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import textwrap
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -122,12 +124,41 @@ F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 
 
 @dataclass(frozen=True)
+class TorchFace:
+    """How an optimizer looks in :mod:`fastrms.torch`: what is torch's and not the spec's.
+
+    ``fastrms.torch`` generates a class from it for every spec that has no hand-written one:
+    ``__init__(self, params, *positional, *, *keyword_only)``, each argument an option of the
+    spec (with its default) or one of ``extra`` (torch's own, such as ``foreach``), in torch's
+    order, so that ``inspect.signature`` matches ``torch.optim.<name>``'s.
+    """
+
+    name: str  # the class name, torch.optim's
+    positional: tuple[str, ...]  # arguments after ``params`` that may be positional
+    keyword_only: tuple[str, ...] = ()
+    #: torch's arguments that fastrms accepts and ignores (``foreach``, ``fused``) or refuses
+    #: when True (``capturable``, ``differentiable``), with torch's defaults.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    #: fastrms state names that torch spells differently (Adagrad: ``state_sum`` -> ``sum``).
+    renames: Mapping[str, str] = field(default_factory=dict)
+    #: Per-parameter 0-d float32 state that torch keeps beside ``step``, as a function of the
+    #: step options and the step count it has reached (NAdam's ``mu_product``); written after
+    #: every step so that checkpoints interchange with ``torch.optim``.
+    scalar_state: Mapping[str, Callable[..., float]] = field(default_factory=dict)
+    keeps_step: bool = True  # whether torch keeps ``state["step"]`` (not SGD)
+
+
+@dataclass(frozen=True)
 class Spec:
     """One optimizer: a layout, its options and the host-side scalars of a step.
 
     ``prepare(step, **options)`` receives every step and fixed option, checked, and returns
     ``(scalars, flags, state)``: two dicts keyed by the layout's names, and the tuple of state
     arrays these options use.
+
+    ``title``, ``doc``, ``option_doc`` and ``torch`` are what the frontends show: a frontend
+    without a hand-written class or function for the spec generates one from them
+    (:mod:`fastrms.optim`, :mod:`fastrms.functional`, :mod:`fastrms.torch`).
     """
 
     name: str
@@ -136,10 +167,24 @@ class Spec:
     prepare: Callable[..., tuple[dict, dict, tuple]]
     counts_steps: bool = True  # whether the step number changes the scalars
     initial: Mapping[str, str] = field(default_factory=dict)  # slot -> option of its start value
+    #: The NumPy class's name (``fastrms.<title>``).
+    title: str = ""
+    #: The numpy-style description shared by the frontends' docstrings: a summary line, then
+    #: the update formula as a ``::`` block (and any notes).
+    doc: str = ""
+    #: The "Parameters" entries of the options, numpy-style (indented as in the source).
+    option_doc: str = ""
+    #: The class in :mod:`fastrms.torch` (None: none is generated).
+    torch: TorchFace | None = None
 
     @property
     def rule(self) -> str:
         return self.layout.name
+
+    @property
+    def docs(self) -> tuple[str, str]:
+        """``doc`` and ``option_doc`` without their source indentation, for docstrings."""
+        return inspect.cleandoc(self.doc), textwrap.dedent(self.option_doc).strip("\n")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -331,6 +376,40 @@ LAYOUTS = {
              "one_minus_beta2": "1 - beta2", "decay": "1 - lr * weight_decay", "sign": "sign"},
             (),
         ),
+        Layout(
+            "adamax",
+            ("exp_avg", "exp_inf"),
+            {"clr": "lr / (1 - beta1**step)", "beta1": "beta1", "one_minus_beta1": "1 - beta1",
+             "beta2": "beta2", "eps": "eps", "weight_decay": "weight_decay", "sign": "sign"},
+            (),
+        ),
+        Layout(
+            "adadelta",
+            ("square_avg", "acc_delta"),
+            {"lr": "lr", "rho": "rho", "one_minus_rho": "1 - rho", "eps": "eps",
+             "weight_decay": "weight_decay", "sign": "sign"},
+            (),
+        ),
+        Layout(
+            "radam",
+            ("exp_avg", "exp_avg_sq"),
+            {"step_size": "lr * rect / (1 - beta1**step) (rect = 1 unless rectified)",
+             "bias_correction2_sqrt": "sqrt(1 - beta2**step)",
+             "beta1": "beta1", "one_minus_beta1": "1 - beta1", "beta2": "beta2",
+             "one_minus_beta2": "1 - beta2", "eps": "eps", "weight_decay": "weight_decay",
+             "decay": "1 - lr * weight_decay", "sign": "sign"},
+            ("rectify",),
+        ),
+        Layout(
+            "nadam",
+            ("exp_avg", "exp_avg_sq"),
+            {"grad_step": "lr * (1 - mu_t) / (1 - mu_product_t)",
+             "exp_avg_step": "lr * mu_(t+1) / (1 - mu_product_t * mu_(t+1))",
+             "bias_correction2": "1 - beta2**step", "beta1": "beta1",
+             "one_minus_beta1": "1 - beta1", "beta2": "beta2", "one_minus_beta2": "1 - beta2",
+             "eps": "eps", "weight_decay": "weight_decay", "decay": "1 - lr * weight_decay"},
+            ("maximize",),
+        ),
     )
 }  # fmt: skip
 
@@ -412,6 +491,7 @@ RMSPROP = Spec(
     ),
     _rmsprop,
     counts_steps=False,
+    title="RMSProp",
 )
 
 ADAGRAD = Spec(
@@ -428,6 +508,7 @@ ADAGRAD = Spec(
     ),
     _adagrad,
     initial={"state_sum": "initial_accumulator_value"},
+    title="AdaGrad",
 )
 
 ADAM = Spec(
@@ -443,10 +524,13 @@ ADAM = Spec(
         Option("decoupled_weight_decay", False, hyper.flag, kind="fixed"),
     ),
     _adam,
+    title="Adam",
 )
 
 #: AdamW (Loshchilov & Hutter 2019) is Adam with decoupled weight decay, default 1e-2.
-ADAMW = ADAM.variant("adamw", weight_decay=1e-2, decoupled_weight_decay=True)
+ADAMW = replace(
+    ADAM.variant("adamw", weight_decay=1e-2, decoupled_weight_decay=True), title="AdamW"
+)
 
 SGD = Spec(
     "sgd",
@@ -460,6 +544,7 @@ SGD = Spec(
         _MAXIMIZE,
     ),
     _sgd,
+    title="SGD",
 )
 
 #: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), with the
@@ -475,9 +560,273 @@ LION = Spec(
     ),
     _lion,
     counts_steps=False,
+    title="Lion",
 )
 
-SPECS = {s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION)}
+
+def _adamax(step, *, lr, betas, eps, weight_decay, maximize):
+    beta1, beta2 = betas
+    scalars = dict(
+        clr=lr / (1 - beta1**step), beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, sign=_sign(maximize),
+    )  # fmt: skip
+    return scalars, {}, ("exp_avg", "exp_inf")
+
+
+#: torch's arguments that fastrms accepts and ignores (foreach) or refuses when True.
+_TORCH_EXTRA = dict(foreach=None, capturable=False, differentiable=False)
+
+#: Adamax (Kingma & Ba 2015, section 7.1), torch.optim.Adamax's semantics and defaults.
+ADAMAX = Spec(
+    "adamax",
+    LAYOUTS["adamax"],
+    (
+        Option("lr", 2e-3, hyper.nonneg),
+        Option("betas", (0.9, 0.999), _betas),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        _MAXIMIZE,
+    ),
+    _adamax,
+    title="Adamax",
+    doc="""Adamax (Kingma & Ba 2015, section 7.1: Adam with the infinity norm), PyTorch's
+    defaults and semantics (``torch.optim.Adamax``), L2 weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g                       (exp_avg)
+        u = max(beta2 * u, |g| + eps)                          (exp_inf)
+        p = p - lr / (1 - beta1**t) * m / u
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, maximize
+        As ``torch.optim.Adamax``, same defaults: 2e-3, (0.9, 0.999), 1e-8, 0, False.
+        ``eps`` must be > 0.
+    """,
+    torch=TorchFace(
+        "Adamax",
+        ("lr", "betas", "eps", "weight_decay", "foreach"),
+        ("maximize", "differentiable", "capturable"),
+        _TORCH_EXTRA,
+    ),
+)
+
+
+def _adadelta(step, *, lr, rho, eps, weight_decay, maximize):
+    scalars = dict(
+        lr=lr, rho=rho, one_minus_rho=1 - rho, eps=eps, weight_decay=weight_decay,
+        sign=_sign(maximize),
+    )  # fmt: skip
+    return scalars, {}, ("square_avg", "acc_delta")
+
+
+#: Adadelta (Zeiler 2012), torch.optim.Adadelta's semantics and defaults.
+ADADELTA = Spec(
+    "adadelta",
+    LAYOUTS["adadelta"],
+    (
+        Option("lr", 1.0, hyper.nonneg),
+        Option("rho", 0.9, lambda n, x: hyper.real(n, x, 0.0, 1.0)),
+        Option("eps", 1e-6, hyper.positive),
+        _WEIGHT_DECAY,
+        _MAXIMIZE,
+    ),
+    _adadelta,
+    counts_steps=False,
+    title="Adadelta",
+    doc="""Adadelta (Zeiler 2012, "ADADELTA: An Adaptive Learning Rate Method"), PyTorch's
+    defaults and semantics (``torch.optim.Adadelta``), L2 weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        v = rho * v + (1 - rho) * g**2                         (square_avg)
+        delta = sqrt(u + eps) / sqrt(v + eps) * g
+        u = rho * u + (1 - rho) * delta**2                     (acc_delta)
+        p = p - lr * delta
+
+    The step size adapts from the ratio of the two running averages: ``lr`` (default 1) only
+    scales it.
+    """,
+    option_doc="""
+    lr, rho, eps, weight_decay, maximize
+        As ``torch.optim.Adadelta``, same defaults: 1.0, 0.9, 1e-6, 0, False. ``rho`` is in
+        [0, 1]; ``eps`` must be > 0.
+    """,
+    torch=TorchFace(
+        "Adadelta",
+        ("lr", "rho", "eps", "weight_decay", "foreach"),
+        ("capturable", "maximize", "differentiable"),
+        _TORCH_EXTRA,
+    ),
+)
+
+
+def _radam(step, *, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize):
+    beta1, beta2 = betas
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    # The length of the approximated simple moving average, and its limit (torch's names).
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    rectify = rho_t > 5.0
+    rect = 1.0
+    if rectify:
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ) ** 0.5
+    scalars = dict(
+        step_size=lr * rect / bias_correction1, bias_correction2_sqrt=bias_correction2**0.5,
+        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        eps=eps,
+        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        sign=_sign(maximize),
+    )  # fmt: skip
+    return scalars, dict(rectify=rectify), ("exp_avg", "exp_avg_sq")
+
+
+#: RAdam (Liu et al. 2020), torch.optim.RAdam's semantics and defaults.
+RADAM = Spec(
+    "radam",
+    LAYOUTS["radam"],
+    (
+        Option("lr", 1e-3, hyper.nonneg),
+        Option("betas", (0.9, 0.999), _betas),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        Option("decoupled_weight_decay", False, hyper.flag),
+        _MAXIMIZE,
+    ),
+    _radam,
+    title="RAdam",
+    doc="""RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and
+    Beyond"), PyTorch's defaults and semantics (``torch.optim.RAdam``).
+
+    ::
+
+        decoupled_weight_decay:  p = (1 - lr * weight_decay) * p
+        g = grad (or -grad if maximize) + weight_decay * p      (L2 decay: not decoupled)
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
+        rho_inf = 2 / (1 - beta2) - 1;   rho_t = rho_inf - 2 t beta2**t / (1 - beta2**t)
+        rho_t > 5:  rect = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+                    p = p - lr * rect / (1 - beta1**t) * m * sqrt(1 - beta2**t) / (sqrt(v) + eps)
+        else:       p = p - lr / (1 - beta1**t) * m          (momentum SGD while v is unreliable)
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, maximize
+        As ``torch.optim.RAdam``, same defaults: 1e-3, (0.9, 0.999), 1e-8, 0, False.
+        ``eps`` must be > 0.
+    decoupled_weight_decay : bool
+        Decay ``p`` directly, as AdamW does, instead of adding ``weight_decay * p`` to the
+        gradient.
+    """,
+    torch=TorchFace(
+        "RAdam",
+        ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay"),
+        ("foreach", "maximize", "capturable", "differentiable"),
+        _TORCH_EXTRA,
+    ),
+)
+
+
+def _nadam_mu(step: int, beta1: float, momentum_decay: float) -> float:
+    """NAdam's momentum coefficient of step ``step`` (Dozat 2016; torch's schedule)."""
+    return beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+
+
+@functools.lru_cache(maxsize=64)
+def _mu_products(beta1: float, momentum_decay: float) -> list[float]:
+    """The running products of mu, by step (index 0: 1.0), extended as steps need them."""
+    return [1.0]
+
+
+def nadam_mu_product(step: int, *, betas, momentum_decay: float, **_: Any) -> float:
+    """``mu_1 * ... * mu_step`` as torch.optim.NAdam keeps it: a float32 tensor multiplied by
+    each step's mu in turn (``mu_product *= mu``), so in float32 arithmetic. Computing it
+    the same way lets ``fastrms.torch.NAdam`` write torch's value into its state and take
+    torch's steps exactly. It reaches 0 in float32 after some hundreds of steps (mu <= beta1)
+    and stays there; until then each (beta1, momentum_decay) keeps its list of products."""
+    beta1 = betas[0]
+    products = _mu_products(beta1, momentum_decay)
+    while len(products) <= step:
+        if products[-1] == 0.0:
+            return 0.0
+        mu = _nadam_mu(len(products), beta1, momentum_decay)
+        products.append(float(np.float32(products[-1]) * np.float32(mu)))
+    return products[step]
+
+
+def _nadam(step, *, lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize):
+    beta1, beta2 = betas
+    mu = _nadam_mu(step, beta1, momentum_decay)
+    mu_next = _nadam_mu(step + 1, beta1, momentum_decay)
+    mu_product = nadam_mu_product(step, betas=betas, momentum_decay=momentum_decay)
+    mu_product_next = mu_product * mu_next
+    scalars = dict(
+        grad_step=lr * (1.0 - mu) / (1.0 - mu_product),
+        exp_avg_step=lr * mu_next / (1.0 - mu_product_next),
+        bias_correction2=1 - beta2**step,
+        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        eps=eps,
+        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+    )  # fmt: skip
+    return scalars, dict(maximize=maximize), ("exp_avg", "exp_avg_sq")
+
+
+#: NAdam (Dozat 2016), torch.optim.NAdam's semantics and defaults.
+NADAM = Spec(
+    "nadam",
+    LAYOUTS["nadam"],
+    (
+        Option("lr", 2e-3, hyper.nonneg),
+        Option("betas", (0.9, 0.999), _betas),
+        Option("eps", 1e-8, hyper.positive),
+        _WEIGHT_DECAY,
+        Option("momentum_decay", 4e-3, hyper.nonneg, example=4e-3),
+        Option("decoupled_weight_decay", False, hyper.flag),
+        _MAXIMIZE,
+    ),
+    _nadam,
+    title="NAdam",
+    doc="""NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"), PyTorch's
+    defaults and semantics (``torch.optim.NAdam``).
+
+    ::
+
+        decoupled_weight_decay:  p = (1 - lr * weight_decay) * p
+        g = grad (or -grad if maximize) + weight_decay * p      (L2 decay: not decoupled)
+        mu_t = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay));   P_t = mu_1 * ... * mu_t
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
+        d = sqrt(v / (1 - beta2**t)) + eps
+        p = p - lr * (1 - mu_t) / (1 - P_t) * g / d
+        p = p - lr * mu_(t+1) / (1 - P_t * mu_(t+1)) * m / d
+
+    ``P_t`` is computed from the step count as torch keeps it (``mu_product``, a float32
+    running product).
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, momentum_decay, maximize
+        As ``torch.optim.NAdam``, same defaults: 2e-3, (0.9, 0.999), 1e-8, 0, 4e-3, False.
+        ``eps`` must be > 0.
+    decoupled_weight_decay : bool
+        Decay ``p`` directly, as AdamW does (NAdamW), instead of adding
+        ``weight_decay * p`` to the gradient.
+    """,
+    torch=TorchFace(
+        "NAdam",
+        ("lr", "betas", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay"),
+        ("foreach", "maximize", "capturable", "differentiable"),
+        _TORCH_EXTRA,
+        scalar_state={"mu_product": nadam_mu_product},
+    ),
+)
+
+SPECS = {
+    s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX, ADADELTA, RADAM, NADAM)
+}
 
 #: The most scalars and state slots of any rule, derived from the layouts (nothing is sized by
 #: hand: each kernel takes its own rule's counts).

@@ -15,7 +15,7 @@ the parameters into buckets (:mod:`fastrms.torch_buckets`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -74,6 +74,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _torch_names: ClassVar[dict[str, str]] = {}
     #: Whether ``state["step"]`` is kept (not by SGD, as in torch).
     _keeps_step: ClassVar[bool] = True
+    #: 0-d float32 state that torch keeps per parameter beside ``step``, written after each
+    #: step from the step options and count (NAdam's ``mu_product``):
+    #: :attr:`fastrms.specs.TorchFace.scalar_state`.
+    _scalar_state: ClassVar[Mapping[str, Callable[..., float]]] = {}
     #: Whether parallel CPU steps run on torch's OpenMP team (:func:`fastrms.teams.torch_team`)
     #: where there is one, rather than on Numba's threads (the benchmarks compare the two).
     _torch_team: ClassVar[bool] = True
@@ -172,6 +176,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         last, self._last = self._last, None
         if last is not None and self._repeat(last):
             self._last = last
+            if self._scalar_state:
+                self._write_scalar_state(last)
             return loss
         buckets, created = self._buckets()
         try:
@@ -187,7 +193,23 @@ class FusedOptimizer(torch.optim.Optimizer):
             for view, t in b.steps:
                 view[()] = t
         self._last = self._record(buckets, [plan for plan, _ in ready])
+        if self._scalar_state and self._last is not None:
+            self._write_scalar_state(self._last)
         return loss
+
+    def _write_scalar_state(self, last: Repeat) -> None:
+        """Write each stepped parameter's scalar state (:attr:`_scalar_state`) for the step
+        count it has reached, as torch keeps it (a 0-d float32 tensor)."""
+        for run in last.runs:
+            options = self._setups[run.group][3][0]
+            values = {n: f(run.step, **options) for n, f in self._scalar_state.items()}
+            for st in run.dicts:
+                for n, value in values.items():
+                    t = st.get(n)
+                    if torch.is_tensor(t) and t.numel() == 1:
+                        t.fill_(value)
+                    else:
+                        st[n] = torch.tensor(value, dtype=torch.float32)
 
     def _check_gradients_apart(self, buckets: list[Bucket]) -> None:
         """Raise ``ValueError`` if a gradient overlaps an array that any bucket writes."""

@@ -166,7 +166,10 @@ def repeat(opt: torch.optim.Optimizer, last: Repeat) -> bool:
                     streams[device] = torch.cuda.current_stream(device).cuda_stream or None
                 for a in rec.arrays:
                     a.on(streams[device])
-        work.append((run, step, stepper(step), taken))
+        this_step = stepper(step)
+        if this_step.flags != run.plan.key[1]:  # flags that change with the step (RAdam's
+            return False  # rectification): the full route plans for the new ones
+        work.append((run, step, this_step, taken))
         if addresses is not None and not cuda:
             addresses += taken
     if addresses is not None:  # each plan checks its own bucket's gradients

@@ -220,4 +220,154 @@ def lion(i, arrays, hyper, flags):
     exp_avg[i] = beta2 * m + one_minus_beta2 * g
 
 
-RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion}
+@register_jitable(inline="always")
+def adamax(i, arrays, hyper, flags):
+    """Adamax (Kingma & Ba 2015, section 7.1), PyTorch's form.
+
+    g = sign*grad + wd*p;  m = b1*m + (1-b1)*g;  u = max(b2*u, |g| + eps)
+    p = p - clr*m/u,  clr = lr/(1-b1^t)
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    exp_avg = arrays[2]
+    exp_inf = arrays[3]
+    clr = hyper[0]
+    beta1 = hyper[1]
+    one_minus_beta1 = hyper[2]
+    beta2 = hyper[3]
+    eps = hyper[4]
+    weight_decay = hyper[5]
+    sign = hyper[6]
+    p = param[i]
+    g = sign * grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m = beta1 * exp_avg[i] + one_minus_beta1 * g
+    exp_avg[i] = m
+    u = beta2 * exp_inf[i]
+    a = abs(g) + eps
+    # max() that keeps a NaN from either side, as torch.maximum does.
+    if a != a or u < a:
+        u = a
+    exp_inf[i] = u
+    param[i] = p - clr * m / u
+
+
+@register_jitable(inline="always")
+def adadelta(i, arrays, hyper, flags):
+    """Adadelta (Zeiler 2012), PyTorch's form.
+
+    g = sign*grad + wd*p;  v = rho*v + (1-rho)*g^2
+    delta = sqrt(u + eps)*g/sqrt(v + eps);  u = rho*u + (1-rho)*delta^2
+    p = p - lr*delta
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    square_avg = arrays[2]
+    acc_delta = arrays[3]
+    lr = hyper[0]
+    rho = hyper[1]
+    one_minus_rho = hyper[2]
+    eps = hyper[3]
+    weight_decay = hyper[4]
+    sign = hyper[5]
+    p = param[i]
+    g = sign * grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    v = rho * square_avg[i] + one_minus_rho * g * g
+    square_avg[i] = v
+    u = acc_delta[i]
+    # torch computes sqrt(u + eps) / sqrt(v + eps) * g. Multiplying first keeps every
+    # operation in the arrays' dtype under the CUDA simulator too, where math.sqrt returns a
+    # Python float (a quotient of two of them would be taken in float64).
+    d = math.sqrt(u + eps) * g / math.sqrt(v + eps)
+    acc_delta[i] = rho * u + one_minus_rho * d * d
+    param[i] = p - lr * d
+
+
+@register_jitable(inline="always")
+def radam(i, arrays, hyper, flags):
+    """RAdam (Liu et al. 2020, "On the Variance of the Adaptive Learning Rate and Beyond"),
+    PyTorch's form.
+
+    p = decay*p (decoupled: decay = 1 - lr*wd, else 1);  g = sign*grad + wd*p (L2 only)
+    m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+    rectify (rho_t > 5, a host flag):  p = p - m*step_size*(sqrt(1-b2^t)/(sqrt(v) + eps)),
+        step_size = lr*rect/(1-b1^t)
+    else:  p = p - m*step_size,  step_size = lr/(1-b1^t)
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    exp_avg = arrays[2]
+    exp_avg_sq = arrays[3]
+    step_size = hyper[0]
+    bias_correction2_sqrt = hyper[1]
+    beta1 = hyper[2]
+    one_minus_beta1 = hyper[3]
+    beta2 = hyper[4]
+    one_minus_beta2 = hyper[5]
+    eps = hyper[6]
+    weight_decay = hyper[7]
+    decay = hyper[8]
+    sign = hyper[9]
+    rectify = flags[0]
+    p = decay * param[i]
+    g = sign * grad[i]
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m = beta1 * exp_avg[i] + one_minus_beta1 * g
+    exp_avg[i] = m
+    v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+    exp_avg_sq[i] = v
+    if rectify:
+        param[i] = p - m * step_size * (bias_correction2_sqrt / (math.sqrt(v) + eps))
+    else:
+        param[i] = p - m * step_size
+
+
+@register_jitable(inline="always")
+def nadam(i, arrays, hyper, flags):
+    """NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"), PyTorch's form.
+
+    p = decay*p (decoupled: decay = 1 - lr*wd, else 1);  g = -grad if maximize else grad
+    g = g + wd*p (L2 only);  m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+    d = sqrt(v/(1-b2^t)) + eps
+    p = p - grad_step*g/d;  p = p - exp_avg_step*m/d
+    (grad_step = lr*(1-mu_t)/(1-prod mu), exp_avg_step = lr*mu_{t+1}/(1-prod mu * mu_{t+1}))
+
+    ``maximize`` is a flag, not a ``sign`` scalar as in the other rules: the rule takes ten
+    scalars already (negation is exact, so the two forms give the same bits).
+    """
+    param = arrays[0]
+    grad = arrays[1]
+    exp_avg = arrays[2]
+    exp_avg_sq = arrays[3]
+    grad_step = hyper[0]
+    exp_avg_step = hyper[1]
+    bias_correction2 = hyper[2]
+    beta1 = hyper[3]
+    one_minus_beta1 = hyper[4]
+    beta2 = hyper[5]
+    one_minus_beta2 = hyper[6]
+    eps = hyper[7]
+    weight_decay = hyper[8]
+    decay = hyper[9]
+    maximize = flags[0]
+    p = decay * param[i]
+    g = grad[i]
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + weight_decay * p
+    m = beta1 * exp_avg[i] + one_minus_beta1 * g
+    exp_avg[i] = m
+    v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g
+    exp_avg_sq[i] = v
+    d = math.sqrt(v / bias_correction2) + eps
+    p = p - grad_step * g / d
+    param[i] = p - exp_avg_step * m / d
+
+
+RULES = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "sgd": sgd, "lion": lion,
+         "adamax": adamax, "adadelta": adadelta, "radam": radam, "nadam": nadam}  # fmt: skip

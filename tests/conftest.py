@@ -83,9 +83,10 @@ OPTION_GRIDS = {name: _option_grid(spec) for name, spec in SPECS.items()}
 #: How many combinations each grid has: 2^(flags + numeric options), less SGD's Nesterov
 #: without momentum or with dampening (12 of 32). A grid that shrank (an option lost, a
 #: combination refused) would quietly test less: change these with the options.
-GRID_SIZES = {"rmsprop": 32, "adagrad": 32, "adam": 8, "adamw": 8, "sgd": 20, "lion": 4}
+GRID_SIZES = {"rmsprop": 32, "adagrad": 32, "adam": 8, "adamw": 8, "sgd": 20, "lion": 4,
+              "adamax": 4, "adadelta": 4, "radam": 8, "nadam": 16}  # fmt: skip
 assert {k: len(v) for k, v in OPTION_GRIDS.items()} == GRID_SIZES, OPTION_GRIDS
-assert sum(GRID_SIZES.values()) == 104
+assert sum(GRID_SIZES.values()) == 136
 
 
 def _full_state(name: str) -> dict:

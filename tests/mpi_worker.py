@@ -26,7 +26,8 @@ from fastrms.optim import OPTIMIZERS
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
 
-LR = {"RMSProp": 1e-2, "AdaGrad": 1e-1, "Adam": 1e-2, "AdamW": 1e-2, "SGD": 5e-2}
+LR = {"RMSProp": 1e-2, "AdaGrad": 1e-1, "Adam": 1e-2, "AdamW": 1e-2, "SGD": 5e-2,
+      "Adamax": 1e-2, "Adadelta": 1.0, "RAdam": 1e-2, "NAdam": 1e-2}  # fmt: skip
 #: Each optimizer plainly, with every state array it has, and with its other switches.
 CASES = [
     ("RMSProp", {}),
@@ -43,6 +44,10 @@ CASES = [
     ("SGD", {}),
     ("SGD", dict(momentum=0.9, dampening=0.5, weight_decay=0.1)),
     ("SGD", dict(momentum=0.9, nesterov=True, maximize=True)),
+    ("Adamax", dict(weight_decay=0.1, maximize=True)),
+    ("Adadelta", dict(rho=0.8, weight_decay=0.1, maximize=True)),
+    ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ("NAdam", dict(weight_decay=0.1, momentum_decay=0.006, maximize=True)),
 ]
 #: Every other optimizer class made from a spec (Lion, and any added since), plainly: the
 #: sharded optimizer must take any of them, with nothing in it listing them.

@@ -23,7 +23,7 @@ from conftest import ALGOS, DTYPES, OPTION_GRIDS, assert_close, assert_same_bits
 import fastrms
 from fastrms import functional, reference
 from fastrms.arrays import extent
-from fastrms.specs import LAYOUTS
+from fastrms.specs import LAYOUTS, SPECS
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 CUDA = fastrms.backends()["cuda"]
@@ -80,7 +80,9 @@ def _setup(name: str, options: dict, step: int) -> functional.Setup:
         return functional.adam_setup(
             step=step, lr=lr, decoupled_weight_decay=name == "adamw", **options
         )
-    return functional.sgd_setup(step=step, lr=lr, **options)
+    if name == "sgd":
+        return functional.sgd_setup(step=step, lr=lr, **options)
+    return SPECS[name].setup(step, lr=lr, **options)
 
 
 def _covering(name: str) -> list[dict]:

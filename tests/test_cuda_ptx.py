@@ -25,7 +25,7 @@ from fastrms.specs import LAYOUTS  # noqa: E402
 N_FLAGS = {name: len(layout.flags) for name, layout in LAYOUTS.items()}
 N_HYPER = {name: len(layout.scalars) for name, layout in LAYOUTS.items()}
 #: The rules that divide and take square roots (Lion only moves by lr * sign).
-DIVIDES = ("rmsprop", "adagrad", "adam")
+DIVIDES = ("rmsprop", "adagrad", "adam", "adadelta", "nadam")  # (RAdam only where it rectifies)
 F64 = re.compile(r"^\s*[a-z]+(\.[a-z0-9]+)*\.f64\b", re.M)  # any instruction typed .f64
 
 
@@ -67,14 +67,17 @@ def test_float32_kernel_has_no_float64_arithmetic(rule, flags):
                     "install the test extra, which brings NVRTC and NVVM")  # fmt: skip
     assert not F64.findall(ptx), "float64 instruction in a float32 kernel"
     assert re.search(r"\b(mul|fma\.rn)\.f32\b", ptx), "no float32 arithmetic found at all"
-    if rule in DIVIDES:  # precise (not fastmath) float32 division and square root
+    if rule in DIVIDES or (rule == "radam" and flags[0]):  # precise (not fastmath) float32
+        # division and square root
         assert re.search(r"\bdiv\.rn\.f32\b", ptx)
         assert re.search(r"\bsqrt\.rn\.f32\b", ptx)
 
 
 def test_every_rule_is_checked():
     assert {rule for rule, _ in CASES} == set(rules.RULES) == {"rmsprop", "adagrad", "adam",
-                                                               "sgd", "lion"}  # fmt: skip
+                                                               "sgd", "lion", "adamax",
+                                                               "adadelta", "radam",
+                                                               "nadam"}  # fmt: skip
 
 
 def test_float64_kernel_is_float64():

@@ -50,6 +50,24 @@ HYPER = {
     "lion": st.fixed_dictionaries(
         dict(lr=rate, betas=st.tuples(decay, decay), weight_decay=rate, maximize=flag)
     ),
+    "adamax": st.fixed_dictionaries(
+        dict(lr=rate, betas=st.tuples(decay, decay), eps=eps, weight_decay=rate, maximize=flag)
+    ),
+    "adadelta": st.fixed_dictionaries(
+        dict(lr=rate, rho=rate, eps=eps, weight_decay=rate, maximize=flag)
+    ),
+    "radam": st.fixed_dictionaries(
+        dict(
+            lr=rate, betas=st.tuples(decay, decay), eps=eps, weight_decay=rate,
+            decoupled_weight_decay=flag, maximize=flag,
+        )
+    ),
+    "nadam": st.fixed_dictionaries(
+        dict(
+            lr=rate, betas=st.tuples(decay, decay), eps=eps, weight_decay=rate,
+            momentum_decay=st.floats(0.0, 1.0), decoupled_weight_decay=flag, maximize=flag,
+        )
+    ),
 }  # fmt: skip
 HYPER["adamw"] = HYPER["adam"]
 

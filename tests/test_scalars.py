@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from conftest import OPTION_GRIDS, options_id
 
 from fastrms.specs import SPECS
 
-STEPS = range(1, 7)
+STEPS = range(1, 9)  # RAdam rectifies from step 6 (betas (0.9, 0.999)) or 7 (AWAY)
 #: Hyperparameters away from their defaults, each a distinct value (none 0 or 1).
 AWAY = {
     "lr": 0.03,
@@ -33,6 +34,8 @@ AWAY = {
     "betas": (0.8, 0.95),
     "lr_decay": 0.25,
     "dampening": 0.3,
+    "rho": 0.85,
+    "momentum_decay": 0.02,
 }
 REL_TOL = 4 * 2.0**-52
 
@@ -113,8 +116,78 @@ def lion(t: int, o: dict) -> tuple[dict, dict, tuple]:
     return scalars, {}, ("exp_avg",)
 
 
+def adamax(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.Adamax: clr = lr / (1 - b1^t); m = b1 m + (1 - b1) g;
+    u = max(b2 u, |g| + eps); p -= clr m / u."""
+    b1, b2 = o["betas"]
+    scalars = {
+        "clr": o["lr"] / (1.0 - b1**t), "beta1": b1, "one_minus_beta1": 1.0 - b1, "beta2": b2,
+        "eps": o["eps"], "weight_decay": o["weight_decay"], "sign": _sign(o),
+    }  # fmt: skip
+    return scalars, {}, ("exp_avg", "exp_inf")
+
+
+def adadelta(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.Adadelta: v = rho v + (1 - rho) g^2; delta = sqrt(u + eps)/sqrt(v + eps) g;
+    u = rho u + (1 - rho) delta^2; p -= lr delta (no step dependence)."""
+    scalars = {
+        "lr": o["lr"], "rho": o["rho"], "one_minus_rho": 1.0 - o["rho"], "eps": o["eps"],
+        "weight_decay": o["weight_decay"], "sign": _sign(o),
+    }  # fmt: skip
+    return scalars, {}, ("square_avg", "acc_delta")
+
+
+def radam(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.RAdam: rho_inf = 2/(1 - b2) - 1, rho_t = rho_inf - 2 t b2^t/(1 - b2^t);
+    for rho_t > 5 the step is lr r/(1 - b1^t) m sqrt(1 - b2^t)/(sqrt(v) + eps) with
+    r = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t)), else
+    lr/(1 - b1^t) m."""
+    b1, b2 = o["betas"]
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    rho_t = rho_inf - 2.0 * t * b2**t / (1.0 - b2**t)
+    rectify = rho_t > 5.0
+    r = 1.0
+    if rectify:
+        r = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+    decoupled = o["decoupled_weight_decay"]
+    scalars = {
+        "step_size": o["lr"] * r / (1.0 - b1**t), "bias_correction2_sqrt": math.sqrt(1.0 - b2**t),
+        "beta1": b1, "one_minus_beta1": 1.0 - b1, "beta2": b2, "one_minus_beta2": 1.0 - b2,
+        "eps": o["eps"], "weight_decay": 0.0 if decoupled else o["weight_decay"],
+        "decay": 1.0 - o["lr"] * o["weight_decay"] if decoupled else 1.0, "sign": _sign(o),
+    }  # fmt: skip
+    return scalars, {"rectify": rectify}, ("exp_avg", "exp_avg_sq")
+
+
+def nadam(t: int, o: dict) -> tuple[dict, dict, tuple]:
+    """torch.optim.NAdam: mu_k = b1 (1 - 0.5 * 0.96^(k psi)); P_t = mu_1 ... mu_t, a float32
+    running product in torch (so rounded to float32 after each multiplication here too);
+    p -= lr (1 - mu_t)/(1 - P_t) g/d + lr mu_{t+1}/(1 - P_t mu_{t+1}) m/d,
+    d = sqrt(v/(1 - b2^t)) + eps."""
+    b1, b2 = o["betas"]
+
+    def mu(k):
+        return b1 * (1.0 - 0.5 * 0.96 ** (k * o["momentum_decay"]))
+
+    product = np.float32(1.0)
+    for k in range(1, t + 1):
+        product = np.float32(product * np.float32(mu(k)))
+    product = float(product)
+    decoupled = o["decoupled_weight_decay"]
+    scalars = {
+        "grad_step": o["lr"] * (1.0 - mu(t)) / (1.0 - product),
+        "exp_avg_step": o["lr"] * mu(t + 1) / (1.0 - product * mu(t + 1)),
+        "bias_correction2": 1.0 - b2**t, "beta1": b1, "one_minus_beta1": 1.0 - b1,
+        "beta2": b2, "one_minus_beta2": 1.0 - b2, "eps": o["eps"],
+        "weight_decay": 0.0 if decoupled else o["weight_decay"],
+        "decay": 1.0 - o["lr"] * o["weight_decay"] if decoupled else 1.0,
+    }  # fmt: skip
+    return scalars, {"maximize": o["maximize"]}, ("exp_avg", "exp_avg_sq")
+
+
 ORACLE = {"rmsprop": rmsprop, "adagrad": adagrad, "adam": adam, "adamw": adamw, "sgd": sgd,
-          "lion": lion}  # fmt: skip
+          "lion": lion, "adamax": adamax, "adadelta": adadelta, "radam": radam,
+          "nadam": nadam}  # fmt: skip
 
 #: The defaults each optimizer documents (PyTorch's; Lion: the paper's code and Optax's).
 DEFAULTS = {
@@ -129,6 +202,12 @@ DEFAULTS = {
     "sgd": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                 maximize=False),
     "lion": dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+    "adamax": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
+    "adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
+    "radam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, maximize=False),
+    "nadam": dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False),
 }  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from torch.testing._internal.common_optimizers import optim_db  # noqa: E402
 import fastrms.torch as ft  # noqa: E402
 from fastrms.torch_layout import CONTIGUOUS, DENSE, STRIDED, layout_of  # noqa: E402
 
-NAMES = ("RMSprop", "Adagrad", "Adam", "AdamW", "SGD")
+NAMES = ("RMSprop", "Adagrad", "Adam", "AdamW", "SGD", "Adamax", "NAdam", "RAdam", "Adadelta")
 #: Options under which each optimizer keeps every state tensor it has.
 FULL = {
     "RMSprop": dict(centered=True, momentum=0.9, weight_decay=0.1),
@@ -33,8 +33,13 @@ FULL = {
     "Adam": dict(amsgrad=True, weight_decay=0.1),
     "AdamW": dict(amsgrad=True),
     "SGD": dict(momentum=0.9, dampening=0.5, weight_decay=0.1),
+    "Adamax": dict(weight_decay=0.1),
+    "NAdam": dict(weight_decay=0.1, momentum_decay=0.006),
+    "RAdam": dict(weight_decay=0.1, decoupled_weight_decay=True),
+    "Adadelta": dict(rho=0.8, weight_decay=0.1),
 }
-LR = {"RMSprop": 1e-2, "Adagrad": 1e-1, "Adam": 1e-2, "AdamW": 1e-2, "SGD": 5e-2}
+LR = {"RMSprop": 1e-2, "Adagrad": 1e-1, "Adam": 1e-2, "AdamW": 1e-2, "SGD": 5e-2,
+      "Adamax": 1e-2, "NAdam": 1e-2, "RAdam": 1e-2, "Adadelta": 1.0}  # fmt: skip
 STEPS = 6
 
 
@@ -59,8 +64,8 @@ def assert_matches(ours_opt, ours, theirs_opt, theirs, when: str) -> None:
         sa, sb = ours_opt.state.get(a, {}), theirs_opt.state.get(b, {})
         assert sa.keys() == sb.keys(), (i, when)
         for k, v in sb.items():
-            if k == "step":
-                assert sa[k].item() == v.item(), (i, when)
+            if k == "step" or v.dim() == 0:  # and NAdam's mu_product: the same float32
+                assert sa[k].dtype == v.dtype and sa[k].item() == v.item(), (i, k, when)
                 continue
             # preserve_format: the parameter's strides if it is dense, else contiguous (torch's
             # momentum_buffer is a clone of the first gradient, in the gradient's strides)
@@ -293,7 +298,8 @@ def test_complex_checkpoints_match_torchs():
         buf.seek(0)
         sd = torch.load(buf, weights_only=True)
         for st in sd["state"].values():
-            assert all(v.is_complex() for k, v in st.items() if k != "step"), name
+            # (0-d: step, NAdam's mu_product, real in torch too)
+            assert all(v.is_complex() for v in st.values() if v.dim() > 0), name
         ours2, theirs2 = _clone(ours), _clone(theirs)
         a2 = getattr(ft, name)(ours2, lr=1.0)
         b2 = getattr(torch.optim, name)(theirs2, lr=1.0, foreach=False)
