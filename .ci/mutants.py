@@ -73,8 +73,8 @@ def m(file: str, name: str, *edits: tuple[str, str]) -> Mutant:
     return Mutant(file, name, list(edits))
 
 
-SPECS, GROUPED, GROUPS, SCHEDULE, DIST, PART, RULES = (
-    "fastrms/specs.py", "fastrms/grouped.py", "fastrms/launch_groups.py", "fastrms/schedule.py",
+SPECS, SPEC_TYPES, GROUPED, GROUPS, SCHEDULE, DIST, PART, RULES = (
+    "fastrms/specs.py", "fastrms/spec_types.py", "fastrms/grouped.py", "fastrms/launch_groups.py", "fastrms/schedule.py",
     "fastrms/distributed.py", "fastrms/shard_partition.py", "kernels/rules.py",
 )  # fmt: skip
 
@@ -82,6 +82,12 @@ SPECS, GROUPED, GROUPS, SCHEDULE, DIST, PART, RULES = (
 #: project's issue 22 found unguarded (each dtype group cast and checked just before it runs;
 #: gradients summed instead of averaged; a changed Adam bias correction).
 MUTANTS: dict[str, list[Mutant]] = {
+    SPEC_TYPES: [
+        m(SPEC_TYPES, "float32 fit check deleted",
+          ("    eps = layout.eps_index\n    if (", "    return\n    eps = layout.eps_index\n    if (")),
+        m(SPEC_TYPES, "eps underflow to float32 0 not refused",
+          ("and (eps is None or not 0 < scalars[eps] < F32_TINY)", "and True")),
+    ],
     SPECS: [
         m(SPECS, "Adam bias correction 1 - beta1**(step + 1)",
           ("step_size=lr / (1 - beta1**step),", "step_size=lr / (1 - beta1 ** (step + 1)),")),
@@ -103,10 +109,6 @@ MUTANTS: dict[str, list[Mutant]] = {
           ("weight_decay=0.0 if decoupled_weight_decay else weight_decay,",
            "weight_decay=weight_decay,")),
         m(SPECS, "maximize ignored", ("return -1.0 if maximize else 1.0", "return 1.0")),
-        m(SPECS, "float32 fit check deleted",
-          ("    eps = layout.eps_index\n    if (", "    return\n    eps = layout.eps_index\n    if (")),
-        m(SPECS, "eps underflow to float32 0 not refused",
-          ("and (eps is None or not 0 < scalars[eps] < F32_TINY)", "and True")),
         m(SPECS, "Nesterov with dampening accepted",
           ("if nesterov and (momentum == 0 or dampening != 0):", "if nesterov and momentum == 0:")),
         m(SPECS, "RMSProp momentum buffer at momentum 0",
@@ -220,6 +222,7 @@ MUTANTS: dict[str, list[Mutant]] = {
 TESTS = {
     SPECS: ["tests/test_scalars.py", "tests/test_specs.py", "tests/test_refusals.py",
             "tests/test_validation.py", "tests/test_api.py", "tests/test_reference.py"],
+    SPEC_TYPES: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_specs.py"],
     GROUPED: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_api.py",
               "tests/test_grouped.py"],
     GROUPS: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_api.py",
