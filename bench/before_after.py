@@ -33,12 +33,16 @@ def bench_once(python: str, bench_args: list[str]) -> dict:
             return json.load(f)
 
 
-def cells(result: dict) -> dict[str, float]:
-    """Median seconds of every single-array cell and every model-workload variant."""
-    out = {f"{c['algo']} n={c['n']} {c['variant']}": c["median_s"] for c in result["cells"]}
+def cells(result: dict) -> dict[str, tuple[float, float | None]]:
+    """Median seconds of every single-array cell and every model-workload variant, with its
+    speed-up over torch measured in the same process (None without torch)."""
+    out = {}
+    for c in result["cells"]:
+        out[f"{c['algo']} n={c['n']} {c['variant']}"] = (c["median_s"], c.get("speedup_torch"))
     for m in result.get("models", []):
         for c in m["cells"]:
-            out[f"{m['model']}/{m['algo']} {c['variant']}"] = c["median_s"]
+            key = f"{m['model']}/{m['algo']} {c['variant']}"
+            out[key] = (c["median_s"], c.get("speedup_torch"))
     return out
 
 
@@ -47,11 +51,15 @@ def main() -> int:
     parser.add_argument("--before", required=True, help="python of the old install")
     parser.add_argument("--after", required=True, help="python of the new install")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--labels", default="before,after", help="what the two installs are")
     parser.add_argument("--json", help="write the ratios here")
     parser.add_argument("bench_args", nargs="*", help="arguments for fastrms bench (after --)")
     args = parser.parse_args()
 
     ratios: dict[str, list[float]] = {}
+    # The same ratio with each run's time divided by torch's in that run: drift of the
+    # machine between the two processes cancels.
+    normalized: dict[str, list[float]] = {}
     for r in range(args.rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")
         medians = {}
@@ -59,23 +67,38 @@ def main() -> int:
             print(f"round {r + 1}/{args.rounds}: {which}", file=sys.stderr, flush=True)
             medians[which] = cells(bench_once(getattr(args, which), args.bench_args))
         for key in medians["before"].keys() & medians["after"].keys():
-            ratios.setdefault(key, []).append(medians["after"][key] / medians["before"][key])
+            (t_before, vs_before), (t_after, vs_after) = (
+                medians["before"][key],
+                medians["after"][key],
+            )
+            ratios.setdefault(key, []).append(t_after / t_before)
+            if vs_before and vs_after:
+                normalized.setdefault(key, []).append(vs_before / vs_after)
 
     fastrms_rows = {k: v for k, v in sorted(ratios.items()) if " cpu" in k or " numpy" in k}
-    print("| cell | after/before time, per round | median |")
-    print("|---|---|---|")
+    print("| cell | after/before time, per round | median | same, relative to torch |")
+    print("|---|---|---|---|")
     for key, values in fastrms_rows.items():
         shown = ", ".join(f"{v:.2f}" for v in values)
-        print(f"| {key} | {shown} | {statistics.median(values):.2f} |")
+        rel = normalized.get(key)
+        rel_shown = f"{statistics.median(rel):.2f} ({min(rel):.2f}-{max(rel):.2f})" if rel else "-"
+        print(f"| {key} | {shown} | {statistics.median(values):.2f} | {rel_shown} |")
     all_fastrms = [statistics.median(v) for v in fastrms_rows.values()]
     print(
         f"\nfastrms cells: median of medians {statistics.median(all_fastrms):.3f}, "
         f"range {min(all_fastrms):.2f}-{max(all_fastrms):.2f}"
     )
+    rel_all = [statistics.median(normalized[k]) for k in fastrms_rows if k in normalized]
+    if rel_all:
+        print(
+            f"relative to torch: median of medians {statistics.median(rel_all):.3f}, "
+            f"range {min(rel_all):.2f}-{max(rel_all):.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bench_args": args.bench_args, "rounds": args.rounds,
-                       "after_over_before": ratios}, f, indent=1)  # fmt: skip
+            json.dump({"labels": args.labels, "bench_args": args.bench_args, "rounds": args.rounds,
+                       "after_over_before": ratios,
+                       "after_over_before_relative_to_torch": normalized}, f, indent=1)  # fmt: skip
     return 0
 
 

@@ -6,7 +6,7 @@ the step computes in, and the one kernel signature that follows.
   (:mod:`fastrms.kernels.elementwise`). ``float32`` and ``float64`` hold what they compute
   in, so loading and storing are the identity and the kernels index the arrays directly; a
   storage that holds something else names a ``codec``, a load/store pair registered in
-  :mod:`fastrms.kernels.codecs` (bf16 as uint16 and 8-bit blockwise come next).
+  :mod:`fastrms.kernels.columns` (bf16 as uint16 and 8-bit blockwise come next).
 - A layout's state arrays are :class:`fastrms.specs.Slot` objects (name, initial value,
   shape rule).
 - :func:`signature` is the policy: it maps a parameter's dtype, the storage of each state

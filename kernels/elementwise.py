@@ -20,7 +20,7 @@ Storages: each array is loaded and stored through its storage
 (:class:`fastrms.precision.Storage`). The float storages hold their compute dtype and have no
 codec: the rule indexes the arrays themselves, and the loops compile to exactly the code they
 did before the storage model (checked bit for bit and timed). A storage with a codec (bf16 held
-as uint16, 8-bit blockwise) registers its load/store pair in :mod:`fastrms.kernels.codecs`; its
+as uint16, 8-bit blockwise) registers its load/store pair in :mod:`fastrms.kernels.columns`; its
 column then reaches the rule as an array-like whose ``[i]`` loads and ``[i] = x`` stores through
 them, so neither the rules nor these loops change (a test runs Adam with bf16 state so).
 
@@ -36,28 +36,28 @@ from pathlib import Path
 import numpy as np
 from numba import cfunc, njit, prange, types
 
-from . import codecs
+from . import columns
 from ._options import FASTMATH, RULES_TOKEN, digest
 from .pointers import address_of, arrays_at, fetch_add, load_int64, scalars_at
 
 #: Part of every kernel's closure, hence of Numba's cache key: the rules' digest and the
-#: fastmath setting, and the codecs' digest. The widths need no token: the tuples that carry
+#: fastmath setting, and the codec columns' digest. The widths need no token: the tuples that carry
 #: them (the columns' and scalars' likes, the row stride) are closure values too, and Numba
 #: keys its cache on those.
-TOKEN = (RULES_TOKEN, digest(Path(__file__).with_name("codecs.py")))
+TOKEN = (RULES_TOKEN, digest(Path(__file__).with_name("columns.py")))
 
 
 def _column_likes(storages):
     """What types each column of a table row: a zero of the held dtype for a float storage
-    (a plain array), a :class:`~fastrms.kernels.codecs.ColumnLike` for one with a codec."""
+    (a plain array), a :class:`~fastrms.kernels.columns.ColumnLike` for one with a codec."""
     likes = []
     for storage in storages:
         if storage.codec is None:
             likes.append(np.dtype(storage.dtype).type(0))
-        elif storage.codec in codecs.CODECS:
-            likes.append(codecs.ColumnLike(storage.dtype, storage.compute, storage.codec))
+        elif storage.codec in columns.CODECS:
+            likes.append(columns.ColumnLike(storage.dtype, storage.compute, storage.codec))
         else:
-            raise ValueError(f"no codec {storage.codec!r} is registered (kernels.codecs)")
+            raise ValueError(f"no codec {storage.codec!r} is registered (kernels.columns)")
     return tuple(likes)
 
 

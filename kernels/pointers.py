@@ -18,7 +18,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
-from . import codecs
+from . import columns
 
 
 @intrinsic
@@ -161,11 +161,11 @@ def _likes(likes):
 
 def _column_type(like):
     """What a table column becomes in a kernel: a plain array for a float ``like``, a
-    :class:`~fastrms.kernels.codecs.CodecColumn` for a codec's ``ColumnLike``; else None."""
+    :class:`~fastrms.kernels.columns.CodecColumn` for a codec's ``ColumnLike``; else None."""
     if isinstance(like, types.Float):
         return types.Array(like, 1, "C")
-    if isinstance(like, codecs.ColumnLikeType):
-        return codecs.CodecColumn.of(like)
+    if isinstance(like, columns.ColumnLikeType):
+        return columns.CodecColumn.of(like)
     return None
 
 
@@ -174,8 +174,8 @@ def arrays_at(typingctx, words, start, size, likes):
     """``arrays_at(words, start, size, likes)``: a tuple of 1-D arrays, one per element of the
     tuple ``likes``: column ``j`` is the ``size`` elements from element ``start`` on of the
     array whose address is the int64 at ``words + 8 * j``, of ``likes[j]``'s type (a float
-    scalar), or a :class:`~fastrms.kernels.codecs.CodecColumn` over it (for a
-    :class:`~fastrms.kernels.codecs.ColumnLike`: a storage with a codec).
+    scalar), or a :class:`~fastrms.kernels.columns.CodecColumn` over it (for a
+    :class:`~fastrms.kernels.columns.ColumnLike`: a storage with a codec).
 
     The grouped kernels build their arrays from a table row with it, so the number of columns
     and their types come from the rule's signature, not from code written per width. It is one
@@ -198,7 +198,7 @@ def arrays_at(typingctx, words, start, size, likes):
         base = builder.inttoptr(words, word_type.as_pointer())
         values = []
         for j, column_type in enumerate(column_types):
-            codec = isinstance(column_type, codecs.CodecColumn)
+            codec = isinstance(column_type, columns.CodecColumn)
             array_type = column_type.array if codec else column_type
             address = builder.load(builder.gep(base, [ir.Constant(word_type, j)]))
             data_type = context.get_data_type(array_type.dtype)
@@ -214,7 +214,7 @@ def arrays_at(typingctx, words, start, size, likes):
                 meminfo=None,
             )
             value = array._getvalue()
-            values.append(codecs.wrap(context, builder, column_type, value) if codec else value)
+            values.append(columns.wrap(context, builder, column_type, value) if codec else value)
         return context.make_tuple(builder, tuple_type, values)
 
     return tuple_type(words, types.int64, types.int64, likes), codegen

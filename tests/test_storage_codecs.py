@@ -20,7 +20,7 @@ from numba import njit, types
 from numba.extending import intrinsic, register_jitable
 
 from fastrms import precision, schedule, threads
-from fastrms.kernels import codecs, elementwise, rules
+from fastrms.kernels import columns, elementwise, rules
 from fastrms.specs import SPECS
 
 
@@ -70,7 +70,7 @@ F32 = precision.STORAGES["float32"]
 
 @pytest.fixture
 def bf16(monkeypatch):
-    monkeypatch.setitem(codecs.CODECS, "bf16-test", (bf16_load, bf16_store))
+    monkeypatch.setitem(columns.CODECS, "bf16-test", (bf16_load, bf16_store))
 
 
 def _numpy_adam(p, g, m, v, h):

@@ -1,5 +1,5 @@
-"""Storage codecs: how a kernel loads an element of a stored array into the compute dtype and
-stores a result back, for storages that do not hold their compute dtype.
+"""Codec columns: how a kernel loads an element of a stored array into the compute dtype and
+stores a result back, for storages that do not hold their compute dtype (through a codec).
 
 A storage of :mod:`fastrms.precision` with a ``codec`` (bf16 held as uint16, say) reaches a
 rule as a :class:`CodecColumn`: an array-like whose ``column[i]`` calls the codec's ``load``
