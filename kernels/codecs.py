@@ -1,0 +1,246 @@
+"""Scalar codecs of the low-precision storages, inlined into the kernels' loops.
+
+Each function here is ``register_jitable(inline="always")``, like the rules in
+:mod:`fastrms.kernels.rules`, so a loop that calls it still vectorizes; the CUDA kernels can
+compile the same functions as device functions. The NumPy reference,
+:mod:`fastrms.lowprecision`, defines what each one computes; these give the same bits (the
+tests run both on large random inputs and on every edge case).
+
+- bfloat16, held as ``uint16`` patterns: :func:`bf16_load`, :func:`bf16_nearest`,
+  :func:`bf16_stochastic` (random bits from :func:`random_bits`), :func:`kahan_add`.
+- blockwise 8-bit: :func:`encode_signed` / :func:`encode_unsigned` (float -> code, closed form),
+  :func:`decode_signed` / :func:`decode_unsigned` (code -> float), and
+  :func:`quantize_block_signed` / :func:`quantize_block_unsigned`, which take a block of values
+  already computed (at most :data:`BLOCK`), find its absmax and write its codes.
+
+The 8-bit encoder finds the nearest code without a table search (an 8-step binary search per
+element kept a prototype compute-bound, at 0.05x of the float32 step): the magnitude's decade
+comes from six comparisons that select that decade's constants (``select``, vectorizable), a
+linear formula gives the index or the one below it, and one comparison with the edge between
+the two, computed in closed form, settles it. Table lookups are avoided on purpose: LLVM turns
+them into scalar loads here, which kept a prototype at 3-6 ns per element.
+
+Loops that call these must index their arrays from zero (slice a block first): an index that
+might be negative makes Numba emit a wraparound select, which LLVM vectorizes as a gather.
+Bit-identity with the reference needs ``fastmath`` off (fastrms's default), since fusing
+``m * 9 - 8`` into one FMA would round differently.
+"""
+
+import numpy as np
+from numba.extending import register_jitable
+
+#: Elements per block of 8-bit state (fastrms.lowprecision.BLOCK).
+BLOCK = 256
+#: The multiplier of the stochastic-rounding hash (fastrms.lowprecision.HASH_MULTIPLIER).
+HASH_MULTIPLIER = 0x9E3779B9
+#: 10^(d-7) as float32, d = 0 ... 6 (fastrms.lowprecision.DECADES).
+DECADES = tuple(np.float32(s) for s in ("1e-7", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"))
+
+_U16 = np.uint32(16)
+_ABS = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+_NORMAL_BITS = np.uint32(0x00800000)
+_MANTISSA = np.uint32(0x7FFFFF)
+_ONE_BITS = np.uint32(0x3F800000)
+
+
+# -- bfloat16 ------------------------------------------------------------------------------------
+
+
+@register_jitable(inline="always")
+def bf16_load(b):
+    """bfloat16 pattern (``uint16``) -> float32, exactly: ``bits = b << 16``."""
+    return np.uint32(np.uint32(b) << _U16).view(np.float32)
+
+
+@register_jitable(inline="always")
+def _nan16(u):
+    # A NaN's bfloat16: quiet NaN 0x7FC0 with the sign of u (float32 bits).
+    return np.uint16(((u >> _U16) & np.uint32(0x8000)) | np.uint32(0x7FC0))
+
+
+@register_jitable(inline="always")
+def bf16_nearest(x):
+    """float32 -> bfloat16 pattern, nearest with ties to even:
+    ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``; NaN -> ``0x7FC0`` with its sign."""
+    u = np.float32(x).view(np.uint32)
+    r = np.uint16((u + np.uint32(0x7FFF) + ((u >> _U16) & np.uint32(1))) >> _U16)
+    return _nan16(u) if (u & _ABS) > _INF_BITS else r
+
+
+@register_jitable(inline="always")
+def random_bits(key, i):
+    """16 random bits (``uint32`` in ``[0, 2^16)``) for global element index ``i`` (int64)
+    under the step key ``key`` (uint32): ``(((lo ^ key) + hi) * 0x9E3779B9 mod 2^32) >> 16``,
+    ``lo, hi = i mod 2^32, i >> 32``."""
+    lo = np.uint32(i & 0xFFFFFFFF)
+    hi = np.uint32(i >> 32)
+    h = np.uint32(((lo ^ np.uint32(key)) + hi) * np.uint32(HASH_MULTIPLIER))
+    return h >> _U16
+
+
+@register_jitable(inline="always")
+def bf16_stochastic(x, key, i):
+    """float32 -> bfloat16 pattern, rounded stochastically with the draw of element ``i``:
+    ``(u + random_bits(key, i)) >> 16``; NaN -> ``0x7FC0`` with its sign."""
+    u = np.float32(x).view(np.uint32)
+    r = np.uint16((np.uint64(u) + random_bits(key, i)) >> np.uint64(16))
+    return _nan16(u) if (u & _ABS) > _INF_BITS else r
+
+
+@register_jitable(inline="always")
+def kahan_add(p, k, delta):
+    """Add float32 ``delta`` to bfloat16 parameter ``p`` with bfloat16 compensation ``k``
+    (patterns); return the new ``(p, k)``: ``u = k + delta``, ``p' = nearest(p + u)``,
+    ``k' = nearest(u - (p' - p))``, in float32."""
+    pf = bf16_load(p)
+    u = bf16_load(k) + delta
+    p_new = bf16_nearest(pf + u)
+    return p_new, bf16_nearest(u - (bf16_load(p_new) - pf))
+
+
+# -- blockwise 8-bit: the dynamic map in closed form ---------------------------------------------
+
+
+def _closed_form(signed):
+    """Build the encoder and decoder of one map (signed or unsigned) around its constants.
+
+    Decade ``d`` (values in ``[10^(d-7), 10^(d-6))``) holds the magnitude indices ``q`` with
+    ``q + off`` in ``[2^(d+off), 2^(d+1+off))``; its edges sit at positions ``f = q + off``
+    of the formula ``(9*m - 8) * 10^(d-7)`` (``f = 2^e * m``), so inverting it gives
+    ``q ~ (a / 10^(d-7) + 8) * 2^(d+off) / 9 - off``. The encoder takes ``floor`` of that
+    minus 1/2, which is the index or the one below it (the edges are at integers, far from the
+    half-integers where the floor jumps), and compares ``a`` with the edge above.
+    """
+    off, qmax = (0, 128) if signed else (1, 255)
+    f64 = [float(p) for p in DECADES]
+    slope = tuple(np.float32(2.0 ** (d + off) / (9.0 * f64[d])) for d in range(7))
+    shift = tuple(np.float32(8.0 * 2.0 ** (d + off) / 9.0 - off - 0.5) for d in range(7))
+    # The largest estimate per decade: one below its last index, so the edge compared against
+    # is always one of this decade's (the top decade's last edge is checked separately).
+    top = tuple(np.int64(2 ** (d + 1 + off) - off - 2) for d in range(7))
+    # The first and the last value (indices 1 and qmax - 1), as `magnitude` computes them.
+    first = np.float32(9) * np.float32(1 + off + 0.5) / np.float32(2**off) - np.float32(8)
+    last = np.float32(9) * np.float32(qmax - 1 + off + 0.5) / np.float32(2 ** (6 + off))
+    last = (last - np.float32(8)) * DECADES[6]
+    edge_one = first * DECADES[0] * np.float32(0.5)  # between 0 and index 1
+    edge_top = (last + np.float32(1)) * np.float32(0.5)  # between index qmax - 1 and 1
+    limits = DECADES[1:]
+
+    @register_jitable(inline="always")
+    def magnitude_index(a):
+        """The index ``q`` in ``[0, qmax]`` of the magnitude nearest to ``a`` (float32,
+        finite, >= 0): the number of edges ``<= a``."""
+        s, b, p, t = slope[0], shift[0], DECADES[0], top[0]
+        for d in range(1, 7):  # unrolled by LLVM into compares and selects
+            up = a >= limits[d - 1]
+            s = slope[d] if up else s
+            b = shift[d] if up else b
+            p = DECADES[d] if up else p
+            t = top[d] if up else t
+        q = min(np.int64(a * s + b), t)
+        f = np.float32(q + 1 + off)
+        mant = f.view(np.uint32) & _MANTISSA
+        m = np.uint32(mant | _ONE_BITS).view(np.float32)
+        nine_m = m * np.float32(9)
+        r = (np.float32(1) + np.float32(1.8) / f) if mant == 0 else nine_m - np.float32(8)
+        edge = edge_one if q == 0 else r * p
+        return q + (a >= edge) + (a >= edge_top)
+
+    @register_jitable(inline="always")
+    def magnitude(q):
+        """The magnitude of index ``q`` in ``[0, qmax]``: ``(9*m - 8) * 10^(d-7)`` at
+        ``f = q + off + 1/2``, 0 for ``q = 0`` and 1 for ``qmax``."""
+        f = np.float32(np.float32(q + off) + np.float32(0.5))
+        bits = f.view(np.uint32)
+        d = np.int64(bits >> np.uint32(23)) - (127 + off)
+        m = np.uint32((bits & _MANTISSA) | _ONE_BITS).view(np.float32)
+        p = DECADES[0]
+        for k in range(1, 7):
+            p = DECADES[k] if d >= k else p
+        v = (m * np.float32(9) - np.float32(8)) * p
+        v = np.float32(0) if q == 0 else v
+        return np.float32(1) if q == qmax else v
+
+    return magnitude_index, magnitude
+
+
+_index_signed, _magnitude_signed = _closed_form(True)
+_index_unsigned, _magnitude_unsigned = _closed_form(False)
+
+
+@register_jitable(inline="always")
+def encode_signed(y):
+    """Code of the signed map nearest to ``y`` (float32, finite): ``127 + q`` for ``y >= 0``,
+    ``127 - min(q, 127)`` for ``y < 0``, ``q`` the magnitude index of ``|y|``."""
+    q = _index_signed(abs(y))
+    return np.uint8(127 - min(q, 127)) if y < 0 else np.uint8(127 + q)
+
+
+@register_jitable(inline="always")
+def encode_unsigned(y):
+    """Code of the unsigned map nearest to ``y`` (float32, finite; negatives give code 0)."""
+    return np.uint8(_index_unsigned(max(y, np.float32(0))))
+
+
+@register_jitable(inline="always")
+def decode_signed(c, scale):
+    """Value of signed code ``c`` (``uint8``) in a block of absmax ``scale``:
+    ``map[c] * scale``."""
+    q = np.int64(c) - 127
+    v = _magnitude_signed(abs(q))
+    return (-v if q < 0 else v) * scale
+
+
+@register_jitable(inline="always")
+def decode_unsigned(c, scale):
+    """Value of unsigned code ``c`` (``uint8``) in a block of absmax ``scale``:
+    ``map[c] * scale``."""
+    return _magnitude_unsigned(np.int64(c)) * scale
+
+
+@register_jitable(inline="always")
+def absmax(values):
+    """``max |values|`` of a 1-D float32 array (NaN if any is NaN), as a max over the bit
+    patterns with the sign cleared, which is an integer reduction LLVM vectorizes."""
+    m = np.uint32(0)
+    for i in range(values.size):
+        m = max(m, np.uint32(np.float32(values[i]).view(np.uint32) & _ABS))
+    return np.uint32(m).view(np.float32)
+
+
+@register_jitable(inline="always")
+def _block_scale(values, codes, zero):
+    # (scale, 1/scale) of a block, or (0, 0) / (NaN, 0) with its codes set to zero already.
+    m = absmax(values)
+    bits = np.float32(m).view(np.uint32)
+    if bits >= _NORMAL_BITS and bits < _INF_BITS:
+        return m, np.float32(1) / m
+    for i in range(codes.size):
+        codes[i] = zero
+    return (np.float32(0) if bits < _NORMAL_BITS else np.float32(np.nan)), np.float32(0)
+
+
+@register_jitable(inline="always")
+def quantize_block_signed(values, codes):
+    """Quantize one block (float32 ``values``, at most :data:`BLOCK`) into ``codes``
+    (``uint8``, same length) with the signed map; return its scale.
+
+    The scale is the absmax; a block of zeros or subnormals gets scale 0, one holding NaN or
+    Inf scale NaN, both with zero codes (fastrms.lowprecision.quantize_blockwise).
+    """
+    scale, inv = _block_scale(values, codes, np.uint8(127))
+    if inv != 0:
+        for i in range(values.size):
+            codes[i] = encode_signed(values[i] * inv)
+    return scale
+
+
+@register_jitable(inline="always")
+def quantize_block_unsigned(values, codes):
+    """As :func:`quantize_block_signed`, with the unsigned map (zero code 0)."""
+    scale, inv = _block_scale(values, codes, np.uint8(0))
+    if inv != 0:
+        for i in range(values.size):
+            codes[i] = encode_unsigned(values[i] * inv)
+    return scale
