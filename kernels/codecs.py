@@ -108,17 +108,27 @@ def _closed_form(signed):
     Decade ``d`` (values in ``[10^(d-7), 10^(d-6))``) holds the magnitude indices ``q`` with
     ``q + off`` in ``[2^(d+off), 2^(d+1+off))``; its edges sit at positions ``f = q + off``
     of the formula ``(9*m - 8) * 10^(d-7)`` (``f = 2^e * m``), so inverting it gives
-    ``q ~ (a / 10^(d-7) + 8) * 2^(d+off) / 9 - off``. The encoder takes ``floor`` of that
-    minus 1/2, which is the index or the one below it (the edges are at integers, far from the
-    half-integers where the floor jumps), and compares ``a`` with the edge above.
+    ``q ~ (a / 10^(d-7) + 8) * 2^(d+off) / 9 - off``. The encoder takes the floor of a slightly
+    compressed version of that, which is the index or the one below it, and compares ``a`` with
+    the edge above.
     """
     off, qmax = (0, 128) if signed else (1, 255)
-    f64 = [float(p) for p in DECADES]
-    slope = tuple(np.float32(2.0 ** (d + off) / (9.0 * f64[d])) for d in range(7))
-    shift = tuple(np.float32(8.0 * 2.0 ** (d + off) / 9.0 - off - 0.5) for d in range(7))
-    # The largest estimate per decade: one below its last index, so the edge compared against
-    # is always one of this decade's (the top decade's last edge is checked separately).
-    top = tuple(np.int64(2 ** (d + 1 + off) - off - 2) for d in range(7))
+    # The estimate floor(a * slope[d] + shift[d]) is floor(alpha * u + beta) plus the decade's
+    # first index, u = (a / 10^(d-7) - 1) * k / 9 the position in its k cells (edges at the
+    # integers, except the first, at 0.2), alpha = 1 - 1/(2k), beta = -1/2 - 1/(4k). For u in
+    # [j, j+1) that is j - 1 or j, for u < 0.2 it is -1 (the previous decade's last index),
+    # and it never reaches the decade's last index (whose upper edge is the next decade's):
+    # the index or the one below it, with a margin of at least 1/(4k) >= 1/512 cell at every
+    # bound, far more than the float32 rounding of u (~1e-5).
+    slope, shift = [], []
+    for d in range(7):
+        k = 2.0 ** (d + off)
+        alpha, beta = 1.0 - 0.5 / k, -0.5 - 0.25 / k
+        slope.append(np.float32(alpha * k / (9.0 * float(DECADES[d]))))
+        shift.append(np.float32(k - off - alpha * k / 9.0 + beta))
+    slope, shift = tuple(slope), tuple(shift)
+    # f >= starts[k] where decade k begins (f = q + off + 1/2 of a value)
+    starts = tuple(np.float32(2 ** (k + off)) for k in range(7))
     # The first and the last value (indices 1 and qmax - 1), as `magnitude` computes them.
     first = np.float32(9) * np.float32(1 + off + 0.5) / np.float32(2**off) - np.float32(8)
     last = np.float32(9) * np.float32(qmax - 1 + off + 0.5) / np.float32(2 ** (6 + off))
@@ -126,41 +136,50 @@ def _closed_form(signed):
     edge_one = first * DECADES[0] * np.float32(0.5)  # between 0 and index 1
     edge_top = (last + np.float32(1)) * np.float32(0.5)  # between index qmax - 1 and 1
     limits = DECADES[1:]
+    f_off = np.float32(1 + off)
+    f_qmax = np.float32(qmax)
+
+    # Both work in float32 only: integer indices would be int64 in Numba, and 64-bit lanes
+    # halve the vector width (an earlier version spent 117 instructions per 16 elements).
 
     @register_jitable(inline="always")
     def magnitude_index(a):
-        """The index ``q`` in ``[0, qmax]`` of the magnitude nearest to ``a`` (float32,
-        finite, >= 0): the number of edges ``<= a``."""
-        s, b, p, t = slope[0], shift[0], DECADES[0], top[0]
+        """The index ``q`` in ``[0, qmax]`` (as a float32) of the magnitude nearest to ``a``
+        (float32, finite, >= 0): the number of edges ``<= a``."""
+        s, b, p = slope[0], shift[0], DECADES[0]
         for d in range(1, 7):  # unrolled by LLVM into compares and selects
             up = a >= limits[d - 1]
             s = slope[d] if up else s
             b = shift[d] if up else b
             p = DECADES[d] if up else p
-            t = top[d] if up else t
-        q = min(np.int64(a * s + b), t)
-        f = np.float32(q + 1 + off)
-        mant = f.view(np.uint32) & _MANTISSA
+        q = np.floor(a * s + b)
+        f = np.float32(q + f_off)
+        bits = f.view(np.uint32)
+        mant = bits & _MANTISSA
         m = np.uint32(mant | _ONE_BITS).view(np.float32)
-        nine_m = m * np.float32(9)
-        r = (np.float32(1) + np.float32(1.8) / f) if mant == 0 else nine_m - np.float32(8)
+        # 1 / f, exact where f is a power of two (the only case it is used)
+        inv_f = np.uint32(np.uint32(0x7F000000) - bits).view(np.float32)
+        r = (
+            (np.float32(1) + np.float32(1.8) * inv_f)
+            if mant == 0
+            else m * np.float32(9) - np.float32(8)
+        )
         edge = edge_one if q == 0 else r * p
-        return q + (a >= edge) + (a >= edge_top)
+        q = q + np.float32(1) if a >= edge else q
+        return q + np.float32(1) if a >= edge_top else q
 
     @register_jitable(inline="always")
     def magnitude(q):
-        """The magnitude of index ``q`` in ``[0, qmax]``: ``(9*m - 8) * 10^(d-7)`` at
-        ``f = q + off + 1/2``, 0 for ``q = 0`` and 1 for ``qmax``."""
-        f = np.float32(np.float32(q + off) + np.float32(0.5))
-        bits = f.view(np.uint32)
-        d = np.int64(bits >> np.uint32(23)) - (127 + off)
-        m = np.uint32((bits & _MANTISSA) | _ONE_BITS).view(np.float32)
+        """The magnitude of index ``q`` (float32, integral, in ``[0, qmax]``):
+        ``(9*m - 8) * 10^(d-7)`` at ``f = q + off + 1/2``, 0 for ``q = 0``, 1 for ``qmax``."""
+        f = np.float32(q + np.float32(off + 0.5))
+        m = np.uint32((f.view(np.uint32) & _MANTISSA) | _ONE_BITS).view(np.float32)
         p = DECADES[0]
         for k in range(1, 7):
-            p = DECADES[k] if d >= k else p
+            p = DECADES[k] if f >= starts[k] else p
         v = (m * np.float32(9) - np.float32(8)) * p
         v = np.float32(0) if q == 0 else v
-        return np.float32(1) if q == qmax else v
+        return np.float32(1) if q == f_qmax else v
 
     return magnitude_index, magnitude
 
@@ -174,7 +193,7 @@ def encode_signed(y):
     """Code of the signed map nearest to ``y`` (float32, finite): ``127 + q`` for ``y >= 0``,
     ``127 - min(q, 127)`` for ``y < 0``, ``q`` the magnitude index of ``|y|``."""
     q = _index_signed(abs(y))
-    return np.uint8(127 - min(q, 127)) if y < 0 else np.uint8(127 + q)
+    return np.uint8(np.float32(127) - min(q, np.float32(127)) if y < 0 else np.float32(127) + q)
 
 
 @register_jitable(inline="always")
@@ -187,7 +206,7 @@ def encode_unsigned(y):
 def decode_signed(c, scale):
     """Value of signed code ``c`` (``uint8``) in a block of absmax ``scale``:
     ``map[c] * scale``."""
-    q = np.int64(c) - 127
+    q = np.float32(c) - np.float32(127)
     v = _magnitude_signed(abs(q))
     return (-v if q < 0 else v) * scale
 
@@ -196,7 +215,7 @@ def decode_signed(c, scale):
 def decode_unsigned(c, scale):
     """Value of unsigned code ``c`` (``uint8``) in a block of absmax ``scale``:
     ``map[c] * scale``."""
-    return _magnitude_unsigned(np.int64(c)) * scale
+    return _magnitude_unsigned(np.float32(c)) * scale
 
 
 @register_jitable(inline="always")
