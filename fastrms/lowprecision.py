@@ -161,9 +161,10 @@ def kahan_add(
     Returns the new ``(param, comp)`` patterns (``uint16``).
     """
     p = bf16_to_float32(param)
-    u = bf16_to_float32(comp) + np.asarray(delta, np.float32)
-    p_new = round_nearest(p + u)
-    comp_new = round_nearest(u - (bf16_to_float32(p_new) - p))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate, by design
+        u = bf16_to_float32(comp) + np.asarray(delta, np.float32)
+        p_new = round_nearest(p + u)
+        comp_new = round_nearest(u - (bf16_to_float32(p_new) - p))
     return p_new, comp_new
 
 

@@ -1,10 +1,14 @@
-"""Scalar codecs of the low-precision storages, inlined into the kernels' loops.
+"""Scalar codecs of the low-precision storages, for the kernels' loops to inline.
 
-Each function here is ``register_jitable(inline="always")``, like the rules in
-:mod:`fastrms.kernels.rules`, so a loop that calls it still vectorizes; the CUDA kernels can
-compile the same functions as device functions. The NumPy reference,
-:mod:`fastrms.lowprecision`, defines what each one computes; these give the same bits (the
-tests run both on large random inputs and on every edge case).
+Each function here is a ``numba.extending.register_jitable`` function of scalars (the block
+helpers take one block's slices), which LLVM inlines into the loop that calls it, so the loop
+still vectorizes (the tests check the IR); the CUDA kernels can compile the same functions as
+device functions. They are not ``inline="always"`` as the rules in
+:mod:`fastrms.kernels.rules` are: they index no tuple of arrays, and Numba's own inlining of
+their nested calls cost 4x the compile time (13 s against 3.3 s for a quantize loop) for the
+same machine code. The NumPy reference, :mod:`fastrms.lowprecision`, defines what each one
+computes; these give the same bits (the tests run both on large random inputs and on every
+edge case).
 
 - bfloat16, held as ``uint16`` patterns: :func:`bf16_load`, :func:`bf16_nearest`,
   :func:`bf16_stochastic` (random bits from :func:`random_bits`), :func:`kahan_add`.
@@ -47,19 +51,19 @@ _ONE_BITS = np.uint32(0x3F800000)
 # -- bfloat16 ------------------------------------------------------------------------------------
 
 
-@register_jitable(inline="always")
+@register_jitable
 def bf16_load(b):
     """bfloat16 pattern (``uint16``) -> float32, exactly: ``bits = b << 16``."""
     return np.uint32(np.uint32(b) << _U16).view(np.float32)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def _nan16(u):
     # A NaN's bfloat16: quiet NaN 0x7FC0 with the sign of u (float32 bits).
     return np.uint16(((u >> _U16) & np.uint32(0x8000)) | np.uint32(0x7FC0))
 
 
-@register_jitable(inline="always")
+@register_jitable
 def bf16_nearest(x):
     """float32 -> bfloat16 pattern, nearest with ties to even:
     ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``; NaN -> ``0x7FC0`` with its sign."""
@@ -68,7 +72,7 @@ def bf16_nearest(x):
     return _nan16(u) if (u & _ABS) > _INF_BITS else r
 
 
-@register_jitable(inline="always")
+@register_jitable
 def random_bits(key, i):
     """16 random bits (``uint32`` in ``[0, 2^16)``) for global element index ``i`` (int64)
     under the step key ``key`` (uint32): ``(((lo ^ key) + hi) * 0x9E3779B9 mod 2^32) >> 16``,
@@ -79,7 +83,7 @@ def random_bits(key, i):
     return h >> _U16
 
 
-@register_jitable(inline="always")
+@register_jitable
 def bf16_stochastic(x, key, i):
     """float32 -> bfloat16 pattern, rounded stochastically with the draw of element ``i``:
     ``(u + random_bits(key, i)) >> 16``; NaN -> ``0x7FC0`` with its sign."""
@@ -88,7 +92,7 @@ def bf16_stochastic(x, key, i):
     return _nan16(u) if (u & _ABS) > _INF_BITS else r
 
 
-@register_jitable(inline="always")
+@register_jitable
 def kahan_add(p, k, delta):
     """Add float32 ``delta`` to bfloat16 parameter ``p`` with bfloat16 compensation ``k``
     (patterns); return the new ``(p, k)``: ``u = k + delta``, ``p' = nearest(p + u)``,
@@ -135,23 +139,25 @@ def _closed_form(signed):
     last = (last - np.float32(8)) * DECADES[6]
     edge_one = first * DECADES[0] * np.float32(0.5)  # between 0 and index 1
     edge_top = (last + np.float32(1)) * np.float32(0.5)  # between index qmax - 1 and 1
-    limits = DECADES[1:]
     f_off = np.float32(1 + off)
     f_qmax = np.float32(qmax)
 
     # Both work in float32 only: integer indices would be int64 in Numba, and 64-bit lanes
     # halve the vector width (an earlier version spent 117 instructions per 16 elements).
 
-    @register_jitable(inline="always")
+    @register_jitable
     def magnitude_index(a):
         """The index ``q`` in ``[0, qmax]`` (as a float32) of the magnitude nearest to ``a``
         (float32, finite, >= 0): the number of edges ``<= a``."""
+        # The decade's constants, by compares and selects (a loop over the tuples would index
+        # them with a variable: slower to compile and harder for LLVM).
         s, b, p = slope[0], shift[0], DECADES[0]
-        for d in range(1, 7):  # unrolled by LLVM into compares and selects
-            up = a >= limits[d - 1]
-            s = slope[d] if up else s
-            b = shift[d] if up else b
-            p = DECADES[d] if up else p
+        s, b, p = (slope[1], shift[1], DECADES[1]) if a >= DECADES[1] else (s, b, p)
+        s, b, p = (slope[2], shift[2], DECADES[2]) if a >= DECADES[2] else (s, b, p)
+        s, b, p = (slope[3], shift[3], DECADES[3]) if a >= DECADES[3] else (s, b, p)
+        s, b, p = (slope[4], shift[4], DECADES[4]) if a >= DECADES[4] else (s, b, p)
+        s, b, p = (slope[5], shift[5], DECADES[5]) if a >= DECADES[5] else (s, b, p)
+        s, b, p = (slope[6], shift[6], DECADES[6]) if a >= DECADES[6] else (s, b, p)
         q = np.floor(a * s + b)
         f = np.float32(q + f_off)
         bits = f.view(np.uint32)
@@ -168,15 +174,19 @@ def _closed_form(signed):
         q = q + np.float32(1) if a >= edge else q
         return q + np.float32(1) if a >= edge_top else q
 
-    @register_jitable(inline="always")
+    @register_jitable
     def magnitude(q):
         """The magnitude of index ``q`` (float32, integral, in ``[0, qmax]``):
         ``(9*m - 8) * 10^(d-7)`` at ``f = q + off + 1/2``, 0 for ``q = 0``, 1 for ``qmax``."""
         f = np.float32(q + np.float32(off + 0.5))
         m = np.uint32((f.view(np.uint32) & _MANTISSA) | _ONE_BITS).view(np.float32)
         p = DECADES[0]
-        for k in range(1, 7):
-            p = DECADES[k] if f >= starts[k] else p
+        p = DECADES[1] if f >= starts[1] else p
+        p = DECADES[2] if f >= starts[2] else p
+        p = DECADES[3] if f >= starts[3] else p
+        p = DECADES[4] if f >= starts[4] else p
+        p = DECADES[5] if f >= starts[5] else p
+        p = DECADES[6] if f >= starts[6] else p
         v = (m * np.float32(9) - np.float32(8)) * p
         v = np.float32(0) if q == 0 else v
         return np.float32(1) if q == f_qmax else v
@@ -188,7 +198,7 @@ _index_signed, _magnitude_signed = _closed_form(True)
 _index_unsigned, _magnitude_unsigned = _closed_form(False)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def encode_signed(y):
     """Code of the signed map nearest to ``y`` (float32, finite): ``127 + q`` for ``y >= 0``,
     ``127 - min(q, 127)`` for ``y < 0``, ``q`` the magnitude index of ``|y|``."""
@@ -196,13 +206,13 @@ def encode_signed(y):
     return np.uint8(np.float32(127) - min(q, np.float32(127)) if y < 0 else np.float32(127) + q)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def encode_unsigned(y):
     """Code of the unsigned map nearest to ``y`` (float32, finite; negatives give code 0)."""
     return np.uint8(_index_unsigned(max(y, np.float32(0))))
 
 
-@register_jitable(inline="always")
+@register_jitable
 def decode_signed(c, scale):
     """Value of signed code ``c`` (``uint8``) in a block of absmax ``scale``:
     ``map[c] * scale``."""
@@ -211,14 +221,14 @@ def decode_signed(c, scale):
     return (-v if q < 0 else v) * scale
 
 
-@register_jitable(inline="always")
+@register_jitable
 def decode_unsigned(c, scale):
     """Value of unsigned code ``c`` (``uint8``) in a block of absmax ``scale``:
     ``map[c] * scale``."""
     return _magnitude_unsigned(np.float32(c)) * scale
 
 
-@register_jitable(inline="always")
+@register_jitable
 def absmax(values):
     """``max |values|`` of a 1-D float32 array (NaN if any is NaN), as a max over the bit
     patterns with the sign cleared, which is an integer reduction LLVM vectorizes."""
@@ -228,7 +238,7 @@ def absmax(values):
     return np.uint32(m).view(np.float32)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def _block_scale(values, codes, zero):
     # (scale, 1/scale) of a block, or (0, 0) / (NaN, 0) with its codes set to zero already.
     m = absmax(values)
@@ -240,7 +250,7 @@ def _block_scale(values, codes, zero):
     return (np.float32(0) if bits < _NORMAL_BITS else np.float32(np.nan)), np.float32(0)
 
 
-@register_jitable(inline="always")
+@register_jitable
 def quantize_block_signed(values, codes):
     """Quantize one block (float32 ``values``, at most :data:`BLOCK`) into ``codes``
     (``uint8``, same length) with the signed map; return its scale.
@@ -255,7 +265,7 @@ def quantize_block_signed(values, codes):
     return scale
 
 
-@register_jitable(inline="always")
+@register_jitable
 def quantize_block_unsigned(values, codes):
     """As :func:`quantize_block_signed`, with the unsigned map (zero code 0)."""
     scale, inv = _block_scale(values, codes, np.uint8(0))
