@@ -162,9 +162,9 @@ def test_nan_rule_keeps_the_sign_and_drops_the_payload():
     assert list(lp.round_nearest(nans)) == [0x7FC0, 0xFFC0, 0x7FC0, 0xFFC0]
     assert list(lp.round_stochastic(nans, key=123)) == [0x7FC0, 0xFFC0, 0x7FC0, 0xFFC0]
     inf = np.array([np.inf, -np.inf], np.float32)
-    assert list(lp.round_stochastic(np.repeat(inf, 1000), key=5)) == [0x7F80] * 1000 + [
-        0xFF80
-    ] * 1000
+    assert (
+        list(lp.round_stochastic(np.repeat(inf, 1000), key=5)) == [0x7F80] * 1000 + [0xFF80] * 1000
+    )
 
 
 @pytest.mark.parametrize("start", [0, 12345, 2**32 - 1000])  # the last crosses 2^32
