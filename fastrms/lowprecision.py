@@ -89,16 +89,19 @@ def round_nearest(x: np.ndarray) -> np.ndarray:
     return np.where(_is_nan(u), _nan_pattern(u), r).astype(np.uint16)
 
 
-def step_key(seed: int, step: int) -> int:
-    """The 32-bit key of one step's random bits: SplitMix64 of ``(seed, step)``.
+def step_key(seed: int, step: int, stream: int = 0) -> int:
+    """The 32-bit key of one step's random bits: SplitMix64 of ``(seed, step, stream)``.
 
-    ``z = seed + 0x9E3779B97F4A7C15 * (step + 1)`` (mod 2^64), then SplitMix64's finalizer
-    ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB;
-    z ^= z >> 31``, and the key is ``(z ^ (z >> 32)) & 0xFFFFFFFF``. Computed once per step on
-    the host, so its cost does not matter; it spreads nearby seeds and steps over all keys.
-    ``seed`` and ``step`` are taken modulo 2^64.
+    ``z = seed + 0x9E3779B97F4A7C15 * (step + 1) + 0xD1B54A32D192ED03 * stream`` (mod 2^64),
+    then SplitMix64's finalizer ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+    z *= 0x94D049BB133111EB; z ^= z >> 31``, and the key is ``(z ^ (z >> 32)) & 0xFFFFFFFF``.
+    Computed once per step on the host, so its cost does not matter; it spreads nearby seeds
+    and steps over all keys. ``stream`` separates tensors that share a seed (e.g. a tensor's
+    position in its optimizer), so that two tensors of one shape do not round alike. All three
+    are taken modulo 2^64.
     """
-    z = (int(seed) + 0x9E3779B97F4A7C15 * (int(step) + 1)) & _MASK64
+    z = int(seed) + 0x9E3779B97F4A7C15 * (int(step) + 1) + 0xD1B54A32D192ED03 * int(stream)
+    z &= _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     z ^= z >> 31
