@@ -77,10 +77,12 @@ def random_bits(key, i):
     """16 random bits (``uint32`` in ``[0, 2^16)``) for global element index ``i`` (int64)
     under the step key ``key`` (uint32): ``(((lo ^ key) + hi) * 0x9E3779B9 mod 2^32) >> 16``,
     ``lo, hi = i mod 2^32, i >> 32``."""
-    lo = np.uint32(i & 0xFFFFFFFF)
-    hi = np.uint32(i >> 32)
-    h = np.uint32(((lo ^ np.uint32(key)) + hi) * np.uint32(HASH_MULTIPLIER))
-    return h >> _U16
+    # Every step truncated to 32 bits, so that LLVM keeps 32-bit lanes (Numba widens
+    # unsigned 32-bit arithmetic to 64 bits, which halved the vector width).
+    h = np.uint32(np.uint32(i) ^ np.uint32(key))
+    h = np.uint32(h + np.uint32(i >> 32))
+    h = np.uint32(h * np.uint32(HASH_MULTIPLIER))
+    return np.uint32(h >> _U16)
 
 
 @register_jitable
@@ -88,7 +90,8 @@ def bf16_stochastic(x, key, i):
     """float32 -> bfloat16 pattern, rounded stochastically with the draw of element ``i``:
     ``(u + random_bits(key, i)) >> 16``; NaN -> ``0x7FC0`` with its sign."""
     u = np.float32(x).view(np.uint32)
-    r = np.uint16((np.uint64(u) + random_bits(key, i)) >> np.uint64(16))
+    # u + r < 2^32 for every non-NaN u (-Inf is 0xFF800000), so 32 bits suffice
+    r = np.uint16(np.uint32(u + random_bits(key, i)) >> _U16)
     return _nan16(u) if (u & _ABS) > _INF_BITS else r
 
 
