@@ -24,6 +24,12 @@ linear formula gives the index or the one below it, and one comparison with the 
 the two, computed in closed form, settles it. Table lookups are avoided on purpose: LLVM turns
 them into scalar loads here, which kept a prototype at 3-6 ns per element.
 
+Cost, one thread of the 2-core CI-class AMD EPYC (Zen 4, AVX-512), loops over 2^16 elements in
+cache: ``encode_signed`` 0.65-0.77 ns per element (about 70 instructions per 16 elements, 18
+of them the decade's selects), ``decode_signed`` 0.31-0.35, ``bf16_nearest`` 0.11,
+``bf16_stochastic`` 0.21. The 8-bit codes are compute-bound (a float32 Adam step moves its 28
+bytes in about 0.6 ns per element per core), see ``bench/lowprecision_adam_proto.py``.
+
 Loops that call these must index their arrays from zero (slice a block first): an index that
 might be negative makes Numba emit a wraparound select, which LLVM vectorizes as a gather.
 Bit-identity with the reference needs ``fastmath`` off (fastrms's default), since fusing
