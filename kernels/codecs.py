@@ -26,14 +26,9 @@ them into scalar loads here, which kept a prototype at 3-6 ns per element.
 
 Cost, one thread of the 2-core CI-class AMD EPYC (Zen 4, AVX-512), loops over 2^16 elements in
 cache: ``encode_signed`` 0.65-0.77 ns per element (about 70 instructions per 16 elements, 18
-of them the decade's selects), ``decode_signed`` 0.31-0.35, ``bf16_nearest`` 0.11,
-``bf16_stochastic`` 0.21. The 8-bit codes are compute-bound (a float32 Adam step moves its 28
+of them the decade's selects), ``decode_signed`` 0.31-0.35, ``bf16_nearest`` 0.10-0.11,
+``bf16_stochastic`` 0.12. The 8-bit codes are compute-bound (a float32 Adam step moves its 28
 bytes in about 0.6 ns per element per core), see ``bench/lowprecision_adam_proto.py``.
-
-Loops that call these must index their arrays from zero (slice a block first): an index that
-might be negative makes Numba emit a wraparound select, which LLVM vectorizes as a gather.
-Bit-identity with the reference needs ``fastmath`` off (fastrms's default), since fusing
-``m * 9 - 8`` into one FMA would round differently.
 """
 
 import numpy as np
@@ -81,12 +76,11 @@ def bf16_nearest(x):
 @register_jitable
 def random_bits(key, i):
     """16 random bits (``uint32`` in ``[0, 2^16)``) for global element index ``i`` (int64)
-    under the step key ``key`` (uint32): ``(((lo ^ key) + hi) * 0x9E3779B9 mod 2^32) >> 16``,
-    ``lo, hi = i mod 2^32, i >> 32``."""
+    under the step key ``key`` (uint32): ``(((i mod 2^32) ^ key) * 0x9E3779B9 mod 2^32) >> 16``.
+    """
     # Every step truncated to 32 bits, so that LLVM keeps 32-bit lanes (Numba widens
     # unsigned 32-bit arithmetic to 64 bits, which halved the vector width).
     h = np.uint32(np.uint32(i) ^ np.uint32(key))
-    h = np.uint32(h + np.uint32(i >> 32))
     h = np.uint32(h * np.uint32(HASH_MULTIPLIER))
     return np.uint32(h >> _U16)
 

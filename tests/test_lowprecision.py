@@ -214,6 +214,12 @@ def random_bits_round(x, key, index):
     return ((u + lp.random_bits(key, index)) >> np.uint64(16)).astype(np.uint16)
 
 
+def test_random_bits_wrap_at_2_to_the_32():
+    index = np.array([0, 5, 2**31 + 7])
+    key = lp.step_key(1, 2)
+    assert np.array_equal(lp.random_bits(key, index), lp.random_bits(key, index + 2**32))
+
+
 def test_random_bits_are_uniform_within_one_step():
     r = lp.random_bits(lp.step_key(3, 9), np.arange(1 << 20))
     assert r.min() >= 0 and r.max() < 2**16
