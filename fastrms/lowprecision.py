@@ -1,0 +1,350 @@
+"""Low-precision storage, the NumPy reference: bfloat16 rounding and blockwise 8-bit state.
+
+This module is the oracle for the Numba codecs in :mod:`fastrms.kernels.codecs`, which must give
+the same bits. It imports no Numba and works on whole arrays with plain NumPy operations.
+
+bfloat16 values are handled as their 16-bit patterns (``uint16`` arrays): Numba has no bfloat16
+type, and ``ml_dtypes.bfloat16`` arrays view as ``uint16`` at no cost (:func:`bf16_bits`).
+
+- **Rounding float32 to bfloat16.** :func:`round_nearest` (to nearest, ties to even, as
+  ``ml_dtypes`` and PyTorch do) and :func:`round_stochastic` (rounds the magnitude up with
+  probability equal to the fraction of a bfloat16 ulp it drops, so the expected result is the
+  input). The random bits come from :func:`random_bits`, a hash of a per-step key
+  (:func:`step_key`, from the seed and step) and the element's global index, so the bits do
+  not depend on threads, chunking or backend.
+- **Kahan compensation** (:func:`kahan_add`): a bfloat16 parameter with a bfloat16 buffer
+  holding what rounding dropped, as optimi does.
+- **Blockwise 8-bit state** (:func:`quantize_blockwise`, :func:`dequantize_blockwise`): blocks
+  of :data:`BLOCK` elements, one float32 absmax scale per block, codes into a 256-entry
+  dynamic map (:func:`dynamic_map`; Dettmers et al. 2021). Tensors under
+  :data:`MIN_8BIT_SIZE` elements keep float32 state (:func:`uses_8bit`).
+
+Special values (NaN, Inf, zero, subnormals) follow the rules given in each function.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+#: The NumPy dtype of bfloat16 arrays.
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+#: Elements per block of 8-bit state, each block with one float32 absmax scale.
+BLOCK = 256
+
+#: Tensors with fewer elements than this keep float32 state even when 8-bit state is asked
+#: for: their state is small, and the per-block scale and the codec's work cost more than they
+#: save. A policy, not a limit of the codec; bitsandbytes' ``min_8bit_size`` has this value.
+MIN_8BIT_SIZE = 4096
+
+#: The bfloat16 pattern of a NaN (quiet, positive); a NaN keeps its sign bit.
+BF16_NAN = 0x7FC0
+
+#: The multiplier of :func:`random_bits` (2^32 / golden ratio, odd).
+HASH_MULTIPLIER = 0x9E3779B9
+
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+
+# -- bfloat16 ------------------------------------------------------------------------------------
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """The bit patterns of a bfloat16 array, as a ``uint16`` view (no copy).
+
+    Accepts an ``ml_dtypes.bfloat16`` array or a ``uint16`` array of patterns (returned as is).
+    """
+    a = np.asarray(a)
+    if a.dtype == BFLOAT16:
+        return a.view(np.uint16)
+    if a.dtype == np.uint16:
+        return a
+    raise TypeError(f"a must be a bfloat16 or uint16 array, got {a.dtype}")
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 patterns to float32, exactly: ``bits(f32) = bits(bf16) << 16``."""
+    return (bf16_bits(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _is_nan(u: np.ndarray) -> np.ndarray:
+    return (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+
+
+def _nan_pattern(u: np.ndarray) -> np.ndarray:
+    return ((u >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(BF16_NAN)
+
+
+def round_nearest(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16, to nearest with ties to even; return the ``uint16`` patterns.
+
+    With ``u`` the float32 bits: ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``. Finite values past
+    the largest bfloat16 round to +-Inf, +-Inf stay +-Inf, and a NaN becomes the quiet NaN
+    ``0x7FC0`` with its sign (its payload is dropped), as ``ml_dtypes`` does.
+    """
+    u = np.asarray(x, np.float32).view(np.uint32)
+    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(_is_nan(u), _nan_pattern(u), r).astype(np.uint16)
+
+
+def step_key(seed: int, step: int, stream: int = 0) -> int:
+    """The 32-bit key of one step's random bits: SplitMix64 of ``(seed, step, stream)``.
+
+    ``z = seed + 0x9E3779B97F4A7C15 * (step + 1) + 0xD1B54A32D192ED03 * stream`` (mod 2^64),
+    then SplitMix64's finalizer ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+    z *= 0x94D049BB133111EB; z ^= z >> 31``, and the key is ``(z ^ (z >> 32)) & 0xFFFFFFFF``.
+    Computed once per step on the host, so its cost does not matter; it spreads nearby seeds
+    and steps over all keys. ``stream`` separates tensors that share a seed (e.g. a tensor's
+    position in its optimizer), so that two tensors of one shape do not round alike. All three
+    are taken modulo 2^64.
+    """
+    z = int(seed) + 0x9E3779B97F4A7C15 * (int(step) + 1) + 0xD1B54A32D192ED03 * int(stream)
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & _MASK32
+
+
+def random_bits(key: int, index: np.ndarray) -> np.ndarray:
+    """16 random bits per element (``uint32`` in ``[0, 2^16)``) from the step key and the
+    elements' global indices.
+
+    ``h = ((index mod 2^32) ^ key) * 0x9E3779B9 mod 2^32``; the draw is ``h >> 16``, the
+    best-mixed bits of a multiplicative hash. One multiply per element keeps the kernels
+    memory-bound (a three-round finalizer cost 10% of a bf16 step; folding in the index's high
+    word as well cost 20% of an all-bf16 Adam step in cache): elements 2^32 apart in one
+    tensor draw alike, which biases nothing.
+
+    For a fixed element, ``index ^ key`` runs over uniformly spread values as the key changes
+    from step to step, so the draws of successive steps are uniform on ``[0, 2^16)``; within
+    one step the draws of neighbouring elements form a Weyl-like sequence (evenly spread, not
+    independent), which is all stochastic rounding needs to be unbiased. ``index`` is the
+    element's position in its whole tensor, never in a chunk, so that the bits do not depend
+    on how the work is split.
+    """
+    lo = (np.asarray(index, np.int64).astype(np.uint64) & np.uint64(_MASK32)).astype(np.uint32)
+    return ((lo ^ np.uint32(key)) * np.uint32(HASH_MULTIPLIER)) >> np.uint32(16)  # wraps
+
+
+def round_stochastic(x: np.ndarray, key: int, start: int = 0) -> np.ndarray:
+    """Round float32 to bfloat16 stochastically; return the ``uint16`` patterns.
+
+    Element ``i`` of ``x`` has global index ``start + i`` and draws ``r = random_bits(key,
+    start + i)``; with ``u`` its float32 bits the result is ``(u + r) >> 16``. The magnitude
+    rounds up with probability (dropped low 16 bits) / 2^16, so the expected value is ``x``
+    (torchao and llm.c round the same way). A value within one bfloat16 ulp of overflow rounds
+    up to +-Inf with the same probability; +-Inf stay +-Inf; a NaN becomes ``0x7FC0`` with its
+    sign, as in :func:`round_nearest`.
+    """
+    u = np.asarray(x, np.float32).view(np.uint32)
+    r = random_bits(key, np.arange(start, start + u.size, dtype=np.int64)).reshape(u.shape)
+    v = (u.astype(np.uint64) + r) >> np.uint64(16)
+    return np.where(_is_nan(u), _nan_pattern(u), v.astype(np.uint32)).astype(np.uint16)
+
+
+def kahan_add(
+    param: np.ndarray, comp: np.ndarray, delta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Add ``delta`` (float32) to a bfloat16 parameter with a bfloat16 Kahan compensation.
+
+    In float32, with ``p`` and ``k`` the widened parameter and compensation::
+
+        u = k + delta
+        p_new = round_nearest(p + u)
+        k_new = round_nearest(u - (p_new - p))
+
+    ``k_new`` holds what rounding ``p + u`` dropped (``p_new - p`` is exact in float32), and is
+    added back on the next step, so increments smaller than half a bfloat16 ulp accumulate.
+    This is optimi's update (``kahan_comp += update; p += kahan_comp; kahan_comp += p_old -
+    p``) fused: optimi rounds each intermediate to bfloat16, here only the two stored values
+    are rounded. NaN and Inf propagate through the arithmetic.
+
+    Returns the new ``(param, comp)`` patterns (``uint16``).
+    """
+    p = bf16_to_float32(param)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate, by design
+        u = bf16_to_float32(comp) + np.asarray(delta, np.float32)
+        p_new = round_nearest(p + u)
+        comp_new = round_nearest(u - (bf16_to_float32(p_new) - p))
+    return p_new, comp_new
+
+
+# -- the dynamic map -----------------------------------------------------------------------------
+
+#: 10^(d-7) as float32, the lower end of decade d = 0 ... 6 of the dynamic map.
+DECADES = tuple(np.float32(s) for s in ("1e-7", "1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"))
+
+
+def _layout(signed: bool) -> tuple[int, int]:
+    """``(off, qmax)``: decade ``d`` holds the magnitude indices ``q`` with ``q + off`` in
+    ``[2^(d+off), 2^(d+1+off))``, and ``qmax`` is the index of the code 1.0."""
+    return (0, 128) if signed else (1, 255)
+
+
+def _point(f: np.ndarray, off: int) -> np.ndarray:
+    """The map's formula at position ``f`` (float32 >= 1): with ``f = 2^e * m``, ``m`` in
+    ``[1, 2)`` and decade ``d = e - off``, it is ``r * 10^(d-7)`` in float32, where ``r = 9*m - 8``
+    or, where ``f`` is a power of two (the first index of a decade, ``m = 1``),
+    ``r = 1 + 1.8 / f``. At the positions used (``f = q + off`` or ``q + off + 1/2``) ``9*m - 8``
+    is exact, so those points are rounded once; the power-of-two ones (edges between decades)
+    a few times, and still lie within one ulp of the midpoints they stand for (tested)."""
+    bits = f.view(np.uint32)
+    decade = (bits >> np.uint32(23)).astype(np.int64) - 127 - off
+    mant = bits & np.uint32(0x7FFFFF)
+    m = (mant | np.uint32(0x3F800000)).view(np.float32)
+    r = np.where(mant == 0, np.float32(1) + np.float32(1.8) / f, m * np.float32(9) - np.float32(8))
+    return r * np.asarray(DECADES, np.float32)[decade]
+
+
+def magnitudes(signed: bool) -> np.ndarray:
+    """The non-negative half of the dynamic map, ``Q[0] = 0 < Q[1] < ... < Q[qmax] = 1``
+    (float32; ``qmax`` is 128 for the signed map, 255 for the unsigned one).
+
+    Decade ``d = 0 ... 6`` holds ``k = 2^(d+off)`` values (``off`` = 0 signed, 1 unsigned), the
+    midpoints of ``k`` equal cells of ``[10^(d-7), 10^(d-6)]``::
+
+        Q[q] = 10^(d-7) * (1 + 9 * (j + 1/2) / k),    j = q + off - k  in [0, k)
+
+    which is the formula of :func:`_point` at ``f = q + off + 1/2`` (never a power of two).
+    These are the values of bitsandbytes'
+    ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``,
+    ``10^(d-6) * (b_j + b_{j+1}) / 2`` with ``b = linspace(0.1, 1, k + 1)``, rounded
+    differently (the two agree within 2 float32 ulps; bitsandbytes computes them in float32
+    torch operations).
+    """
+    off, qmax = _layout(signed)
+    q = np.arange(1, qmax, dtype=np.float32)
+    out = np.empty(qmax + 1, np.float32)
+    out[0], out[qmax] = 0, 1
+    out[1:qmax] = _point(q + np.float32(off) + np.float32(0.5), off)
+    return out
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 code values, ascending (float32): ``value = dynamic_map(signed)[code]``.
+
+    - unsigned (second moments): ``magnitudes(False)``, 0 (code 0) to 1 (code 255);
+    - signed (first moments): ``-Q[127], ..., -Q[1], 0, Q[1], ..., Q[128] = 1`` with
+      ``Q = magnitudes(True)``: code 127 is zero, code ``127 + q`` is ``Q[q]``, code
+      ``127 - q`` is ``-Q[q]``; there is no -1 (bitsandbytes' layout).
+    """
+    q = magnitudes(signed)
+    return np.concatenate([-q[127:0:-1], q]) if signed else q
+
+
+def zero_code(signed: bool) -> int:
+    """The code of 0: 127 in the signed map, 0 in the unsigned one."""
+    return 127 if signed else 0
+
+
+def edges(signed: bool) -> np.ndarray:
+    """The cell edges of the magnitudes: ``E[q]`` for ``q = 1 ... qmax`` (``E[0]`` is unused
+    and set to 0); a magnitude ``a`` gets index ``q`` iff ``E[q] <= a < E[q+1]``.
+
+    Each edge is the midpoint of ``Q[q-1]`` and ``Q[q]`` (so the index is the nearest one,
+    ties going up), computed by a formula the codec evaluates in closed form:
+
+    - inside a decade, the shared end of two cells, ``10^(d-7) * (1 + 9 * j / k)``:
+      :func:`_point` at ``f = q + off``;
+    - at the first index of decade ``d >= 1`` (``f = q + off = k = 2^(d+off)``), between the
+      last value of decade ``d-1`` and the first of ``d``: :func:`_point` gives
+      ``10^(d-7) * (1 + 1.8 / k)``, the midpoint of the two formula values;
+    - ``E[1] = Q[1] / 2`` and ``E[qmax] = (Q[qmax-1] + 1) / 2``, in float32.
+
+    These are the midpoints of the formula's exact values, rounded to float32, not the
+    midpoints of the rounded values: a test bounds the difference by two float32 ulps.
+    """
+    off, qmax = _layout(signed)
+    q = magnitudes(signed)
+    f = np.arange(2 + off, qmax + off, dtype=np.float32)
+    out = np.zeros(qmax + 1, np.float32)
+    out[1] = q[1] * np.float32(0.5)
+    out[2:qmax] = _point(f, off)
+    out[qmax] = (q[qmax - 1] + np.float32(1)) * np.float32(0.5)
+    return out
+
+
+# -- blockwise 8-bit quantization ----------------------------------------------------------------
+
+
+def uses_8bit(n: int) -> bool:
+    """Whether a tensor of ``n`` elements gets 8-bit state (``n >= MIN_8BIT_SIZE``)."""
+    return n >= MIN_8BIT_SIZE
+
+
+def n_blocks(n: int) -> int:
+    """The number of blocks (and scales) of ``n`` elements: ``ceil(n / BLOCK)``."""
+    return -(-n // BLOCK)
+
+
+def block_absmax(x: np.ndarray) -> np.ndarray:
+    """``max |x|`` over each block (float32, one per block; the last block may be short).
+
+    A NaN anywhere in a block makes its absmax NaN.
+    """
+    x = np.asarray(x, np.float32).ravel()
+    pad = np.zeros(n_blocks(x.size) * BLOCK, np.float32)
+    pad[: x.size] = x
+    return np.max(np.abs(pad.reshape(-1, BLOCK)), axis=1)
+
+
+#: Below this absmax (the smallest normal float32) a block is stored as zeros.
+_TINY = np.finfo(np.float32).tiny
+
+
+def encode(y: np.ndarray, signed: bool) -> np.ndarray:
+    """The codes nearest to finite float32 values ``y`` (``uint8``): for the signed map
+    ``127 + q`` where ``y >= 0`` and ``127 - min(q, 127)`` where ``y < 0``, for the unsigned map
+    ``q`` of ``max(y, 0)``, with ``q`` the number of :func:`edges` ``<= |y|`` (a table search).
+    """
+    y = np.asarray(y, np.float32)
+    e = edges(signed)[1:]
+    if signed:
+        q = np.searchsorted(e, np.abs(y), side="right")
+        return np.where(y < 0, 127 - np.minimum(q, 127), 127 + q).astype(np.uint8)
+    return np.searchsorted(e, np.maximum(y, 0), side="right").astype(np.uint8)
+
+
+def quantize_blockwise(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize float32 ``x`` (any shape, read flat) to ``(codes, scales)``.
+
+    For each block of :data:`BLOCK` elements (the last one may be short):
+    ``absmax = max |x|``, ``inv = 1 / absmax`` and ``y = x * inv`` in float32, and each code is
+    the map's nearest to ``y`` (:func:`encode`). The scale stored is ``absmax``. Rules:
+
+    - an all-zero block, or one whose absmax is below the smallest normal float32 (1.2e-38),
+      stores scale 0 and zero codes: it dequantizes to exact zeros (subnormal-only blocks are
+      flushed to zero, since ``1 / absmax`` would overflow);
+    - a block holding a NaN or +-Inf stores scale NaN and zero codes: it dequantizes to NaN
+      everywhere, so a non-finite value poisons its block's state visibly rather than being
+      dropped (bitsandbytes instead zeroes that element and skips its update).
+
+    Returns ``codes`` (``uint8``, ``x.size`` of them) and ``scales`` (float32, one per block).
+    """
+    x = np.asarray(x, np.float32).ravel()
+    absmax = block_absmax(x)
+    finite = np.isfinite(absmax)
+    normal = finite & (absmax >= _TINY)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(normal, np.float32(1) / np.where(normal, absmax, 1), 0).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        y = x * np.repeat(inv, BLOCK)[: x.size]
+    ok = np.repeat(normal, BLOCK)[: x.size]
+    codes = encode(np.where(ok, y, 0), signed)
+    codes[~ok] = zero_code(signed)
+    scales = np.where(finite, np.where(normal, absmax, 0), np.nan).astype(np.float32)
+    return codes, scales
+
+
+def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, signed: bool) -> np.ndarray:
+    """``dynamic_map(signed)[code] * scale`` of the code's block, in float32 (flat)."""
+    codes = np.asarray(codes, np.uint8).ravel()
+    scales = np.asarray(scales, np.float32)
+    if scales.size != n_blocks(codes.size):
+        raise ValueError(
+            f"scales has {scales.size} entries; {codes.size} codes need {n_blocks(codes.size)}"
+        )
+    return dynamic_map(signed)[codes] * np.repeat(scales, BLOCK)[: codes.size]
