@@ -28,7 +28,9 @@ def bench_once(python: str, bench_args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.json")
         cmd = [python, "-m", "fastrms", "bench", "--json", path, *bench_args]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        # Run outside any checkout: from a project root, ``-m fastrms`` would import that
+        # root's fastrms rather than the interpreter's install.
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=tmp)
         with open(path) as f:
             return json.load(f)
 
