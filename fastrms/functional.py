@@ -335,6 +335,7 @@ def multi_tensor_step(
     *,
     step: int = 1,
     backend: str = "auto",
+    state_dtype: str | None = None,
     **hyperparameters,
 ) -> None:
     """One step of ``optimizer`` over many parameters at once, in place.
@@ -360,6 +361,11 @@ def multi_tensor_step(
         first momentum step).
     backend : {"auto", "cuda", "cpu", "numpy"}
         See :mod:`fastrms.dispatch`.
+    state_dtype : {None, "float32", "float64", "bfloat16"}
+        How the state arrays are held; None (default): as each parameter is.
+        ``"bfloat16"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state arrays
+        are ``ml_dtypes.bfloat16`` arrays (or ``uint16`` views of them); each element is
+        loaded into float32, updated in float32 and stored rounded to nearest even.
     **hyperparameters
         As for the single-array function of ``optimizer``.
 
@@ -379,7 +385,8 @@ def multi_tensor_step(
         if arrays is None or len(arrays) != len(params):
             raise ValueError(f"state[{name!r}] must hold one array per parameter")
     names = [f"params[{i}]" for i in range(len(params))]
-    StepPlan(setup, list(params), {s: list(state[s]) for s in setup.state}, names, backend).run(
+    arrays = {s: list(state[s]) for s in setup.state}
+    StepPlan(setup, list(params), arrays, names, backend, state_dtype=state_dtype).run(
         list(grads), setup
     )
 
