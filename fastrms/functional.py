@@ -5,6 +5,10 @@ Each function updates ``param`` and its state arrays in place, on the backend th
 written: a bad call raises ``TypeError`` or ``ValueError`` naming the argument and changes no
 array. Scalars are cast to the arrays' dtype, so float32 arrays are updated in float32.
 
+Every step function also takes ``state_dtype`` (see :func:`multi_tensor_step`):
+``state_dtype="bfloat16"`` steps float32 parameters with ``ml_dtypes.bfloat16`` state arrays
+(or their ``uint16`` views), computed in float32 and stored rounded to nearest even.
+
 NaN or Inf in a gradient propagate into the parameter and state, as in PyTorch; fastrms does
 not inspect array values.
 
@@ -24,7 +28,7 @@ from typing import Any, NamedTuple
 from . import dispatch, specs
 from .arrays import check_arrays
 from .grouped import StepPlan
-from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array  # noqa: F401
+from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array, check_state_dtype  # noqa: F401
 from .specs import SPECS, Setup
 
 Array = Any  # a NumPy array, or a CUDA array (Numba device array, CuPy, PyTorch CUDA tensor)
@@ -72,8 +76,22 @@ _cast = cast  # the name the tests and benchmarks used
 
 def _step(name: str, param, grad, state: dict, backend: str, step: int, options: dict) -> None:
     spec = SPECS[name]
+    state_dtype = options.pop("state_dtype", None)
     _check_step_options(spec, options)
-    plan(spec.setup(step, **options), param, grad, state, backend).run()
+    setup = spec.setup(step, **options)
+    if state_dtype is None:
+        plan(setup, param, grad, state, backend).run()
+        return
+    # State held in another dtype (bfloat16) runs through the grouped kernels, whose columns
+    # load and store it through its codec: a group of one array.
+    check_state_dtype(state_dtype)
+    for s in setup.state:
+        if state.get(s) is None:
+            raise ValueError(f"{s} is required by these options of {setup.rule}")
+    arrays = {s: [state[s]] for s in setup.state}
+    StepPlan(setup, [param], arrays, ["param"], backend, ["grad"], state_dtype=state_dtype).run(
+        [grad], setup
+    )
 
 
 def _check_step_options(spec: specs.Spec, options: dict) -> None:

@@ -143,6 +143,23 @@ def test_multi_tensor_step_matches_the_reference(name, options, backend):
     _check(name, params, state, want_params, want_state)
 
 
+@pytest.mark.parametrize(("name", "options"), FULL)
+def test_one_array_step_functions_take_state_dtype(name, options):
+    params, grads = _problem(name, seed=6)
+    params, grads = params[2:3], [g[2:3] for g in grads]
+    want_params, want_state = reference_steps(name, options, params, grads)
+    spec = SPECS[name]
+    used = spec.setup(1, **options).state
+    state = {s: _initial(name, s, params[0].size, options).view(BF16) for s in used}
+    step_options = {k: v for k, v in options.items() if k in spec.step_options}
+    fn = getattr(functional, name)
+    for step in range(1, STEPS + 1):
+        counted = {"step": step} if spec.counts_steps else {}
+        fn(params[0], grads[step - 1][0], **state, **counted, state_dtype="bfloat16",
+           **step_options)  # fmt: skip
+    _check(name, params, {s: [a] for s, a in state.items()}, want_params, want_state)
+
+
 # -- the NumPy classes ---------------------------------------------------------------------------
 
 
@@ -298,6 +315,14 @@ def test_bf16_state_without_state_dtype_is_refused_with_a_hint(state):
     before = _snapshot(params, st)
     with pytest.raises(TypeError, match=r"exp_avg of params\[0\] has dtype .*pass state_dtype="):
         functional.multi_tensor_step("adam", params, grads, st)
+    with pytest.raises(TypeError, match=r"exp_avg has dtype .*pass state_dtype="):
+        functional.adam(params[0], grads[0], st["exp_avg"][0], st["exp_avg_sq"][0], step=1)
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        functional.adam(params[0], grads[0], st["exp_avg"][0], st["exp_avg_sq"][0], step=1,
+                        state_dtype="half")  # fmt: skip
+    with pytest.raises(ValueError, match="max_exp_avg_sq is required"):
+        functional.adam(params[0], grads[0], st["exp_avg"][0], st["exp_avg_sq"][0], step=1,
+                        amsgrad=True, state_dtype="bfloat16")  # fmt: skip
     _unchanged(before, _snapshot(params, st))
 
 
