@@ -9,16 +9,19 @@ scalars cast to float32, then round the new state to bfloat16, to nearest with t
 kernels compute each element in float32 from the loaded state and store the rounded state,
 never reading it back within a step, so the two agree exactly.
 
-Paths: the grouped CPU kernels through :class:`fastrms.grouped.StepPlan` (serial and
-parallel), :func:`fastrms.functional.multi_tensor_step` (cpu and numpy backends) and the NumPy
-optimizer classes, for every optimizer; every option combination of the small grids
-(Adam, AdamW, Lion, Adamax), and for the others the default options and those that keep every
-state array (``FULL_STATE``), to keep the compile time of the test small.
+Paths: the grouped CPU kernels through :class:`fastrms.grouped.StepPlan` (serial, parallel,
+and on torch's OpenMP team as fastrms.torch runs them), the one-array step functions and
+:func:`fastrms.functional.multi_tensor_step` (cpu and numpy backends), and the NumPy optimizer
+classes, for every optimizer; every option combination of the small grids (Adam, AdamW, Lion,
+Adamax), and for the others the default options and those that keep every state array
+(``FULL_STATE``), to keep the compile time of the test small.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
+import os
 import re
 
 import ml_dtypes
@@ -28,7 +31,7 @@ from conftest import FULL_STATE, OPTION_GRIDS, assert_same_bits, options_id, ran
 from numba import njit, types
 
 import fastrms
-from fastrms import functional, lowprecision, precision, reference
+from fastrms import functional, lowprecision, precision, reference, teams
 from fastrms.grouped import StepPlan
 from fastrms.kernels import elementwise, rules
 from fastrms.specs import SPECS
@@ -37,6 +40,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 SIZES = (1, 7, 1000, 20_000)
 STEPS = 3
 _WHOLE_GRID = ("adam", "adamw", "lion", "adamax")
+_ON_TEAM = ("adam", "rmsprop", "sgd", "lion")  # the team's C function, as fastrms.torch runs it
 
 
 def _cases() -> list:
@@ -46,7 +50,10 @@ def _cases() -> list:
     for name, grid in OPTION_GRIDS.items():
         chosen = grid if name in _WHOLE_GRID else [{}, FULL_STATE[name]]
         for options in chosen:
-            routes = ["serial"] + (["parallel"] if options in ({}, FULL_STATE[name]) else [])
+            on = {k: v for k, v in options.items() if v not in (0, False)}  # as FULL_STATE is
+            routes = ["serial"] + (["parallel"] if on in ({}, FULL_STATE[name]) else [])
+            if on == FULL_STATE[name] and name in _ON_TEAM:
+                routes.append("team")
             for route in routes:
                 case = (name, options, route)
                 cases.append(pytest.param(*case, id=f"{name}-{options_id(options)}-{route}"))
@@ -120,9 +127,14 @@ def test_grouped_cpu_kernels_match_the_reference(name, options, route):
         for s in setup.state
     }  # fmt: skip
     names = [f"params[{i}]" for i in range(len(params))]
-    threshold = 0 if route == "parallel" else 1 << 62
+    threshold = 1 << 62 if route == "serial" else 0
+    team = None
+    if route == "team":
+        os.environ.get("CI") and importlib.import_module("torch") or pytest.importorskip("torch")
+        team = teams.torch_team()
+        assert team is not None and team.threads() > 1, "torch's OpenMP team is not available"
     plan = StepPlan(setup, params, state, names, "cpu", parallel_threshold=threshold,
-                    team=None, state_dtype="bfloat16")  # fmt: skip
+                    team=team, state_dtype="bfloat16")  # fmt: skip
     for step in range(1, STEPS + 1):
         plan.run(grads[step - 1], spec.setup(step, **options))
     _check(name, params, state, want_params, want_state)
