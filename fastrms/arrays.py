@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import ml_dtypes
 import numpy as np
 
 # np.may_share_memory without the __array_function__ dispatch: 40% of its cost per call.
@@ -17,6 +18,20 @@ _may_share_memory = getattr(np.may_share_memory, "_implementation", np.may_share
 HOST = "host"
 DEVICE = "cuda"
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+#: The dtypes a bfloat16 array may come as: ``ml_dtypes.bfloat16``, or its ``uint16`` patterns.
+LOW_PRECISION_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16))
+
+
+class Held(NamedTuple):
+    """Arrays of an update held in another dtype than the parameter's (see
+    :func:`check_arrays`): their ``names``, the ``dtypes`` each may have, and the ``option``
+    that asked for them, as errors name it (``"state_dtype='bfloat16'"``)."""
+
+    names: frozenset
+    dtypes: tuple
+    option: str
 
 
 class ArrayInfo(NamedTuple):
@@ -154,16 +169,21 @@ def check_params(params: list, names: list[str], one_side: bool = False) -> list
     return infos
 
 
-def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
+def check_arrays(
+    named: dict[str, Any], writes: tuple[str, ...], held: Held | None = None
+) -> ArrayInfo:
     """Check the arrays of one update and return the parameter's description.
 
     The first array is the parameter. Every array must be a float32/float64 array of the
     parameter's kind (host or device), device, dtype and shape, and C-contiguous; the arrays in
     ``writes`` must be writeable and must not overlap any other array. Raises
     ``TypeError``/``ValueError`` naming the offending argument.
+
+    ``held`` names the arrays held in another dtype than the parameter's (low-precision
+    state), with the dtypes each may have and the option that asked for them (:class:`Held`).
     """
     items = list(named.items())
-    if _host_arrays_ok(items, writes):
+    if held is None and _host_arrays_ok(items, writes):
         p = items[0][1]
         return ArrayInfo(HOST, p.shape, p.dtype, True, True, None)
     pname, param = items[0]
@@ -180,10 +200,19 @@ def check_arrays(named: dict[str, Any], writes: tuple[str, ...]) -> ArrayInfo:
             raise ValueError(
                 f"{name} is on CUDA device {info.device} but {pname} is on device {ref.device}"
             )
-        if info.dtype != ref.dtype:
+        if held is not None and name in held.names:
+            if info.dtype not in held.dtypes:
+                raise TypeError(
+                    f"{name} has dtype {info.dtype} but {held.option} holds it as "
+                    f"{' or '.join(map(str, held.dtypes))}"
+                )
+        elif info.dtype != ref.dtype:
+            hint = ""
+            if info.dtype in LOW_PRECISION_DTYPES and ref.dtype == np.float32:
+                hint = "; to hold state as bfloat16, pass state_dtype='bfloat16'"
             raise TypeError(
                 f"{name} has dtype {info.dtype} but {pname} has dtype {ref.dtype}: "
-                "fastrms does not cast arrays"
+                f"fastrms does not cast arrays{hint}"
             )
         if info.shape != ref.shape:
             raise ValueError(f"{name} has shape {info.shape} but {pname} has shape {ref.shape}")

@@ -57,8 +57,9 @@ class _Backend:
         """A 1-D view of ``a`` that the kernels index (no copy)."""
         raise NotImplementedError
 
-    def zeros_like(self, a: Any, slot: int = 0) -> Any:
-        """A zero array like ``a`` on ``a``'s side, for the ``slot``-th state array."""
+    def zeros_like(self, a: Any, slot: int = 0, dtype: np.dtype | None = None) -> Any:
+        """A zero array like ``a`` on ``a``'s side, for the ``slot``-th state array (of
+        ``a``'s dtype, or of ``dtype``)."""
         raise NotImplementedError
 
     def to_host(self, a: Any) -> np.ndarray:
@@ -80,8 +81,8 @@ class _NumpyBackend(_Backend):
     def view(self, a):
         return a if a.ndim == 1 else a.reshape(-1)
 
-    def zeros_like(self, a, slot=0):
-        return _staggered_zeros_like(a, slot)
+    def zeros_like(self, a, slot=0, dtype=None):
+        return _staggered_zeros_like(a, slot, dtype)
 
     def to_host(self, a):
         return np.array(a, copy=True)
@@ -247,9 +248,10 @@ class _CudaBackend(_Backend):
             d = cuda.as_cuda_array(a, sync=False)
         return d.reshape(d.size)
 
-    def zeros_like(self, a, slot=0):
+    def zeros_like(self, a, slot=0, dtype=None):
         cuda = self._module()
-        shape, dtype = _shape_dtype(a)
+        shape, own = _shape_dtype(a)
+        dtype = own if dtype is None else dtype
         device = device_of(a)
         if device is None or _is_simulator():
             return cuda.to_device(np.zeros(shape, dtype))
@@ -287,21 +289,24 @@ def _external_stream(cuda, handle: int):
     return cuda.external_stream(handle)
 
 
-def _staggered_zeros_like(a: np.ndarray, slot: int) -> np.ndarray:
-    """Zeros like ``a``, 64-byte aligned, starting ``slot`` KiB after ``a`` modulo 4 KiB.
+def _staggered_zeros_like(a: np.ndarray, slot: int, dtype: np.dtype | None = None) -> np.ndarray:
+    """Zeros like ``a`` (of ``a``'s dtype, or of ``dtype``), 64-byte aligned, starting ``slot``
+    KiB after ``a`` modulo 4 KiB.
 
     When arrays that one loop loads from and stores to sit at (nearly) the same address modulo
     4 KiB, the CPU mistakes loads for dependents of earlier stores ("4K aliasing") and stalls:
     fastrms.Adam over GPT-2's tensors ran 1.5x slower when the allocator happened to place its
     state so. The state arrays fastrms allocates are therefore spread away from the parameter.
     """
-    if a.nbytes < 1 << 16:
-        return np.zeros_like(a)
-    raw = np.zeros(a.nbytes + 8192, np.uint8)
+    dtype = a.dtype if dtype is None else np.dtype(dtype)
+    nbytes = a.size * dtype.itemsize
+    if nbytes < 1 << 16:
+        return np.zeros_like(a, dtype)
+    raw = np.zeros(nbytes + 8192, np.uint8)
     base = raw.__array_interface__["data"][0]
     offset = (a.__array_interface__["data"][0] + 1024 * slot - base) % 4096
     offset += -(base + offset) % 64
-    return raw[offset : offset + a.nbytes].view(a.dtype).reshape(a.shape)
+    return raw[offset : offset + nbytes].view(dtype).reshape(a.shape)
 
 
 def _cuda_unavailable_reason(cuda) -> str:

@@ -5,6 +5,10 @@ Each function updates ``param`` and its state arrays in place, on the backend th
 written: a bad call raises ``TypeError`` or ``ValueError`` naming the argument and changes no
 array. Scalars are cast to the arrays' dtype, so float32 arrays are updated in float32.
 
+Every step function also takes ``state_dtype`` (see :func:`multi_tensor_step`):
+``state_dtype="bfloat16"`` steps float32 parameters with ``ml_dtypes.bfloat16`` state arrays
+(or their ``uint16`` views), computed in float32 and stored rounded to nearest even.
+
 NaN or Inf in a gradient propagate into the parameter and state, as in PyTorch; fastrms does
 not inspect array values.
 
@@ -24,7 +28,7 @@ from typing import Any, NamedTuple
 from . import dispatch, specs
 from .arrays import check_arrays
 from .grouped import StepPlan
-from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array  # noqa: F401
+from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array, check_state_dtype  # noqa: F401
 from .specs import SPECS, Setup
 
 Array = Any  # a NumPy array, or a CUDA array (Numba device array, CuPy, PyTorch CUDA tensor)
@@ -72,8 +76,22 @@ _cast = cast  # the name the tests and benchmarks used
 
 def _step(name: str, param, grad, state: dict, backend: str, step: int, options: dict) -> None:
     spec = SPECS[name]
+    state_dtype = options.pop("state_dtype", None)
     _check_step_options(spec, options)
-    plan(spec.setup(step, **options), param, grad, state, backend).run()
+    setup = spec.setup(step, **options)
+    if state_dtype is None:
+        plan(setup, param, grad, state, backend).run()
+        return
+    # State held in another dtype (bfloat16) runs through the grouped kernels, whose columns
+    # load and store it through its codec: a group of one array.
+    check_state_dtype(state_dtype)
+    for s in setup.state:
+        if state.get(s) is None:
+            raise ValueError(f"{s} is required by these options of {setup.rule}")
+    arrays = {s: [state[s]] for s in setup.state}
+    StepPlan(setup, [param], arrays, ["param"], backend, ["grad"], state_dtype=state_dtype).run(
+        [grad], setup
+    )
 
 
 def _check_step_options(spec: specs.Spec, options: dict) -> None:
@@ -335,6 +353,7 @@ def multi_tensor_step(
     *,
     step: int = 1,
     backend: str = "auto",
+    state_dtype: str | None = None,
     **hyperparameters,
 ) -> None:
     """One step of ``optimizer`` over many parameters at once, in place.
@@ -360,6 +379,11 @@ def multi_tensor_step(
         first momentum step).
     backend : {"auto", "cuda", "cpu", "numpy"}
         See :mod:`fastrms.dispatch`.
+    state_dtype : {None, "float32", "float64", "bfloat16"}
+        How the state arrays are held; None (default): as each parameter is.
+        ``"bfloat16"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state arrays
+        are ``ml_dtypes.bfloat16`` arrays (or ``uint16`` views of them); each element is
+        loaded into float32, updated in float32 and stored rounded to nearest even.
     **hyperparameters
         As for the single-array function of ``optimizer``.
 
@@ -379,7 +403,8 @@ def multi_tensor_step(
         if arrays is None or len(arrays) != len(params):
             raise ValueError(f"state[{name!r}] must hold one array per parameter")
     names = [f"params[{i}]" for i in range(len(params))]
-    StepPlan(setup, list(params), {s: list(state[s]) for s in setup.state}, names, backend).run(
+    arrays = {s: list(state[s]) for s in setup.state}
+    StepPlan(setup, list(params), arrays, names, backend, state_dtype=state_dtype).run(
         list(grads), setup
     )
 

@@ -35,13 +35,17 @@ from . import dispatch, teams
 from .arrays import (
     DEVICE,
     HOST,
+    LOW_PRECISION_DTYPES,
+    Held,
     check_arrays,
     check_no_overlap,
+    check_updatable,
+    describe,
     extent,
     host_addresses,
 )
 from .launch_groups import GROUPS, CpuGroup, Team
-from .precision import SLOTS, signature
+from .precision import SLOTS, check_state_dtype, signature, state_storage
 from .specs import Setup
 
 __all__ = ["StepPlan", "Team"]
@@ -71,6 +75,11 @@ class StepPlan:
         passes PyTorch's OpenMP team); None: Numba's threading layer. ``"auto"`` (default):
         :func:`fastrms.teams.default_team`, i.e. PyTorch's OpenMP team if this process has
         imported torch, with :data:`fastrms.teams.TEAM_THRESHOLD` as the default threshold.
+    state_dtype : {None, "float32", "float64", "bfloat16"}, optional
+        How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
+        each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
+        or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
+        ``cpu`` and ``numpy`` backends only.
     """
 
     def __init__(
@@ -83,7 +92,9 @@ class StepPlan:
         grad_names: list[str] | None = None,
         parallel_threshold: int | None = None,
         team: Team | None | str = "auto",
+        state_dtype: str | None = None,
     ) -> None:
+        check_state_dtype(state_dtype)
         if team == "auto":
             team = teams.default_team()
             if team is not None and parallel_threshold is None:
@@ -98,13 +109,19 @@ class StepPlan:
         infos = []
         for i, p in enumerate(params):
             named = {names[i]: p} | {f"{s} of {names[i]}": state[s][i] for s in setup.state}
-            info = check_arrays(named, tuple(named))
+            slots, held = self._state_storages(setup, p, names[i], tuple(named)[1:], state_dtype)
+            info = check_arrays(named, tuple(named), held)
             infos.append(info)
             try:
                 chosen, auto = dispatch.resolve(backend, info.kind)
             except TypeError as exc:
                 raise TypeError(f"{names[i]}: {exc}") from None
-            key = (chosen.name, auto, signature(setup.rule, info.dtype))
+            if slots is not None and chosen.name == "cuda":
+                raise TypeError(
+                    f"{names[i]}: state_dtype={state_dtype!r} is not supported on the cuda "
+                    "backend yet (cpu and numpy only)"
+                )
+            key = (chosen.name, auto, signature(setup.rule, info.dtype, slots))
             groups.setdefault(key, []).append(i)
             written += [(label, a, True) for label, a in named.items()]
         check_no_overlap(written)
@@ -130,6 +147,22 @@ class StepPlan:
             self.groups.append(group)
         self._grads: list | None = None
         self._ready = False
+
+    @staticmethod
+    def _state_storages(
+        setup: Setup, p: Any, name: str, labels: tuple, state_dtype: str | None
+    ) -> tuple[tuple | None, Held | None]:
+        """The storage of each state slot of parameter ``p`` (None: as ``p`` is held) and
+        what :func:`check_arrays` must accept for its state arrays (``labels``)."""
+        if state_dtype is None:
+            return None, None
+        info = describe(p, name)
+        check_updatable(info, name)
+        storage = state_storage(state_dtype, info.dtype, name)
+        if storage.codec is None:
+            return None, None
+        held = Held(frozenset(labels), LOW_PRECISION_DTYPES, f"state_dtype={state_dtype!r}")
+        return (storage,) * len(SLOTS[setup.rule]), held
 
     def matches(self, setup: Setup, state: dict[str, list], backend: str) -> bool:
         """Whether this plan still serves ``setup`` over the same state arrays."""

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, lowprecision
 from .arrays import describe, extent
 from .errors import BackendUnavailableError
 from .precision import cast, cast_array
@@ -87,16 +87,30 @@ class Group:
         return lambda: None
 
 
+#: The NumPy reference of each codec: ``(load, store)``, ``load(held)`` a new array of the
+#: compute dtype, ``store(values)`` the held patterns (fastrms.lowprecision).
+NUMPY_CODECS = {"bf16": (lowprecision.bf16_to_float32, lowprecision.round_nearest)}
+
+
 class NumpyGroup(Group):
-    """The reference backend, array by array."""
+    """The reference backend, array by array. An array held through a codec (bfloat16 state)
+    is loaded whole into its compute dtype, stepped by the reference, and stored back through
+    the codec's NumPy reference (:data:`NUMPY_CODECS`)."""
 
     def launch(self, hyper, grads):
         view = self.backend.view
         rule, flags = self.setup.rule, self.setup.flags
+        storages = self.signature.storages
         for i, arrays in zip(self.rows, self.arrays):
             p = view(arrays[0])
             views = [p, view(grads[i])] + [p if a is arrays[0] else view(a) for a in arrays[2:]]
+            coded = [k for k in range(2, len(views)) if storages[k].codec and views[k] is not p]
+            held = {k: lowprecision.bf16_bits(views[k]) for k in coded}
+            for k in coded:
+                views[k] = NUMPY_CODECS[storages[k].codec][0](held[k])
             self.backend.launch(rule, flags, tuple(views), hyper)
+            for k in coded:
+                held[k][...] = NUMPY_CODECS[storages[k].codec][1](views[k])
 
 
 class CpuGroup(Group):

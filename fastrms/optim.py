@@ -24,8 +24,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import dispatch, specs
-from .arrays import check_params
+from .arrays import DEVICE, check_params
 from .grouped import StepPlan
+from .precision import state_storage
 from .state import StateStore, is_step_count, plain
 from .tree import Params, Tree
 
@@ -34,12 +35,14 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {}
 
 
 def _init_from(spec: specs.Spec):
-    """An ``__init__(self, params, <hyperparameters>, backend="auto")`` for ``spec``."""
+    """An ``__init__(self, params, <hyperparameters>, backend="auto", *, state_dtype=None)``
+    for ``spec``."""
     P = inspect.Parameter
     signature = inspect.Signature(
         [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
         + [P(h, P.POSITIONAL_OR_KEYWORD, default=spec.defaults[h]) for h in spec.hyperparameters]
         + [P("backend", P.POSITIONAL_OR_KEYWORD, default="auto")]
+        + [P("state_dtype", P.KEYWORD_ONLY, default=None)]
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -47,7 +50,9 @@ def _init_from(spec: specs.Spec):
         bound.apply_defaults()
         values = dict(bound.arguments)
         del values["self"]
-        Optimizer.__init__(self, values.pop("params"), values.pop("backend"), **values)
+        params, backend = values.pop("params"), values.pop("backend")
+        state_dtype = values.pop("state_dtype")
+        Optimizer.__init__(self, params, backend, state_dtype=state_dtype, **values)
 
     __init__.__signature__ = signature
     return __init__
@@ -57,7 +62,13 @@ class Optimizer:
     """Base class: parameter structure, state, steps, and state dicts.
 
     A subclass sets ``spec``; its ``__init__`` (``params``, the spec's hyperparameters with
-    their defaults, then ``backend``) is made from the spec unless it defines one.
+    their defaults, then ``backend`` and the keyword ``state_dtype``) is made from the spec
+    unless it defines one.
+
+    ``state_dtype`` says how the state is held, for every optimizer alike: None (default) as
+    the parameters are; ``"bfloat16"`` (float32 host parameters): ``ml_dtypes.bfloat16``
+    arrays, each element loaded into float32, updated in float32 and stored rounded to
+    nearest even, so the state takes half the memory and a step moves fewer bytes.
     """
 
     spec: ClassVar[specs.Spec]
@@ -76,20 +87,25 @@ class Optimizer:
         if "__init__" not in cls.__dict__:
             cls.__init__ = _init_from(spec)
 
-    def __init__(self, params: Params, backend: str = "auto", **hyper: Any) -> None:
+    def __init__(
+        self, params: Params, backend: str = "auto", *, state_dtype: str | None = None, **hyper: Any
+    ) -> None:
         self._tree = Tree(params, "params")
         self._params = self._tree.arrays
         if not self._params:
             raise ValueError("params is empty")
         self._pnames, self._gnames = self._tree.labels("params"), self._tree.labels("grads")
-        check_params(self._params, self._pnames)
+        infos = check_params(self._params, self._pnames)
         if backend not in dispatch.CHOICES:
             raise ValueError(f"backend must be one of {dispatch.CHOICES}, got {backend!r}")
+        storages = _state_storages(state_dtype, infos, self._pnames)
         self.backend = backend
+        #: How the state is held (None: as the parameters are); fixed at construction.
+        self.state_dtype = state_dtype
         for name, value in hyper.items():
             setattr(self, name, value)
         self.step_count = 0
-        self._store = StateStore(self.spec, self._tree)
+        self._store = StateStore(self.spec, self._tree, storages)
         self._plan: StepPlan | None = None
         self._setup(1, self._hyper())  # check the hyperparameters now, not at the first step
 
@@ -149,7 +165,10 @@ class Optimizer:
         self._plan = None
         state = self._store.prepare(setup.state, self._hyper())
         try:
-            plan = StepPlan(setup, self._params, state, self._pnames, self.backend, self._gnames)
+            plan = StepPlan(
+                setup, self._params, state, self._pnames, self.backend, self._gnames,
+                state_dtype=self.state_dtype,
+            )  # fmt: skip
         except (TypeError, ValueError):
             self._forget_created()
             raise
@@ -212,6 +231,23 @@ class Optimizer:
     def __repr__(self) -> str:
         hyper = ", ".join(f"{h}={getattr(self, h)!r}" for h in self.hyperparameters)
         return f"{type(self).__name__}({len(self._params)} arrays, {hyper})"
+
+
+def _state_storages(state_dtype: str | None, infos: list, names: list[str]) -> list | None:
+    """The storage of each parameter's state under ``state_dtype`` (None: as the parameters
+    are), refused with ``ValueError``/``TypeError`` naming the argument where it cannot be."""
+    if state_dtype is None:
+        return None
+    storages = []
+    for info, name in zip(infos, names):
+        storage = state_storage(state_dtype, info.dtype, name)
+        if storage.codec is not None and info.kind == DEVICE:
+            raise TypeError(
+                f"state_dtype={state_dtype!r} is not supported for CUDA arrays yet ({name}); "
+                "host (NumPy) parameters only"
+            )
+        storages.append(storage)
+    return storages
 
 
 # -- the optimizers ----------------------------------------------------------------------------
@@ -371,7 +407,9 @@ class Lion(Optimizer):
 _PARAMS_DOC = """params : array, list/tuple of arrays, or dict of str -> array
     float32 or float64, C-contiguous, writeable; NumPy arrays or CUDA arrays."""
 _BACKEND_DOC = """backend : {"auto", "cuda", "cpu", "numpy"}
-    ``auto`` picks from the array type; see :mod:`fastrms.dispatch`."""
+    ``auto`` picks from the array type; see :mod:`fastrms.dispatch`.
+state_dtype : {None, "float32", "float64", "bfloat16"}
+    How the state is held (keyword only); see :class:`Optimizer`."""
 
 
 def declare(spec: specs.Spec) -> type[Optimizer]:

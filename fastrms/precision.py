@@ -6,7 +6,8 @@ the step computes in, and the one kernel signature that follows.
   (:mod:`fastrms.kernels.elementwise`). ``float32`` and ``float64`` hold what they compute
   in, so loading and storing are the identity and the kernels index the arrays directly; a
   storage that holds something else names a ``codec``, a load/store pair registered in
-  :mod:`fastrms.kernels.columns` (bf16 as uint16 and 8-bit blockwise come next).
+  :mod:`fastrms.kernels.columns`: ``bfloat16`` is held as ``uint16`` patterns, loaded into
+  float32 and stored rounded to nearest even (8-bit blockwise comes next).
 - A layout's state arrays are :class:`fastrms.specs.Slot` objects (name, initial value,
   shape rule).
 - :func:`signature` is the policy: it maps a parameter's dtype, the storage of each state
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import specs
+from .lowprecision import BFLOAT16
 from .specs import LAYOUTS
 
 
@@ -50,8 +52,19 @@ class Storage:
         return self.codec is None and self.dtype == self.compute
 
 
-STORAGES = {s.name: s for s in (Storage("float32", "float32", "float32"),
-                                Storage("float64", "float64", "float64"))}  # fmt: skip
+#: The storages by name. ``bfloat16`` is held as ``uint16`` patterns and goes through the
+#: kernels' ``bf16`` codec: loaded exactly into float32, stored rounded to nearest even.
+STORAGES = {
+    s.name: s
+    for s in (
+        Storage("float32", "float32", "float32"),
+        Storage("float64", "float64", "float64"),
+        Storage("bfloat16", "uint16", "float32", codec="bf16"),
+    )
+}
+
+#: The values of the ``state_dtype`` option: how optimizer state is held.
+STATE_DTYPES = ("float32", "float64", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,45 @@ class Signature:
 
 def storage_of(dtype: np.dtype) -> Storage:
     """The storage that holds ``dtype`` as it is (float32 or float64)."""
-    return STORAGES[np.dtype(dtype).name]
+    storage = STORAGES.get(np.dtype(dtype).name)
+    if storage is None or not storage.identity:
+        raise TypeError(f"parameters must have dtype float32 or float64, got {np.dtype(dtype)}")
+    return storage
+
+
+def check_state_dtype(state_dtype: str | None) -> None:
+    """Refuse (``ValueError``) a ``state_dtype`` that is none of :data:`STATE_DTYPES` (or None)."""
+    if state_dtype is not None and (
+        not isinstance(state_dtype, str) or state_dtype not in STATE_DTYPES
+    ):
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or None, got {state_dtype!r}")
+
+
+def state_storage(state_dtype: str | None, param: np.dtype, name: str = "params") -> Storage:
+    """The storage of the state of a parameter of dtype ``param`` under option ``state_dtype``.
+
+    None (the default) holds the state as the parameter is held. ``"bfloat16"`` holds it as
+    bfloat16 patterns, loaded into float32 and stored rounded to nearest even, so it needs
+    float32 parameters; ``"float32"``/``"float64"`` must be the parameter's own dtype (no codec
+    converts between them). Raises ``ValueError`` naming ``state_dtype`` and ``name`` otherwise.
+    """
+    check_state_dtype(state_dtype)
+    held = storage_of(param)
+    if state_dtype is None or state_dtype == held.name:
+        return held
+    storage = STORAGES[state_dtype]
+    if storage.compute != held.compute:
+        raise ValueError(
+            f"state_dtype={state_dtype!r} needs {storage.compute} parameters, but {name} has "
+            f"dtype {held.name}"
+        )
+    return storage
+
+
+def state_dtype_of(storage: Storage) -> np.dtype:
+    """The NumPy dtype a state array of ``storage`` is made with (``ml_dtypes.bfloat16`` for
+    bfloat16: its ``nbytes`` is the state's memory, and it views as the held ``uint16``)."""
+    return BFLOAT16 if storage.name == "bfloat16" else np.dtype(storage.dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,7 +165,7 @@ def signature(
     compute = held.compute if compute is None else np.dtype(compute).name
     storages = (held, held, *slots)
     for name, storage in zip(layout.arrays, storages):
-        if storage.codec is None and storage.dtype != compute:
+        if (storage.codec is None and storage.dtype != compute) or storage.compute != compute:
             raise ValueError(
                 f"{name} held as {storage.name} cannot be computed in {compute}: "
                 "no codec converts it"

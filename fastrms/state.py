@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from . import dispatch, specs
+from . import dispatch, lowprecision, specs
 from .arrays import DEVICE, describe
+from .precision import state_dtype_of
 from .tree import Tree
 
 
@@ -43,10 +44,13 @@ class StateStore:
         ``{state name: [array or None for each parameter]}``: the optimizer's ``state``.
     """
 
-    __slots__ = ("spec", "tree", "params", "arrays", "_created")
+    __slots__ = ("spec", "tree", "params", "arrays", "storages", "_created")
 
-    def __init__(self, spec: specs.Spec, tree: Tree) -> None:
+    def __init__(self, spec: specs.Spec, tree: Tree, storages: list | None = None) -> None:
         self.spec, self.tree, self.params = spec, tree, tree.arrays
+        #: How each parameter's state is held (a :class:`fastrms.precision.Storage`; None:
+        #: as the parameter is).
+        self.storages = storages or [None] * len(self.params)
         self.arrays: dict[str, list] = {}
         self._created: list[tuple[str, int]] = []  # made for a step not yet taken
 
@@ -60,7 +64,8 @@ class StateStore:
         arrays = self.arrays.setdefault(name, [None] * len(self.params))
         if arrays[i] is None:
             slot = self.spec.layout.slots.index(name) + 1
-            arrays[i] = _full_like(self.params[i], self.initial_value(name, hyper), slot)
+            value = self.initial_value(name, hyper)
+            arrays[i] = _full_like(self.params[i], value, slot, self.storages[i])
         return arrays[i]
 
     # -- the state of a step ---------------------------------------------------------------------
@@ -127,7 +132,7 @@ class StateStore:
                     if s not in used:
                         continue
                     raise ValueError(f"state_dict lacks {key!r} (for these params and options)")
-                arrays[s, i] = checked_entry(key, sd.pop(key), p)
+                arrays[s, i] = checked_entry(key, sd.pop(key), p, convertible=True)
         return arrays
 
     def nbytes(self) -> int:
@@ -135,25 +140,49 @@ class StateStore:
         return sum(a.nbytes for arrays in self.arrays.values() for a in arrays if a is not None)
 
     def load(self, arrays: dict[tuple, np.ndarray], hyper: Mapping[str, Any]) -> None:
-        """Replace the state with ``arrays`` (from :meth:`take_entries`), copied in."""
+        """Replace the state with ``arrays`` (from :meth:`take_entries`), copied in: converted
+        to the dtype the state is held in (float -> bfloat16 rounds to nearest even,
+        bfloat16 -> float widens exactly)."""
         self.arrays = {}
         self._created = []
         for (s, i), a in arrays.items():
             dst = self.get(s, i, hyper)
-            _backend_of(dst).copy_from_host(dst, a)
+            _backend_of(dst).copy_from_host(dst, convert(a, describe(dst, s).dtype))
 
 
-def checked_entry(key: str, value: Any, param: Any) -> np.ndarray:
+def checked_entry(key: str, value: Any, param: Any, convertible: bool = False) -> np.ndarray:
     """State-dict entry ``key`` as an array, refused (``ValueError``) unless it has the shape
-    and dtype of its parameter ``param``."""
+    and dtype of its parameter ``param``. With ``convertible``, a bfloat16 entry is accepted
+    too (for state held as bfloat16, or to be widened), and so is a float32 entry beside
+    float32 parameters; :func:`convert` then makes it the held dtype.
+
+    A bfloat16 array saved by ``np.savez`` loads back as 2-byte void (``|V2``): such an entry
+    is read as the bfloat16 patterns it holds.
+    """
     a = np.asarray(value)
     info = describe(param, "param")
-    if a.shape != info.shape or a.dtype != info.dtype:
+    if convertible and a.dtype.kind == "V" and a.dtype.itemsize == 2 and a.dtype.names is None:
+        a = a.view(lowprecision.BFLOAT16)
+    allowed = (info.dtype, lowprecision.BFLOAT16) if convertible else (info.dtype,)
+    if a.shape != info.shape or a.dtype not in allowed:
+        also = " (or bfloat16)" if convertible else ""
         raise ValueError(
             f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
-            f"parameter has shape {info.shape} and dtype {info.dtype}"
+            f"parameter has shape {info.shape} and dtype {info.dtype}{also}"
         )
     return a
+
+
+def convert(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """State ``a`` as ``dtype``: float -> bfloat16 rounds to nearest even
+    (:func:`fastrms.lowprecision.round_nearest`), bfloat16 -> float widens exactly."""
+    if a.dtype == dtype:
+        return a
+    if dtype == lowprecision.BFLOAT16:
+        return lowprecision.round_nearest(a.astype(np.float32)).view(dtype)
+    if a.dtype == lowprecision.BFLOAT16:
+        return lowprecision.bf16_to_float32(a).astype(dtype)
+    raise ValueError(f"cannot convert state of dtype {a.dtype} to {dtype}")
 
 
 def plain(x: Any) -> Any:
@@ -169,11 +198,14 @@ def _backend_of(a):
     return dispatch.get("cuda" if describe(a, "array").kind == DEVICE else "numpy")
 
 
-def _full_like(p, value: float, slot: int):
-    """A state array like ``p`` on ``p``'s side (host or device), filled with ``value``."""
+def _full_like(p, value: float, slot: int, storage=None):
+    """A state array like ``p`` on ``p``'s side (host or device), filled with ``value``, held
+    as ``storage`` says (None: in ``p``'s dtype; bfloat16: ``value`` rounded to nearest)."""
     backend = _backend_of(p)
-    a = backend.zeros_like(p, slot)
+    dtype = None if storage is None else state_dtype_of(storage)
+    a = backend.zeros_like(p, slot, dtype)
     if value:
         info = describe(p, "param")
-        backend.copy_from_host(a, np.full(info.shape, value, info.dtype))
+        full = np.full(info.shape, value, info.dtype)
+        backend.copy_from_host(a, convert(full, describe(a, "state").dtype))
     return a

@@ -22,10 +22,13 @@ from numba.extending import (
     make_attribute_wrapper,
     models,
     overload,
+    register_jitable,
     register_model,
     typeof_impl,
 )
 from numba.np.numpy_support import from_dtype
+
+from . import codecs
 
 #: Load/store pairs by codec name.
 CODECS: dict = {}
@@ -112,3 +115,21 @@ def _store(column, i, x):
         store = CODECS[column.codec][1]
         return lambda column, i, x: store(column.data, i, x)
     return None
+
+
+# -- the codecs of fastrms.precision's storages -------------------------------------------------
+
+
+@register_jitable
+def _bf16_load(array, i):
+    return codecs.bf16_load(array[i])
+
+
+@register_jitable
+def _bf16_store(array, i, x):
+    array[i] = codecs.bf16_nearest(x)
+
+
+# Optimizer state held as bfloat16 is stored round-to-nearest-even (stochastic rounding is for
+# parameters, whose updates can be smaller than half an ulp).
+register("bf16", _bf16_load, _bf16_store)

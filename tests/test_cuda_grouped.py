@@ -471,3 +471,24 @@ def test_optimizer_class_steps_many_device_arrays_as_one_group(algo):
     assert [g.backend.name for g in opt._plan.groups] == ["cuda"]
     for d, want in zip(device, ref._params):
         np.testing.assert_array_equal(d.copy_to_host(), want)
+
+
+@runs_kernels
+def test_bf16_state_is_refused_on_cuda_and_nothing_is_written():
+    """bfloat16 state (state_dtype="bfloat16") has no CUDA codec columns yet: refused with a
+    clear error before anything runs, by the functional step and by the classes."""
+    import ml_dtypes
+    from numba import cuda
+
+    rng = np.random.default_rng(0)
+    p, g = (cuda.to_device(randn(rng, 8, np.float32)) for _ in range(2))
+    m, v = (cuda.to_device(np.zeros(8, ml_dtypes.bfloat16).view(np.uint16)) for _ in range(2))
+    before = [a.copy_to_host() for a in (p, m, v)]
+    with pytest.raises(TypeError, match=r"params\[0\]: state_dtype='bfloat16' is not supported "
+                                        "on the cuda backend yet"):  # fmt: skip
+        functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]},
+                                     state_dtype="bfloat16")  # fmt: skip
+    with pytest.raises(TypeError, match=r"not supported for CUDA arrays yet \(params\[0\]\)"):
+        fastrms.Adam([p], state_dtype="bfloat16")
+    for a, b in zip((p, m, v), before):
+        assert_same_bits(a.copy_to_host(), b)
