@@ -63,6 +63,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             for v in (*M.MODEL_VARIANTS, *M.CEILINGS)
         ]
         metafunc.parametrize("model_case", cases, ids=[f"{m}-{a}-{v}" for m, a, v in cases])
+    if "precision_case" in metafunc.fixturenames:
+        from fastrms.tools.bench.precision import PRECISION_VARIANTS
+
+        chosen = ("gpt2-tiny", "gpt2") if config.getoption("--bench-large") else ("gpt2-tiny",)
+        cases = [(m, v) for m in chosen for v in PRECISION_VARIANTS]
+        metafunc.parametrize("precision_case", cases, ids=[f"{m}-{v}" for m, v in cases])
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=M.MODEL_ALGOS,
         help=f"algorithms stepped over the models (default: {','.join(M.MODEL_ALGOS)})",
     )
+    p.add_argument(
+        "--precision",
+        nargs="?",
+        const="gpt2",
+        type=_model,
+        metavar="MODEL",
+        help="instead of the sweep, time Adam at each precision (float32, bf16 and int8 state, "
+        "bf16 parameters) over a model's tensors (default gpt2: GPT-2 small, about 8 GB) "
+        "against torch fused Adam and, where installed, torchao, optimi and bitsandbytes",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -124,6 +134,10 @@ def _algos(text: str) -> tuple[str, ...]:
 
 def _models(text: str) -> tuple[str, ...]:
     return () if text == "none" else _names(text, M.MODELS, "model")
+
+
+def _model(text: str) -> str:
+    return _names(text, M.MODELS, "model")[0] if "," not in text else _models(text)[0]
 
 
 def _model_algos(text: str) -> tuple[str, ...]:
@@ -177,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _warn_if_busy()
     import_torch()  # import torch now (if installed), so that its thread count is set too
+    if args.precision:
+        return run_precision(args, threads)
     backends = args.backends
     if threads == 1:  # "cpu" is then the one-thread variant already
         backends = tuple(b for b in backends if b != "cpu-1t")
@@ -221,6 +237,22 @@ def run(args: argparse.Namespace) -> int:
         plot(sweep.cells, args.plot, title=plot_title(info))
     if args.plot_models and sweep.models:
         plot_models(sweep.models, args.plot_models, title=plot_title(info))
+    return 0
+
+
+def run_precision(args: argparse.Namespace, threads: int) -> int:
+    """``fastrms bench --precision MODEL``: the precision variants, side by side."""
+    from .precision import PRECISION_VARIANTS, format_precision, measure_precision
+
+    print(f"fastrms bench --precision {args.precision}: {threads} threads", file=sys.stderr)
+    with thread_count(threads), np.errstate(all="ignore"):
+        result = measure_precision(args.precision, tuple(PRECISION_VARIANTS), args.repeat)
+    info = machine_info(threads)
+    print(format_precision(result, args.markdown))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "threads": threads, "precision": result}, f, indent=1)
+            f.write("\n")
     return 0
 
 
