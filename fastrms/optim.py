@@ -250,159 +250,7 @@ def _state_storages(state_dtype: str | None, infos: list, names: list[str]) -> l
     return storages
 
 
-# -- the optimizers ----------------------------------------------------------------------------
-
-
-class RMSProp(Optimizer):
-    """RMSProp, PyTorch's defaults and semantics; eps inside the sqrt on request.
-
-    ::
-
-        g = grad (or -grad if maximize) + weight_decay * p
-        v = alpha * v + (1 - alpha) * g**2
-        centered:  m = alpha * m + (1 - alpha) * g;  v_hat = v - m**2   (else v_hat = v)
-        d = sqrt(v_hat) + eps             (PyTorch; eps_in_sqrt=False)
-        d = sqrt(v_hat + eps)             (TF/Keras, Optax eps_in_sqrt=True, tutorials)
-        momentum > 0:  b = momentum * b + g / d;  p = p - lr * b
-        else:          p = p - lr * g / d
-
-    Parameters
-    ----------
-    params : array, list/tuple of arrays, or dict of str -> array
-        float32 or float64, C-contiguous, writeable; NumPy arrays or CUDA arrays.
-    lr, alpha, eps, weight_decay, momentum, centered, maximize
-        As ``torch.optim.RMSprop``, same defaults.
-    eps_in_sqrt : bool
-        Put eps inside the square root. Not in PyTorch (pytorch issue 23796).
-    backend : {"auto", "cuda", "cpu", "numpy"}
-        ``auto`` picks from the array type; see :mod:`fastrms.dispatch`.
-
-    See Also
-    --------
-    RMSProp.graves : Chainer's RMSpropGraves preset.
-    """
-
-    spec = specs.RMSPROP
-
-    @classmethod
-    def graves(
-        cls,
-        params: Params,
-        lr: float = 1e-4,
-        alpha: float = 0.95,
-        momentum: float = 0.9,
-        eps: float = 1e-4,
-        **options: Any,
-    ) -> RMSProp:
-        """Chainer's ``RMSpropGraves`` (Graves 2013, eq. 38-41), with its defaults.
-
-        ::
-
-            v = alpha * v + (1 - alpha) * g**2;   m = alpha * m + (1 - alpha) * g
-            delta = momentum * delta - lr * g / sqrt(v - m**2 + eps);   p = p + delta
-
-        This is centered RMSProp with eps inside the sqrt and momentum: ``b = -delta / lr``,
-        so the two agree exactly while ``lr`` is constant. With a changing ``lr``, Chainer
-        keeps the past learning rates in ``delta``; fastrms (like PyTorch) applies the current
-        one to the whole buffer.
-        """
-        return cls(
-            params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=True,
-            eps_in_sqrt=True, **options,
-        )  # fmt: skip
-
-
-class AdaGrad(Optimizer):
-    """AdaGrad, PyTorch's defaults and semantics; eps inside the sqrt on request.
-
-    ::
-
-        g = grad (or -grad if maximize) + weight_decay * p
-        clr = lr / (1 + (t - 1) * lr_decay)
-        s = s + g**2                         (s starts at initial_accumulator_value)
-        p = p - clr * g / (sqrt(s) + eps)    or, with eps_in_sqrt:  p - clr * g / sqrt(s + eps)
-
-    Keras and Optax put eps inside the sqrt and start at 0.1:
-    ``AdaGrad(p, initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True)``.
-    """
-
-    spec = specs.ADAGRAD
-
-
-class Adam(Optimizer):
-    """Adam (and AMSGrad), PyTorch's defaults and semantics, L2 weight decay.
-
-    ::
-
-        g = grad (or -grad if maximize) + weight_decay * p
-        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
-        amsgrad:  v_max = max(v_max, v), used in place of v
-        p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
-    """
-
-    spec = specs.ADAM
-
-
-class AdamW(Adam):
-    """AdamW: Adam with decoupled weight decay (``torch.optim.AdamW``), weight_decay=1e-2.
-
-    ::
-
-        p = (1 - lr * weight_decay) * p, then the Adam update with g = grad (no L2 term)
-    """
-
-    spec = specs.ADAMW
-
-
-class SGD(Optimizer):
-    """SGD with optional momentum, dampening and Nesterov momentum (``torch.optim.SGD``).
-
-    ::
-
-        g = grad (or -grad if maximize) + weight_decay * p
-        momentum > 0:  b = momentum * b + (1 - dampening) * g      (first step: b = g)
-                       g = g + momentum * b  (nesterov)   or   g = b
-        p = p - lr * g
-
-    With ``nesterov=True`` the parameter is the look-ahead point ``x + momentum * v`` of
-    Sutskever et al. (2013), ``v = momentum * v - lr * grad(x + momentum * v); x = x + v``.
-    """
-
-    spec = specs.SGD
-
-
-class Lion(Optimizer):
-    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as in the
-    paper's code and Optax's ``lion``; decoupled weight decay.
-
-    ::
-
-        g = grad (or -grad if maximize)
-        c = beta1 * m + (1 - beta1) * g
-        p = (1 - lr * weight_decay) * p - lr * sign(c)
-        m = beta2 * m + (1 - beta2) * g
-
-    Every element moves by exactly ``lr`` (plus decay): the paper advises a learning rate
-    3-10x smaller than AdamW's and a weight decay 3-10x larger. One state array (``exp_avg``),
-    so a step moves 20 bytes per float32 element, against Adam's 28.
-
-    Parameters
-    ----------
-    params : array, list/tuple of arrays, or dict of str -> array
-    lr : float
-        Default 1e-4.
-    betas : (float, float)
-        Default ``(0.9, 0.99)``.
-    weight_decay : float
-        Decoupled decay rate, default 0.
-    maximize : bool
-    backend : {"auto", "cuda", "cpu", "numpy"}
-    """
-
-    spec = specs.LION
-
-
-# -- the optimizers a spec declares without a hand-written class ---------------------------------
+# -- the optimizers: one class per spec, named spec.title, documented from the spec -------------
 
 _PARAMS_DOC = """params : array, list/tuple of arrays, or dict of str -> array
     float32 or float64, C-contiguous, writeable; NumPy arrays or CUDA arrays."""
@@ -412,15 +260,43 @@ state_dtype : {None, "float32", "float64", "bfloat16"}
     How the state is held (keyword only); see :class:`Optimizer`."""
 
 
-def declare(spec: specs.Spec) -> type[Optimizer]:
-    """The optimizer class of ``spec``, named ``spec.title``, documented from the spec."""
+def declare(spec: specs.Spec, base: type[Optimizer] = Optimizer) -> type[Optimizer]:
+    """The optimizer class of ``spec``, named ``spec.title``, documented from the spec; it
+    subclasses ``base`` (the class of the spec ``spec.base`` names: AdamW's is Adam's)."""
     doc, options = spec.docs
     doc += f"\n\nParameters\n----------\n{_PARAMS_DOC}\n{options}\n{_BACKEND_DOC}"
     namespace = {"spec": spec, "__doc__": doc, "__module__": __name__, "__qualname__": spec.title}
-    return type(spec.title, (Optimizer,), namespace)
+    return type(spec.title, (base,), namespace)
+
+
+def graves(
+    cls: type[Optimizer],
+    params: Params,
+    lr: float = 1e-4,
+    alpha: float = 0.95,
+    momentum: float = 0.9,
+    eps: float = 1e-4,
+    **options: Any,
+) -> Optimizer:
+    """Chainer's ``RMSpropGraves`` (Graves 2013, eq. 38-41), with its defaults.
+
+    ::
+
+        v = alpha * v + (1 - alpha) * g**2;   m = alpha * m + (1 - alpha) * g
+        delta = momentum * delta - lr * g / sqrt(v - m**2 + eps);   p = p + delta
+
+    This is centered RMSProp with eps inside the sqrt and momentum: ``b = -delta / lr``,
+    so the two agree exactly while ``lr`` is constant. With a changing ``lr``, Chainer
+    keeps the past learning rates in ``delta``; fastrms (like PyTorch) applies the current
+    one to the whole buffer.
+    """
+    return cls(
+        params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=True,
+        eps_in_sqrt=True, **options,
+    )  # fmt: skip
 
 
 for _spec in specs.SPECS.values():
-    if _spec.name not in OPTIMIZERS:
-        globals()[_spec.title] = declare(_spec)
+    globals()[_spec.title] = declare(_spec, OPTIMIZERS[_spec.base] if _spec.base else Optimizer)
 del _spec
+RMSProp.graves = classmethod(graves)  # noqa: F821 (made just above)

@@ -129,7 +129,9 @@ class TorchFace:
     ``fastrms.torch`` generates a class from it for every spec that has no hand-written one:
     ``__init__(self, params, *positional, *, *keyword_only)``, each argument an option of the
     spec (with its default) or one of ``extra`` (torch's own, such as ``foreach``), in torch's
-    order, so that ``inspect.signature`` matches ``torch.optim.<name>``'s.
+    order, so that ``inspect.signature`` matches ``torch.optim.<name>``'s. A fixed option of
+    the spec (AdamW's ``decoupled_weight_decay``) that the signature leaves out is set in
+    every param group.
     """
 
     name: str  # the class name, torch.optim's
@@ -145,6 +147,10 @@ class TorchFace:
     #: every step so that checkpoints interchange with ``torch.optim``.
     scalar_state: Mapping[str, Callable[..., float]] = field(default_factory=dict)
     keeps_step: bool = True  # whether torch keeps ``state["step"]`` (not SGD)
+    #: Whether the state is made when the optimizer is (torch's Adagrad), not on first step.
+    eager_state: bool = False
+    #: Where the signature and semantics come from, for the docstring.
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,9 @@ class Spec:
     option_doc: str = ""
     #: The class in :mod:`fastrms.torch` (None: none is generated).
     torch: TorchFace | None = None
+    #: The spec this one is a variant of (AdamW: ``"adam"``); each frontend's class for it
+    #: subclasses that spec's class, as torch's AdamW subclasses its Adam.
+    base: str | None = None
 
     @property
     def rule(self) -> str:

@@ -184,6 +184,9 @@ def _lion(step, *, lr, betas, weight_decay, maximize):
     return scalars, {}, ("exp_avg",)
 
 
+#: torch's arguments that fastrms accepts and ignores (foreach) or refuses when True.
+_TORCH_EXTRA = dict(foreach=None, capturable=False, differentiable=False)
+
 _LR = Option("lr", 1e-2, hyper.nonneg)
 _MAXIMIZE = Option("maximize", False, hyper.flag)
 _WEIGHT_DECAY = Option("weight_decay", 0.0, hyper.nonneg, example=0.1)
@@ -204,6 +207,45 @@ RMSPROP = Spec(
     _rmsprop,
     counts_steps=False,
     title="RMSProp",
+    doc="""RMSProp, PyTorch's defaults and semantics (``torch.optim.RMSprop``); eps inside the
+    sqrt on request.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        v = alpha * v + (1 - alpha) * g**2                                   (square_avg)
+        centered:  m = alpha * m + (1 - alpha) * g;  v_hat = v - m**2        (grad_avg)
+        d = sqrt(v_hat) + eps             (PyTorch; eps_in_sqrt=False)
+        d = sqrt(v_hat + eps)             (TF/Keras, Optax, tutorials; eps_in_sqrt=True)
+        momentum > 0:  b = momentum * b + g / d;  p = p - lr * b             (momentum_buffer)
+        else:          p = p - lr * g / d
+
+    ``graves`` is Chainer's ``RMSpropGraves`` preset (centered, momentum, eps in the sqrt).
+    """,
+    option_doc="""
+    lr, alpha, eps, weight_decay, momentum, centered, maximize
+        As ``torch.optim.RMSprop``, same defaults: 1e-2, 0.99, 1e-8, 0, 0, False, False.
+        ``eps`` must be > 0 and ``alpha`` in [0, 1].
+    eps_in_sqrt : bool
+        Put eps inside the square root. Not in PyTorch (pytorch issue 23796).
+    """,
+    torch=TorchFace(
+        "RMSprop",
+        (
+            "lr",
+            "alpha",
+            "eps",
+            "weight_decay",
+            "momentum",
+            "centered",
+            "capturable",
+            "foreach",
+            "maximize",
+            "differentiable",
+        ),
+        ("eps_in_sqrt",),
+        _TORCH_EXTRA,
+    ),  # fmt: skip
 )
 
 ADAGRAD = Spec(
@@ -221,6 +263,34 @@ ADAGRAD = Spec(
     _adagrad,
     initial={"state_sum": "initial_accumulator_value"},
     title="AdaGrad",
+    doc="""AdaGrad, PyTorch's defaults and semantics (``torch.optim.Adagrad``); eps inside the
+    sqrt on request.
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        clr = lr / (1 + (t - 1) * lr_decay)
+        s = s + g**2                   (state_sum, torch's sum; starts at initial_accumulator_value)
+        p = p - clr * g / (sqrt(s) + eps)    or, with eps_in_sqrt:  p - clr * g / sqrt(s + eps)
+
+    Keras and Optax put eps inside the sqrt and start at 0.1:
+    ``initial_accumulator_value=0.1, eps=1e-7, eps_in_sqrt=True``.
+    """,
+    option_doc="""
+    lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize
+        As ``torch.optim.Adagrad``, same defaults: 1e-2, 0, 0, 0, 1e-10, False. ``eps`` must
+        be > 0.
+    eps_in_sqrt : bool
+        Put eps inside the square root (Keras, Optax).
+    """,
+    torch=TorchFace(
+        "Adagrad",
+        ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "foreach"),
+        ("maximize", "differentiable", "fused", "eps_in_sqrt"),
+        {"foreach": None, "differentiable": False, "fused": None},
+        renames={"state_sum": "sum"},
+        eager_state=True,
+    ),
 )
 
 ADAM = Spec(
@@ -237,11 +307,56 @@ ADAM = Spec(
     ),
     _adam,
     title="Adam",
+    doc="""Adam (and AMSGrad), PyTorch's defaults and semantics (``torch.optim.Adam``), L2
+    weight decay.
+
+    ::
+
+        decoupled_weight_decay (AdamW):  p = (1 - lr * weight_decay) * p
+        g = grad (or -grad if maximize) + weight_decay * p        (L2 decay: Adam only)
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2
+        amsgrad:  v_max = max(v_max, v), used in place of v             (max_exp_avg_sq)
+        p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, amsgrad, maximize
+        As ``torch.optim.Adam``, same defaults: 1e-3, (0.9, 0.999), 1e-8, 0, False, False.
+        ``eps`` must be > 0.
+    """,
+    torch=TorchFace(
+        "Adam",
+        ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+        ("foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay"),
+        {**_TORCH_EXTRA, "fused": None},
+    ),  # fmt: skip
 )
 
 #: AdamW (Loshchilov & Hutter 2019) is Adam with decoupled weight decay, default 1e-2.
 ADAMW = replace(
-    ADAM.variant("adamw", weight_decay=1e-2, decoupled_weight_decay=True), title="AdamW"
+    ADAM.variant("adamw", weight_decay=1e-2, decoupled_weight_decay=True),
+    title="AdamW",
+    doc="""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019;
+    ``torch.optim.AdamW``), default weight_decay 1e-2.
+
+    ::
+
+        p = (1 - lr * weight_decay) * p
+        m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g**2   (g = grad)
+        amsgrad:  v_max = max(v_max, v), used in place of v             (max_exp_avg_sq)
+        p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+    """,
+    option_doc="""
+    lr, betas, eps, weight_decay, amsgrad, maximize
+        As ``torch.optim.AdamW``, same defaults: 1e-3, (0.9, 0.999), 1e-8, 1e-2, False,
+        False. ``eps`` must be > 0.
+    """,
+    torch=TorchFace(
+        "AdamW",
+        ("lr", "betas", "eps", "weight_decay", "amsgrad"),
+        ("maximize", "foreach", "capturable", "differentiable", "fused"),
+        {**_TORCH_EXTRA, "fused": None},
+    ),
+    base="adam",
 )
 
 SGD = Spec(
@@ -257,6 +372,32 @@ SGD = Spec(
     ),
     _sgd,
     title="SGD",
+    doc="""SGD with optional momentum, dampening and Nesterov momentum, PyTorch's defaults and
+    semantics (``torch.optim.SGD``).
+
+    ::
+
+        g = grad (or -grad if maximize) + weight_decay * p
+        momentum > 0:  b = momentum * b + (1 - dampening) * g      (momentum_buffer; step 1: b = g)
+                       g = g + momentum * b  (nesterov)   or   g = b
+        p = p - lr * g
+
+    With ``nesterov=True`` the parameter is the look-ahead point ``x + momentum * v`` of
+    Sutskever et al. (2013), ``v = momentum * v - lr * grad(x + momentum * v); x = x + v``.
+    As in torch, there is no ``step`` state.
+    """,
+    option_doc="""
+    lr, momentum, dampening, weight_decay, nesterov, maximize
+        As ``torch.optim.SGD``, same defaults: 1e-3, 0, 0, 0, False, False. ``nesterov``
+        needs momentum > 0 and dampening 0.
+    """,
+    torch=TorchFace(
+        "SGD",
+        ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+        ("maximize", "foreach", "differentiable", "fused"),
+        {"foreach": None, "differentiable": False, "fused": None},
+        keeps_step=False,
+    ),
 )
 
 #: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), with the
@@ -273,6 +414,36 @@ LION = Spec(
     _lion,
     counts_steps=False,
     title="Lion",
+    doc="""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as in the
+    paper's code, Optax's ``lion`` and the ``lion-pytorch`` package; decoupled weight decay.
+
+    ::
+
+        g = grad (or -grad if maximize)
+        c = beta1 * m + (1 - beta1) * g
+        p = (1 - lr * weight_decay) * p - lr * sign(c)
+        m = beta2 * m + (1 - beta2) * g                                  (exp_avg)
+
+    Every element moves by exactly ``lr`` (plus decay): the paper advises a learning rate
+    3-10x smaller than AdamW's and a weight decay 3-10x larger. One state array, so a step
+    moves 20 bytes per float32 element, against Adam's 28. torch has no Lion.
+    """,
+    option_doc="""
+    lr : float
+        Default 1e-4.
+    betas : (float, float)
+        Default ``(0.9, 0.99)``.
+    weight_decay : float
+        Decoupled decay rate, default 0.
+    maximize : bool
+    """,
+    torch=TorchFace(
+        "Lion",
+        ("lr", "betas", "weight_decay"),
+        ("maximize",),
+        keeps_step=False,
+        origin="the ``lion-pytorch`` package",
+    ),  # fmt: skip
 )
 
 
@@ -284,9 +455,6 @@ def _adamax(step, *, lr, betas, eps, weight_decay, maximize):
     )  # fmt: skip
     return scalars, {}, ("exp_avg", "exp_inf")
 
-
-#: torch's arguments that fastrms accepts and ignores (foreach) or refuses when True.
-_TORCH_EXTRA = dict(foreach=None, capturable=False, differentiable=False)
 
 #: Adamax (Kingma & Ba 2015, section 7.1), torch.optim.Adamax's semantics and defaults.
 ADAMAX = Spec(
