@@ -19,7 +19,7 @@ Usage (from the repository root, with the project's virtualenv)::
 
     .venv/bin/python .ci/mutants.py                          # the default files and tests
     .venv/bin/python .ci/mutants.py fastrms/torch.py --tests tests/test_torch_optim.py
-    .venv/bin/python .ci/mutants.py fastrms/specs.py --tests-rev 569a385 --json before.json
+    .venv/bin/python .ci/mutants.py fastrms/specs_adam.py --tests-rev 569a385 --json before.json
     .venv/bin/python .ci/mutants.py --list                   # print the mutants, run nothing
 
 ``--tests-rev REV`` runs the tests of another commit (``git archive``) against the current
@@ -73,9 +73,10 @@ def m(file: str, name: str, *edits: tuple[str, str]) -> Mutant:
     return Mutant(file, name, list(edits))
 
 
-SPECS, SPEC_TYPES, GROUPED, GROUPS, SCHEDULE, DIST, PART, RULES = (
-    "fastrms/specs.py", "fastrms/spec_types.py", "fastrms/grouped.py", "fastrms/launch_groups.py", "fastrms/schedule.py",
-    "fastrms/distributed.py", "fastrms/shard_partition.py", "kernels/rules.py",
+SPECS_ADAM, SPECS_SGD, SPEC_TYPES, GROUPED, GROUPS, SCHEDULE, DIST, PART, RULES = (
+    "fastrms/specs_adam.py", "fastrms/specs_sgd.py", "fastrms/spec_types.py", "fastrms/grouped.py",
+    "fastrms/launch_groups.py", "fastrms/schedule.py", "fastrms/distributed.py",
+    "fastrms/shard_partition.py", "kernels/rules.py",
 )  # fmt: skip
 
 #: The listed mutants. The first of grouped.py, distributed.py and specs.py are the three the
@@ -87,34 +88,36 @@ MUTANTS: dict[str, list[Mutant]] = {
           ("    eps = layout.eps_index\n    if (", "    return\n    eps = layout.eps_index\n    if (")),
         m(SPEC_TYPES, "eps underflow to float32 0 not refused",
           ("and (eps is None or not 0 < scalars[eps] < F32_TINY)", "and True")),
+        m(SPEC_TYPES, "maximize ignored", ("return -1.0 if maximize else 1.0", "return 1.0")),
     ],
-    SPECS: [
-        m(SPECS, "Adam bias correction 1 - beta1**(step + 1)",
+    SPECS_ADAM: [
+        m(SPECS_ADAM, "Adam bias correction 1 - beta1**(step + 1)",
           ("step_size=lr / (1 - beta1**step),", "step_size=lr / (1 - beta1 ** (step + 1)),")),
-        m(SPECS, "Adam second bias correction of step + 1",
+        m(SPECS_ADAM, "Adam second bias correction of step + 1",
           ("1 / math.sqrt(1 - beta2**step)", "1 / math.sqrt(1 - beta2 ** (step + 1))")),
-        m(SPECS, "AdaGrad decays lr by step, not step - 1",
+        m(SPECS_ADAM, "AdamW keeps the L2 term too",
+          ("weight_decay=0.0 if decoupled_weight_decay else weight_decay,\n        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,\n        sign=maximize_sign(maximize),\n    )  # fmt: skip\n    state = (",
+           "weight_decay=weight_decay,\n        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,\n        sign=maximize_sign(maximize),\n    )  # fmt: skip\n    state = (")),
+    ],
+    SPECS_SGD: [
+        m(SPECS_SGD, "AdaGrad decays lr by step, not step - 1",
           ("clr = lr / (1 + (step - 1) * lr_decay)", "clr = lr / (1 + step * lr_decay)")),
-        m(SPECS, "SGD's first step is step 0", ("first = step == 1", "first = step == 0")),
-        m(SPECS, "SGD grad_scale dampening for 1 - dampening",
+        m(SPECS_SGD, "SGD's first step is step 0", ("first = step == 1", "first = step == 0")),
+        m(SPECS_SGD, "SGD grad_scale dampening for 1 - dampening",
           ("grad_scale=1.0 if first else 1 - dampening", "grad_scale=1.0 if first else dampening")),
-        m(SPECS, "RMSProp one_minus_alpha = alpha",
+        m(SPECS_SGD, "RMSProp one_minus_alpha = alpha",
           ("one_minus_alpha=1 - alpha, eps=eps", "one_minus_alpha=alpha, eps=eps")),
-        m(SPECS, "Lion decay 1 + lr * weight_decay",
-          ("        decay=1 - lr * weight_decay, sign=_sign(maximize),\n    )  # fmt: skip\n"
+        m(SPECS_SGD, "Lion decay 1 + lr * weight_decay",
+          ("        decay=1 - lr * weight_decay, sign=maximize_sign(maximize),\n    )  # fmt: skip\n"
            "    return scalars, {}, (\"exp_avg\",)",
-           "        decay=1 + lr * weight_decay, sign=_sign(maximize),\n    )  # fmt: skip\n"
+           "        decay=1 + lr * weight_decay, sign=maximize_sign(maximize),\n    )  # fmt: skip\n"
            "    return scalars, {}, (\"exp_avg\",)")),
-        m(SPECS, "AdamW keeps the L2 term too",
-          ("weight_decay=0.0 if decoupled_weight_decay else weight_decay,",
-           "weight_decay=weight_decay,")),
-        m(SPECS, "maximize ignored", ("return -1.0 if maximize else 1.0", "return 1.0")),
-        m(SPECS, "Nesterov with dampening accepted",
+        m(SPECS_SGD, "Nesterov with dampening accepted",
           ("if nesterov and (momentum == 0 or dampening != 0):", "if nesterov and momentum == 0:")),
-        m(SPECS, "RMSProp momentum buffer at momentum 0",
+        m(SPECS_SGD, "RMSProp momentum buffer at momentum 0",
           ("    use_momentum = momentum > 0\n    scalars = dict(\n        lr=lr, alpha=alpha,",
            "    use_momentum = momentum >= 0\n    scalars = dict(\n        lr=lr, alpha=alpha,")),
-        m(SPECS, "AdaGrad default eps 1e-9",
+        m(SPECS_SGD, "AdaGrad default eps 1e-9",
           ('Option("eps", 1e-10, hyper.positive)', 'Option("eps", 1e-9, hyper.positive)')),
     ],
     GROUPED: [
@@ -202,9 +205,10 @@ MUTANTS: dict[str, list[Mutant]] = {
         m(RULES, "AdaGrad eps_in_sqrt puts eps outside", ("d = math.sqrt(s + eps)", "d = math.sqrt(s) + eps")),
         m(RULES, "AMSGrad keeps the minimum", ("if v != v or vmax < v:", "if v != v or vmax > v:")),
         m(RULES, "Adam L2 term uses the undecayed gradient sign",
-          ("    g = sign * grad[i]\n    if weight_decay != 0:\n        g = g + weight_decay * p\n"
-           "    m = beta1", "    g = sign * grad[i]\n    if weight_decay != 0:\n"
-           "        g = g - weight_decay * p\n    m = beta1")),
+          ("    amsgrad = flags[0]\n    p = decay * param[i]\n    g = sign * grad[i]\n"
+           "    if weight_decay != 0:\n        g = g + weight_decay * p\n",
+           "    amsgrad = flags[0]\n    p = decay * param[i]\n    g = sign * grad[i]\n"
+           "    if weight_decay != 0:\n        g = g - weight_decay * p\n")),
         m(RULES, "Adam eps inside the bias-corrected sqrt",
           ("math.sqrt(v) * inv_bias_correction2_sqrt + eps", "math.sqrt(v + eps) * inv_bias_correction2_sqrt")),
         m(RULES, "Nesterov uses the buffer alone",
@@ -220,9 +224,13 @@ MUTANTS: dict[str, list[Mutant]] = {
 #: The tests each file's mutants run (fast, sharp files first: -x stops at the first failure).
 #: Files missing from the tests being run (older commits) are left out.
 TESTS = {
-    SPECS: ["tests/test_scalars.py", "tests/test_specs.py", "tests/test_refusals.py",
-            "tests/test_validation.py", "tests/test_api.py", "tests/test_reference.py"],
-    SPEC_TYPES: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_specs.py"],
+    **dict.fromkeys(
+        [SPECS_ADAM, SPECS_SGD],
+        ["tests/test_scalars.py", "tests/test_specs.py", "tests/test_refusals.py",
+         "tests/test_validation.py", "tests/test_api.py", "tests/test_reference.py"],
+    ),
+    SPEC_TYPES: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_specs.py",
+                 "tests/test_scalars.py", "tests/test_api.py"],
     GROUPED: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_api.py",
               "tests/test_grouped.py"],
     GROUPS: ["tests/test_refusals.py", "tests/test_validation.py", "tests/test_api.py",

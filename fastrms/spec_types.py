@@ -330,3 +330,22 @@ def _by_value(check):
         return cached(*args)
 
     return checked
+
+
+# -- what many specs share ---------------------------------------------------------------------
+
+
+def maximize_sign(maximize: bool) -> float:
+    """The gradient's sign in a rule: -1 to maximize, else 1."""
+    return -1.0 if maximize else 1.0
+
+
+def betas_of(name: str, b) -> tuple[float, float]:
+    """The checked ``(beta1, beta2)`` of option ``name``."""
+    return hyper.betas(name, b)
+
+
+#: torch's arguments that fastrms accepts and ignores (foreach) or refuses when True.
+TORCH_EXTRA = dict(foreach=None, capturable=False, differentiable=False)
+MAXIMIZE = Option("maximize", False, hyper.flag)
+WEIGHT_DECAY = Option("weight_decay", 0.0, hyper.nonneg, example=0.1)

@@ -1,6 +1,6 @@
 """The optimizers added through a spec alone (issue 17): Adamax, NAdam, RAdam and Adadelta.
 
-Each is its rule (kernels/rules.py), its spec (fastrms/specs.py), its reference
+Each is its rule (kernels/rules.py), its spec (fastrms/specs_*.py), its reference
 (fastrms/reference.py), its docs and its tests; the frontends generate the rest. Here:
 
 - ``fastrms.torch.<Name>`` matches ``torch.optim.<Name>`` over torch's own configurations
