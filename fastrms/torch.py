@@ -35,6 +35,16 @@ Differences from ``torch.optim``:
   :class:`Lion` has no torch counterpart.
 - Adagrad starts a parameter's ``sum`` at its own group's ``initial_accumulator_value``
   (torch uses the value given to the constructor for every group).
+- ``state_dtype=`` (keyword-only, every class; None, ``"float32"``, ``"float64"`` or
+  ``"bfloat16"``) says how the state is held, as in fastrms's NumPy classes. None: as each
+  parameter is. ``"bfloat16"`` (float32 CPU parameters): ``opt.state[p]`` holds
+  ``torch.bfloat16`` tensors (half the memory), each element computed in float32 and stored
+  rounded to nearest even. ``state_dict()`` saves the state as it is held and loads back bit
+  for bit; ``state_dict(dequantize=True)`` exports float32 state that ``torch.optim`` loads;
+  a float32 checkpoint (``torch.optim``'s) loads into bfloat16 state rounded to nearest even,
+  and a checkpoint moves between state dtypes (:mod:`fastrms.torch_precision`).
+  ``rounding=`` and ``seed=`` are for bfloat16 parameters, which come next: on float32 and
+  float64 parameters they are refused.
 
 The classes here give what is torch's (signatures, defaults, state names); the rest comes
 from :data:`fastrms.specs.SPECS` through :class:`fastrms.torch_optimizer.FusedOptimizer`.
@@ -85,6 +95,8 @@ class RMSprop(FusedOptimizer):
         Put eps inside the square root (TF/Keras, Optax); not in torch (pytorch issue 23796).
     capturable, foreach, differentiable
         torch's; ``foreach`` is ignored, ``capturable``/``differentiable`` must be False.
+    state_dtype, rounding, seed
+        Keyword-only: how the state is held (see the module docstring).
     """
 
     _spec_name = "rmsprop"
@@ -113,6 +125,9 @@ class RMSprop(FusedOptimizer):
         differentiable: bool = False,
         *,
         eps_in_sqrt: bool = False,
+        state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(params, arguments(locals()))
 
@@ -159,6 +174,8 @@ class Adagrad(FusedOptimizer):
         Put eps inside the square root (Keras, Optax: with ``initial_accumulator_value=0.1``).
     foreach, differentiable, fused
         torch's; ``foreach``/``fused`` are ignored, ``differentiable`` must be False.
+    state_dtype, rounding, seed
+        Keyword-only: how the state is held (see the module docstring).
     """
 
     _spec_name = "adagrad"
@@ -181,6 +198,9 @@ class Adagrad(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         eps_in_sqrt: bool = False,
+        state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(params, arguments(locals()))
         for group in self.param_groups:  # torch creates Adagrad's state at once
@@ -208,6 +228,8 @@ class Adam(FusedOptimizer):
         As ``torch.optim.Adam``; ``lr`` and ``betas`` may be 1-element tensors.
     foreach, capturable, differentiable, fused
         torch's; ``foreach``/``fused`` are ignored, the others must be False.
+    state_dtype, rounding, seed
+        Keyword-only: how the state is held (see the module docstring).
     """
 
     _spec_name = "adam"
@@ -236,6 +258,9 @@ class Adam(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(params, arguments(locals()))
 
@@ -264,6 +289,9 @@ class AdamW(Adam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -278,6 +306,9 @@ class AdamW(Adam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -306,6 +337,8 @@ class SGD(FusedOptimizer):
         As ``torch.optim.SGD``; ``lr`` and ``weight_decay`` may be 1-element tensors.
     foreach, differentiable, fused
         torch's; ``foreach``/``fused`` are ignored, ``differentiable`` must be False.
+    state_dtype, rounding, seed
+        Keyword-only: how the state is held (see the module docstring).
     """
 
     _spec_name = "sgd"
@@ -327,6 +360,9 @@ class SGD(FusedOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(params, arguments(locals()))
 
@@ -356,6 +392,8 @@ class Lion(FusedOptimizer):
     weight_decay : float
         Default 0.
     maximize : bool
+    state_dtype, rounding, seed
+        Keyword-only: how the state is held (see the module docstring).
     """
 
     _spec_name = "lion"
@@ -370,6 +408,9 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(params, arguments(locals()))
 
@@ -390,6 +431,7 @@ def declare(spec: Spec) -> type[FusedOptimizer]:
         [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
         + [P(n, P.POSITIONAL_OR_KEYWORD, default=defaults[n]) for n in face.positional]
         + [P(n, P.KEYWORD_ONLY, default=defaults[n]) for n in face.keyword_only]
+        + [P(n, P.KEYWORD_ONLY, default=None) for n in FusedOptimizer._PRECISION]
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -405,7 +447,9 @@ def declare(spec: Spec) -> type[FusedOptimizer]:
         f"semantics.\n\n{doc}\n\nParameters\n----------\n"
         "params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts\n"
         f"{options}\n{extra}\n    torch's; ``foreach`` is ignored, ``capturable`` and "
-        "``differentiable`` must be False."
+        "``differentiable`` must be False.\n"
+        "state_dtype, rounding, seed\n    Keyword-only: how the state is held "
+        "(see :mod:`fastrms.torch`)."
     )
     namespace = {
         "__init__": __init__,
