@@ -157,7 +157,7 @@ def plan_bucket(
     checks only the new gradients. ``name(*b.where[i])`` names the i-th parameter in errors.
     ``use_team``: run parallel CPU steps on torch's OpenMP team where there is one.
     ``state_dtype``: how the state is held (:class:`fastrms.grouped.StepPlan`'s option; the
-    bucket's state arrays are then its ``uint16`` patterns, :func:`Views`).
+    bucket's state arrays are then their ``uint16`` patterns, :class:`Views`).
     """
     setup = spec.setup(b.step, **b.options)
     key = (setup.rule, setup.flags, *map(id, b.params))
