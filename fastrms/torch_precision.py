@@ -126,4 +126,4 @@ def to_held(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def to_float32(t: torch.Tensor) -> torch.Tensor:
     """A low-precision state tensor as float32 (exact for bfloat16), for checkpoints that
     ``torch.optim`` loads; any other tensor as it is."""
-    return t.to(torch.float32) if t.dtype in (torch.bfloat16,) else t
+    return t.to(torch.float32) if t.dtype is torch.bfloat16 else t
