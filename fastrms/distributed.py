@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 
 from .arrays import DEVICE, check_no_overlap, describe
+from .lowprecision import BFLOAT16
 from .optim import Optimizer
+from .precision import state_dtype_of, state_storage
 from .shard_memory import memory_for
 from .shard_partition import Group, Piece, bounds, make_groups, partition, size_of
-from .state import checked_entry
+from .state import checked_entry, convert
 from .tree import Params, Tree, state_names
 
 __all__ = ["REDUCTIONS", "Piece", "ShardedOptimizer", "bounds", "partition"]
@@ -60,6 +62,11 @@ class ShardedOptimizer:
         bandwidth-optimal algorithms as the ranks grow), or one ``MPI_Reduce`` per rank's
         range, rooted at its owner: the same bytes sent, in N calls. With Open MPI 5 on one
         machine the latter was several times faster (see the README); the sums are the same.
+    state_dtype : {None, "float32", "float64", "bfloat16"}, optional
+        How each rank's shard of the state is held, as for ``optimizer``: None (default) as
+        the parameters are; ``"bfloat16"`` (float32 host parameters) holds it as bfloat16,
+        half the memory. :meth:`state_dict` gathers it as it is held (or, with
+        ``dequantize=True``, as float32) and :meth:`load_state_dict` converts what it loads.
     **hyperparameters
         As for ``optimizer`` (``lr=...``, ``backend=...``); each is an attribute, changeable
         between steps on every rank alike.
@@ -87,6 +94,8 @@ class ShardedOptimizer:
         comm: Any = None,
         average: bool = True,
         reduce: str = "reduce_scatter",
+        *,
+        state_dtype: str | None = None,
         **hyperparameters: Any,
     ) -> None:
         from mpi4py import MPI
@@ -116,6 +125,8 @@ class ShardedOptimizer:
                 raise ValueError("params is empty")
             self._names = self._tree.labels("params")
             self._mem = memory_for(self._params, self._names)
+            self.state_dtype = state_dtype
+            self._held = _held_dtypes(state_dtype, self._params, self._names)
             # What the step writes, for the gradients' overlap check.
             self._written = [(name, p, True) for name, p in zip(self._names, self._params)]
         except (TypeError, ValueError) as exc:
@@ -125,7 +136,7 @@ class ShardedOptimizer:
             signature = (
                 optimizer.__name__, self._tree.structure, self._tree.keys, self.average,
                 self.reduce, self._mem.kind, [(_shape(p), _dtype(p).str) for p in self._params],
-                repr(sorted(hyperparameters.items())),
+                repr(sorted(hyperparameters.items())), state_dtype,
             )  # fmt: skip
         self._agree(error, repr(signature), "params, optimizer and options")
         self._groups = make_groups(self._mem, self._params, self.size, self.rank)
@@ -138,7 +149,8 @@ class ShardedOptimizer:
             self._grad_shard = [self._mem.empty(0, _dtype(self._params[0]))]
         error = None
         try:
-            object.__setattr__(self, "_inner", optimizer(self._shard, **hyperparameters))
+            inner = optimizer(self._shard, state_dtype=state_dtype, **hyperparameters)
+            object.__setattr__(self, "_inner", inner)
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(error, "", "hyperparameters")
@@ -237,6 +249,8 @@ class ShardedOptimizer:
                 mem.copy(dst, src)
 
     def _mpitype(self, dtype: np.dtype):
+        if dtype == np.uint16:  # bfloat16 state, moved as its patterns
+            return self._MPI.UINT16_T
         return self._MPI.FLOAT if dtype == np.float32 else self._MPI.DOUBLE
 
     def _match_grads(self, grads: Params) -> list:
@@ -275,13 +289,19 @@ class ShardedOptimizer:
         """Bytes of optimizer state held by this rank (its shard's state arrays)."""
         return 0 if self._dummy else self._inner._store.nbytes()
 
-    def state_dict(self, root: int | None = None) -> dict[str, Any] | None:
+    def state_dict(
+        self, root: int | None = None, dequantize: bool = False
+    ) -> dict[str, Any] | None:
         """The full, unsharded state, in the format of ``optimizer(params).state_dict()``.
 
         Collective. With ``root=None`` every rank gets it; with ``root=r`` only rank ``r``
         does (the others get ``None``), which needs the full state's memory on that rank only.
         It loads into the single-process class over the same ``params``, and into a
-        ShardedOptimizer over any number of ranks.
+        ShardedOptimizer over any number of ranks, with any ``state_dtype``.
+
+        The state is gathered as it is held (bfloat16 state as ``ml_dtypes.bfloat16``
+        arrays, bit for bit); with ``dequantize=True`` low-precision state comes as float32
+        (exact), the arrays of the parameters' dtype that any fastrms optimizer loads.
         """
         error = None
         if root is not None and (
@@ -296,20 +316,22 @@ class ShardedOptimizer:
         sd: dict[str, Any] = {k: v for k, v in inner_sd.items() if not k.startswith("state.")}
         for name in buffers:
             for g in self._groups:
-                if receive:
-                    g_full = np.empty(g.total, g.dtype)
-                else:
-                    g_full = np.empty(0, g.dtype)
+                held = self._held_of(g)  # the dtype of the state's shards: moved as its bits
+                bits = np.dtype(np.uint16) if held == BFLOAT16 else held
+                g_full = np.empty(g.total if receive else 0, bits)
                 key = self._inner._tree.state_key
-                shard = [inner_sd[key(name, j)] for j in self._shard_indices(g)]
-                mine = np.concatenate(shard) if shard else np.empty(0, g.dtype)
-                mpitype = self._mpitype(g.dtype)
+                shard = [_bits(inner_sd[key(name, j)]) for j in self._shard_indices(g)]
+                mine = np.concatenate(shard) if shard else np.empty(0, bits)
+                mpitype = self._mpitype(bits)
                 if g.total:
                     if root is None:
                         self.comm.Allgatherv(mine, [g_full, g.counts, g.displs, mpitype])
                     else:
                         self.comm.Gatherv(mine, [g_full, g.counts, g.displs, mpitype], root)
                 if receive:
+                    g_full = g_full.view(held)
+                    if dequantize and held != g.dtype:
+                        g_full = convert(g_full, g.dtype)
                     for i, off in zip(g.indices, g.offsets):
                         shape = _shape(self._params[i])
                         n = int(np.prod(shape, dtype=np.int64))
@@ -330,8 +352,9 @@ class ShardedOptimizer:
         error, new = None, None
         try:
             inner_sd = self._shard_state_dict(state_dict)
-            new = self.optimizer(self._shard, **{h: getattr(self._inner, h)
-                                                 for h in self._inner.hyperparameters})  # fmt: skip
+            new = self.optimizer(self._shard, state_dtype=self.state_dtype,
+                                 **{h: getattr(self._inner, h)
+                                    for h in self._inner.hyperparameters})  # fmt: skip
             new.backend = self._inner.backend
             try:
                 new.load_state_dict(inner_sd)
@@ -358,7 +381,8 @@ class ShardedOptimizer:
             if key not in by_key:
                 raise ValueError(f"state_dict has unexpected key {key!r} for these params")
             s, i = by_key[key]
-            full[s, i] = checked_entry(key, value, self._params[i]).reshape(-1)
+            # bfloat16 or the parameter's dtype: the inner optimizer converts it to its own.
+            full[s, i] = checked_entry(key, value, self._params[i], convertible=True).reshape(-1)
         for s in {s for s, _ in full}:
             missing = [
                 self._tree.state_key(s, i) for i in range(len(self._params)) if (s, i) not in full
@@ -382,6 +406,11 @@ class ShardedOptimizer:
             return repr(self._tree.state_key(m.group(1), self.pieces[j].index))
 
         return re.sub(r"'state\.(\w+)\.(\d+)'", full_key, message)
+
+    def _held_of(self, g: Group) -> np.dtype:
+        """The dtype group ``g``'s state is held in (its parameters' unless ``state_dtype``
+        says another)."""
+        return g.dtype if self._held is None else self._held[g.indices[0]]
 
     def _shard_indices(self, g: Group) -> list[int]:
         """Positions in the inner optimizer's list of this rank's pieces of group ``g``."""
@@ -421,6 +450,30 @@ class ShardedOptimizer:
             f"{sum(p.stop - p.start for p in self.pieces)} of "
             f"{sum(size_of(p) for p in self._params)} elements)"
         )
+
+
+def _held_dtypes(state_dtype: str | None, params: list, names: list[str]) -> list | None:
+    """The NumPy dtype each parameter's state is held in under ``state_dtype`` (None: each
+    parameter's own), refused as the single-process class refuses it: ``ValueError`` for a
+    value or a parameter dtype the option does not fit, ``TypeError`` for CUDA arrays."""
+    if state_dtype is None:
+        return None
+    held = []
+    for p, name in zip(params, names):
+        info = describe(p, name)
+        storage = state_storage(state_dtype, info.dtype, name)
+        if storage.codec is not None and info.kind == DEVICE:
+            raise TypeError(
+                f"state_dtype={state_dtype!r} is not supported for CUDA arrays yet ({name}); "
+                "use NumPy arrays"
+            )
+        held.append(state_dtype_of(storage))
+    return held
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """A state array as MPI moves it: bfloat16 as its ``uint16`` patterns."""
+    return a.view(np.uint16) if a.dtype == BFLOAT16 else a
 
 
 def _dtype(a) -> np.dtype:

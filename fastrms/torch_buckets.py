@@ -22,6 +22,7 @@ from .grouped import StepPlan
 from .specs import Setup, Spec
 from .teams import torch_team
 from .torch_layout import DENSE, STRIDED, flat, layout_of, real
+from .torch_precision import kernel_view
 
 #: A CPU bucket of fewer elements runs on one thread. Higher than fastrms's own threshold
 #: (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): right after torch's backward pass, starting
@@ -82,7 +83,7 @@ class Views:
         self.step_view = None if self.step is None else self.step.numpy()
         # The state tensors by key, "step" included (None where there is none).
         self.keys, self.held = (*names, "step"), (*self.tensors, self.step)
-        kernel = [real(t) for t in (p.detach(), *self.tensors)]
+        kernel = [real(p.detach()), *map(kernel_view, self.tensors)]
         self.kdtype = kernel[0].dtype
         layout = layout_of(kernel[0])
         self.order = p.stride() if layout == DENSE else None
@@ -142,7 +143,12 @@ class Bucket:
 
 
 def plan_bucket(
-    spec: Spec, b: Bucket, plans: dict, name: Callable[..., str], use_team: bool = True
+    spec: Spec,
+    b: Bucket,
+    plans: dict,
+    name: Callable[..., str],
+    use_team: bool = True,
+    state_dtype: str | None = None,
 ) -> tuple[StepPlan, Setup]:
     """A bucket's plan and the setup of its step, checked; nothing is written.
 
@@ -150,6 +156,8 @@ def plan_bucket(
     kept in ``plans`` while the bucket holds the same parameter and state arrays; a step then
     checks only the new gradients. ``name(*b.where[i])`` names the i-th parameter in errors.
     ``use_team``: run parallel CPU steps on torch's OpenMP team where there is one.
+    ``state_dtype``: how the state is held (:class:`fastrms.grouped.StepPlan`'s option; the
+    bucket's state arrays are then their ``uint16`` patterns, :class:`Views`).
     """
     setup = spec.setup(b.step, **b.options)
     key = (setup.rule, setup.flags, *map(id, b.params))
@@ -168,6 +176,7 @@ def plan_bucket(
             grad_names=grad_names,
             parallel_threshold=PARALLEL_THRESHOLD if team is None else TEAM_THRESHOLD,
             team=team,
+            state_dtype=state_dtype,
         )
     return plan, setup
 

@@ -55,9 +55,17 @@ class Label:
         return self.prefix + self.name(*self.where)
 
 
-def check_param(owner: str, what: str, p: torch.Tensor, st: dict | None, names: tuple) -> None:
+def check_param(
+    owner: str,
+    what: str,
+    p: torch.Tensor,
+    st: dict | None,
+    names: tuple,
+    held: torch.dtype | None = None,
+) -> None:
     """Refuse parameter ``p`` (named ``what``) if the kernels cannot step it, or its state
-    ``st`` (torch's state names ``names`` and ``"step"``) if it does not fit it."""
+    ``st`` (torch's state names ``names`` and ``"step"``) if it does not fit it: each state
+    tensor must have ``p``'s shape and device and dtype ``held`` (default ``p``'s)."""
     if p.layout is not torch.strided:
         raise TypeError(f"{owner} does not support sparse parameters: {what}")
     if p.dtype not in KERNEL_DTYPE:
@@ -78,15 +86,13 @@ def check_param(owner: str, what: str, p: torch.Tensor, st: dict | None, names: 
     if step is not None and not (torch.is_tensor(step) and step.numel() == 1):
         desc = f"shape {tuple(step.shape)}" if torch.is_tensor(step) else type(step).__name__
         raise ValueError(f"state['step'] ({desc}) of {what} must be a 1-element tensor")
+    held = p.dtype if held is None else held
     for n in names:
         t = st.get(n)
         if t is None:
             continue
         if not (
-            torch.is_tensor(t)
-            and t.dtype is p.dtype
-            and t.shape == p.shape
-            and t.device == p.device
+            torch.is_tensor(t) and t.dtype is held and t.shape == p.shape and t.device == p.device
         ):
             desc = (
                 f"shape {tuple(t.shape)}, {t.dtype}, {t.device}"

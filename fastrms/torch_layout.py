@@ -86,22 +86,38 @@ def state_like(p: torch.Tensor, flat_zeros: torch.Tensor) -> torch.Tensor:
     return t.view(p.shape)
 
 
-def zeros_like(p: torch.Tensor, slot: int) -> torch.Tensor:
+def zeros_like(p: torch.Tensor, slot: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A zero state tensor like ``p``, in the layout of ``torch.zeros_like(p,
     memory_format=torch.preserve_format)`` (``p``'s strides if ``p`` is dense, else
     contiguous). ``slot``: the state array's place among its rule's (1 for the first,
-    :attr:`fastrms.specs.Layout.slots`), as fastrms's own classes count them.
+    :attr:`fastrms.specs.Layout.slots`), as fastrms's own classes count them. ``dtype``: the
+    state's torch dtype where it is held in another than ``p``'s (``torch.bfloat16`` beside a
+    real parameter, :mod:`fastrms.torch_precision`).
 
     On the CPU it is placed ``slot`` KiB away from ``p`` modulo 4 KiB, as fastrms's own state
     is (``fastrms.dispatch._staggered_zeros_like``): torch's allocator tends to put
     same-sized tensors at the same offset modulo 4 KiB, and a loop that loads and stores
     arrays at (nearly) the same offset stalls on "4K aliasing" (the MLP's Adam step ran 2x
     slower so)."""
+    if dtype is None or dtype is p.dtype:
+        dtype = None
     if p.device.type != "cpu":
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    held = None if dtype is None else _numpy_bits(dtype)
     if p.is_contiguous() and not p.is_complex():
-        return torch.from_numpy(_staggered_zeros_like(p.detach().numpy(), slot))
+        zeros = torch.from_numpy(_staggered_zeros_like(p.detach().numpy(), slot, held))
+        return zeros if dtype is None else zeros.view(dtype)
     k = real(p.detach())
     like = np.empty(k.numel(), torch.empty((), dtype=k.dtype).numpy().dtype)
-    zeros = _staggered_zeros_like(like, slot)  # placed from a fresh array
-    return state_like(p, torch.from_numpy(zeros))
+    zeros = torch.from_numpy(_staggered_zeros_like(like, slot, held))  # placed from a fresh array
+    return state_like(p, zeros if dtype is None else zeros.view(dtype))
+
+
+def _numpy_bits(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype whose arrays hold tensors of ``dtype`` bit for bit (bfloat16: uint16,
+    which NumPy has and torch can view as)."""
+    return (
+        np.dtype(np.uint16)
+        if dtype is torch.bfloat16
+        else torch.empty((), dtype=dtype).numpy().dtype
+    )

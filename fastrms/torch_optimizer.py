@@ -34,7 +34,15 @@ from .torch_checks import (
     refuse_flags,
     scalar,
 )
-from .torch_layout import fits, layout_of, zeros_like
+from .torch_layout import KERNEL_DTYPE, fits, layout_of, zeros_like
+from .torch_precision import (
+    check_options,
+    held_dtype,
+    new_state,
+    storage_for,
+    to_float32,
+    to_held,
+)
 from .torch_repeat import Repeat, record, repeat
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
@@ -102,7 +110,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         slots = spec.layout.slots
         cls._slots = {cls._torch_names.get(s, s): (s, i + 1) for i, s in enumerate(slots)}
 
+    #: The options of how state (and, later, bfloat16 parameters) are stored: per optimizer,
+    #: not per param group, so that torch's checkpoints and groups stay torch's.
+    _PRECISION = ("state_dtype", "rounding", "seed")
+
     def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+        defaults = dict(defaults)
+        options = {k: defaults.pop(k, None) for k in self._PRECISION}
+        check_options(**options)
+        #: How the state is held (:mod:`fastrms.torch_precision`): None as each parameter is.
+        self.state_dtype: str | None = options["state_dtype"]
+        self.rounding: str | None = options["rounding"]
+        self.seed: int | None = options["seed"]
         self._views: dict[torch.Tensor, Views] = {}
         self._setups: dict[int, tuple] = {}
         self._plans: dict[tuple, Any] = {}
@@ -117,14 +136,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         """State tensor ``name`` (torch's name) of ``p``, at its initial value: zero, or the
         group's value of the option the spec names (:attr:`fastrms.specs.Spec.initial`)."""
         slot, place = self._slots[name]
-        t = zeros_like(p, place)
         option = self._spec.initial.get(slot)
-        if option is None:
-            return t
-        value = float(scalar(option, group[option]))
-        if p.is_complex():  # both halves of the real view start there, as in torch
-            return t.fill_(complex(value, value))
-        return t.fill_(value)
+        value = 0.0 if option is None else float(scalar(option, group[option]))
+        return new_state(p, place, value, self._storage(p))
+
+    def _storage(self, p: torch.Tensor, what: str = "") -> Any:
+        """How ``p``'s state is held (:func:`fastrms.torch_precision.storage_for`; None: as
+        ``p`` is); ``what`` names ``p`` in a refusal."""
+        if self.state_dtype is None and self.rounding is None and self.seed is None:
+            return None
+        owner = f"fastrms.torch.{type(self).__name__}"
+        return storage_for(owner, what or "a parameter", p, self.state_dtype, self.rounding,
+                           self.seed)  # fmt: skip
+
+    def _held(self, p: torch.Tensor) -> torch.dtype:
+        """The torch dtype of ``p``'s state tensors."""
+        return held_dtype(p, self._storage(p))
 
     # -- groups and checkpoints ---------------------------------------------------------------
 
@@ -134,15 +161,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._last = None
         group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
         try:
             refuse_flags(f"fastrms.torch.{type(self).__name__}", group)
             self._spec.setup(1, **{k: scalar(k, group[k]) for k in self._spec.defaults})
+            for pi, p in enumerate(group["params"]):  # state_dtype, rounding, seed fit it
+                self._storage(p, self._name(group, gi, pi, p))
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        return {**state, **{k: getattr(self, k, None) for k in self._PRECISION}}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for k in self._PRECISION:  # a pickle of an older fastrms has none
+            if not hasattr(self, k):
+                setattr(self, k, None)
         self._views = {}  # load_state_dict and copies bring new state tensors
         self._setups = {}
         self._plans = {}
@@ -154,6 +191,42 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if st and "step" in st and not torch.is_tensor(st["step"]):
                     st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+                if st:
+                    self._hold(p, st)
+
+    def _hold(self, p: torch.Tensor, st: dict) -> None:
+        """Put parameter ``p``'s state tensors (``st``) in the dtype they are held in.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts a checkpoint's state to the
+        parameter's dtype; a float32 checkpoint (torch.optim's, or fastrms's exported with
+        ``dequantize=True``) loads into bfloat16 state rounded to nearest even, and bfloat16
+        state through float32 back to the same bits. A parameter that cannot hold its
+        state so is left for the step to refuse, naming it."""
+        try:
+            held = self._held(p)
+        except (TypeError, ValueError):
+            return
+        for n in self._slots:
+            t = st.get(n)
+            if torch.is_tensor(t) and t.dtype is not held and t.is_floating_point():
+                st[n] = to_held(t, held)
+
+    def state_dict(self, dequantize: bool = False) -> dict[str, Any]:
+        """torch's ``state_dict()``: the state tensors as they are held (bfloat16 state as
+        bfloat16 tensors, which load back bit for bit).
+
+        With ``dequantize=True``, low-precision state is exported as float32 (exact), in the
+        format ``torch.optim``'s optimizers load; the optimizer's own tensors are not changed.
+        """
+        sd = super().state_dict()
+        if not dequantize:
+            return sd
+        sd["state"] = {
+            k: {n: to_float32(v) if n in self._slots and torch.is_tensor(v) else v
+                for n, v in st.items()}
+            for k, st in sd["state"].items()
+        }  # fmt: skip
+        return sd
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -181,8 +254,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             return loss
         buckets, created = self._buckets()
         try:
-            ready = [plan_bucket(self._spec, b, self._plans, self._name, self._torch_team)
-                     for b in buckets]  # fmt: skip
+            ready = [plan_bucket(self._spec, b, self._plans, self._name, self._torch_team,
+                                 self.state_dtype) for b in buckets]  # fmt: skip
             if len(buckets) > 1:  # each plan checks its own bucket's gradients
                 self._check_gradients_apart(buckets)
         except Exception:  # refused before anything was written: leave no new state either
@@ -355,7 +428,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st[n] = self._new_state(group, p, n)
                 fresh = True
             elif not fits(st[n], p, layout):  # e.g. loaded from a checkpoint in another order
-                st[n] = zeros_like(p, self._slots[n][1]).copy_(st[n])
+                st[n] = zeros_like(p, self._slots[n][1], st[n].dtype).copy_(st[n])
         rec = self._views[p] = Views(p, st, names)
         return rec, fresh
 
@@ -370,7 +443,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_param(self, group, gi, pi, p, st, names) -> None:
         owner = f"fastrms.torch.{type(self).__name__}"
-        check_param(owner, self._name(group, gi, pi, p), p, st, names)
+        what = self._name(group, gi, pi, p)
+        held = held_dtype(p, self._storage(p, what)) if p.dtype in KERNEL_DTYPE else None
+        check_param(owner, what, p, st, names, held)
 
     def _check_grad(self, group, gi, pi, p, g) -> None:
         check_grad(f"fastrms.torch.{type(self).__name__}", self._name(group, gi, pi, p), p, g)

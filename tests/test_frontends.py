@@ -115,8 +115,10 @@ def test_a_new_spec_with_a_torch_face_makes_a_torch_class(twin_in_specs):
     cls = ft.declare(TWIN)
     assert cls.__name__ == "Twin" and cls.__module__ == "fastrms.torch"
     params = inspect.signature(cls).parameters
-    assert list(params) == ["params", "lr", "betas", "weight_decay", "maximize"]
-    assert params["maximize"].kind is inspect.Parameter.KEYWORD_ONLY
+    storage = ["state_dtype", "rounding", "seed"]  # every fastrms.torch class's, keyword-only
+    assert list(params) == ["params", "lr", "betas", "weight_decay", "maximize", *storage]
+    for name in ("maximize", *storage):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
     with pytest.raises(TypeError, match="too many positional arguments"):
         cls([torch.zeros(2)], 0.1, (0.9, 0.99), 0.0, True)
     assert cls._hyper_keys == TWIN.step_options and cls._counts_steps is False

@@ -26,6 +26,8 @@ from fastrms.specs import SPECS  # noqa: E402
 
 #: Constructor arguments that are torch's alone (accepted and ignored, or refused when True).
 TORCH_ONLY = {"params", "foreach", "fused", "capturable", "differentiable"}
+#: Constructor arguments of how state (and bfloat16 parameters) are stored, not the spec's.
+STORAGE = {"state_dtype", "rounding", "seed"}
 
 PACKAGE = Path(ft.__file__).parent
 TORCH_MODULES = sorted(p.stem for p in PACKAGE.glob("torch*.py"))
@@ -41,7 +43,8 @@ def test_signature_is_the_specs_options_with_their_defaults(name):
             continue  # AdamW fixes decoupled_weight_decay
         assert option.name in params, (name, option.name)
         assert params[option.name].default == option.default, (name, option.name)
-    assert set(params) - set(spec.defaults) <= TORCH_ONLY, name
+    assert set(params) - set(spec.defaults) <= TORCH_ONLY | STORAGE, name
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in STORAGE), name
 
 
 @pytest.mark.parametrize("name", ft.__all__)

@@ -1,0 +1,129 @@
+"""How :mod:`fastrms.torch` holds optimizer state in another dtype than the parameter's
+(``state_dtype=``, issue 18), through the precision policy of :mod:`fastrms.precision`.
+
+- The policy, :func:`fastrms.precision.state_storage`, gives each parameter's state
+  :class:`~fastrms.precision.Storage`; :data:`TORCH_DTYPES` says which torch dtype holds it in
+  ``opt.state[p]`` (``torch.bfloat16`` for ``"bfloat16"``), so that a state tensor's
+  ``nbytes`` is the state's memory and ``state_dict()`` saves the stored form.
+- The kernels see a ``bfloat16`` tensor through :func:`kernel_view`: its ``uint16`` patterns
+  (the same bits, no copy), as :class:`fastrms.grouped.StepPlan` takes them with
+  ``state_dtype="bfloat16"``.
+- State goes into the stored form by :func:`to_held` (rounded to nearest even, by
+  :func:`fastrms.lowprecision.round_nearest`: the bits fastrms's NumPy classes give) and out
+  of it by :func:`to_float32` (exact), for checkpoints.
+
+A storage that holds more than one tensor per state slot (8-bit blockwise: codes and scales)
+plugs in here: its torch tensors in :func:`new_state`, their kernel views in
+:func:`kernel_view`, and its conversions in :func:`to_held` / :func:`to_float32`.
+
+``rounding=`` and ``seed=`` choose how bfloat16 *parameters* are stored back; fastrms.torch
+takes float32, float64 and complex parameters only for now, so they are accepted only to be
+refused, naming the parameter (:func:`storage_for`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import lowprecision
+from .precision import Storage, check_state_dtype, state_storage
+from .torch_layout import KERNEL_DTYPE, real, zeros_like
+
+#: The torch dtype that holds each storage that is not a parameter's own dtype.
+TORCH_DTYPES = {"bfloat16": torch.bfloat16}
+
+#: The values of ``rounding=`` (how a bfloat16 parameter is stored back; issue 18).
+ROUNDINGS = ("stochastic", "nearest", "kahan")
+
+_NUMPY_OF = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def check_options(state_dtype: str | None, rounding: str | None, seed: int | None) -> None:
+    """Refuse an unknown ``state_dtype`` or ``rounding``, or a ``seed`` that is not an int
+    (``ValueError``/``TypeError`` naming the option)."""
+    check_state_dtype(state_dtype)
+    if rounding is not None and (not isinstance(rounding, str) or rounding not in ROUNDINGS):
+        raise ValueError(f"rounding must be one of {ROUNDINGS} or None, got {rounding!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+
+def storage_for(
+    owner: str, what: str, p: torch.Tensor, state_dtype: str | None, rounding: str | None,
+    seed: int | None,
+) -> Storage | None:  # fmt: skip
+    """The storage of parameter ``p``'s state (named ``what`` in errors), or None where the
+    state is held as ``p`` is (a torch parameter's own dtype, complex included).
+
+    Raises ``ValueError`` for ``rounding=``/``seed=`` on a parameter that is not bfloat16 and
+    for a ``state_dtype`` the parameter's dtype cannot hold (bfloat16 state needs float32
+    parameters), ``TypeError`` for a held form fastrms.torch cannot step (a complex or CUDA
+    parameter with bfloat16 state). Other parameter problems are left to the step's checks.
+    """
+    if (rounding is not None or seed is not None) and p.dtype is not torch.bfloat16:
+        option = "rounding=" if rounding is not None else "seed="
+        raise ValueError(
+            f"{owner}: {option} applies to bfloat16 parameters; {what} is {p.dtype} (its "
+            "update is stored exactly as computed)"
+        )
+    kdtype = KERNEL_DTYPE.get(p.dtype)
+    if state_dtype is None or kdtype is None:
+        return None
+    storage = state_storage(state_dtype, _NUMPY_OF[kdtype], what)
+    if storage.identity:
+        return None
+    if p.is_complex():
+        raise TypeError(
+            f"{owner}: state_dtype={state_dtype!r} is for real parameters; {what} is complex"
+        )
+    if p.device.type != "cpu":
+        raise TypeError(
+            f"{owner}: state_dtype={state_dtype!r} is not supported on {p.device.type} tensors "
+            f"yet (CPU only): {what}"
+        )
+    return storage
+
+
+def held_dtype(p: torch.Tensor, storage: Storage | None) -> torch.dtype:
+    """The torch dtype of ``p``'s state tensors under ``storage`` (None: ``p``'s own)."""
+    return p.dtype if storage is None else TORCH_DTYPES[storage.name]
+
+
+def new_state(p: torch.Tensor, slot: int, value: float, storage: Storage | None) -> torch.Tensor:
+    """A state tensor of ``p`` held as ``storage`` says, laid out as
+    :func:`fastrms.torch_layout.zeros_like` lays it out, filled with ``value`` (rounded to
+    nearest even into bfloat16, as fastrms's NumPy classes round it)."""
+    dtype = held_dtype(p, storage)
+    t = zeros_like(p, slot, dtype)
+    if not value:
+        return t
+    if storage is not None:
+        return t.copy_(to_held(torch.full(p.shape, value, dtype=torch.float32), dtype))
+    if p.is_complex():  # both halves of the real view start there, as in torch
+        return t.fill_(complex(value, value))
+    return t.fill_(value)
+
+
+def kernel_view(t: torch.Tensor) -> torch.Tensor:
+    """State tensor ``t`` as the kernels take it: a bfloat16 tensor as its ``uint16``
+    patterns (the same memory), a complex one as its real view."""
+    return t.view(torch.uint16) if t.dtype is torch.bfloat16 else real(t)
+
+
+def to_held(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """State ``t`` (a CPU tensor) as ``dtype``: into bfloat16 rounded to nearest even
+    (:func:`fastrms.lowprecision.round_nearest`; torch's own cast differs on a negative NaN),
+    anything else by torch's cast (bfloat16 -> float widens exactly)."""
+    if t.dtype is dtype:
+        return t
+    if dtype is torch.bfloat16 and t.is_floating_point() and t.device.type == "cpu":
+        wide = t.detach().to(torch.float32).contiguous().numpy()
+        return torch.from_numpy(lowprecision.round_nearest(wide)).view(torch.bfloat16)
+    return t.to(dtype)
+
+
+def to_float32(t: torch.Tensor) -> torch.Tensor:
+    """A low-precision state tensor as float32 (exact for bfloat16), for checkpoints that
+    ``torch.optim`` loads; any other tensor as it is."""
+    return t.to(torch.float32) if t.dtype is torch.bfloat16 else t
