@@ -343,7 +343,7 @@ class StepPlan:
                     held = None
                     if i in self._low:  # a bfloat16 parameter's gradient is bfloat16
                         held = Held(frozenset([self._grad_names[i]]), LOW_PRECISION_DTYPES,
-                                    "a bfloat16 parameter")  # fmt: skip
+                                    f"{self._names[i]} (bfloat16)")  # fmt: skip
                     # The general check explains what is wrong (or accepts a CUDA array).
                     check_arrays({self._names[i]: self._params[i], self._grad_names[i]: g},
                                  (self._names[i],), held)  # fmt: skip
