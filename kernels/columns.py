@@ -86,7 +86,7 @@ class CodecColumn(types.Type):
 
     def __init__(self, held, compute, codec: str) -> None:
         self.held, self.compute, self.codec = held, compute, codec
-        self.kind = KINDS[codec]
+        self.kind = KINDS.get(codec, "plain")  # a pair set in CODECS directly is plain
         self.array = types.Array(held, 1, "C")
         super().__init__(name=f"CodecColumn({held}, {compute}, {codec})")
 

@@ -1,0 +1,99 @@
+"""fastrms.Adam on bfloat16 parameters (``rounding=``, ``state_dtype=``) against float32
+fastrms Adam and ``torch.optim.Adam(fused=True)`` on float32 and on bfloat16 parameters, in one
+process, interleaved (issue 18).
+
+Bytes per element per step (in place): float32 params, grads and state 28; bfloat16 params and
+grads with float32 state 20 (+4 for a Kahan buffer); bfloat16 everything 12 (+4 Kahan).
+Each repetition runs every variant once, in a rotating order; the report gives each variant's
+median time and, per repetition, its speed-up over torch fused float32 (torch's time in that
+repetition / the variant's), as a median and a range over the repetitions, the ratio of the
+fastest repetitions (torch's minimum / the variant's: the least disturbed by other processes
+on a shared machine), and the state's bytes per element.
+
+Usage::
+
+    python bench/bf16_params_adam.py [--n 10000000] [--reps 9] [--threads 2] [--runs 1]
+
+``--runs`` repeats the whole measurement in the same process (a range per run is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import ml_dtypes
+import numpy as np
+import torch
+
+import fastrms
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _variants(n: int) -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    p32 = rng.standard_normal(n, dtype=np.float32)
+    g32 = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-2)
+    p16, g16 = p32.astype(BF16), g32.astype(BF16)
+    variants, state_bytes = {}, {}
+
+    def torch_fused(dtype):
+        t = torch.nn.Parameter(torch.from_numpy(p32.copy()).to(dtype))
+        t.grad = torch.from_numpy(g32).to(dtype)
+        opt = torch.optim.Adam([t], lr=1e-3, fused=True)
+        return opt.step
+
+    variants["torch fused, f32"] = torch_fused(torch.float32)
+    variants["torch fused, bf16 params"] = torch_fused(torch.bfloat16)
+    f32 = fastrms.Adam([p32.copy()], lr=1e-3)
+    variants["fastrms f32"] = lambda: f32.step([g32])
+    opts = {"fastrms f32": f32}
+    for state in (None, "bfloat16"):
+        for rounding in ("stochastic", "nearest", "kahan"):
+            opt = fastrms.Adam([p16.copy()], lr=1e-3, rounding=rounding, state_dtype=state)
+            name = f"bf16 p, {'bf16' if state else 'f32'} st, {rounding}"
+            variants[name] = lambda opt=opt: opt.step([g16])
+            opts[name] = opt
+    for name, opt in opts.items():
+        opt.step([g32 if name == "fastrms f32" else g16])  # compile, allocate the state
+        state_bytes[name] = opt._store.nbytes() / n
+    for step in variants.values():
+        step()
+    return variants, state_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000_000)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2, help="torch's (set NUMBA_NUM_THREADS)")
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants, state_bytes = _variants(args.n)
+    names = list(variants)
+    for run in range(args.runs):
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for rep in range(args.reps):
+            order = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                variants[name]()
+                times[name].append(time.perf_counter() - start)
+        print(f"run {run + 1}: Adam, one array, n = {args.n:.0e}, {args.threads} threads, "
+              f"{args.reps} interleaved repetitions")  # fmt: skip
+        base = times["torch fused, f32"]
+        print(f"{'variant':28} {'ms med':>8} {'ms min':>8} {'x torch med':>11} "
+              f"{'x torch range':>15} {'x min/min':>9} {'state B/el':>10}")  # fmt: skip
+        for name, ts in times.items():
+            ratios = [b / t for b, t in zip(base, ts)]
+            sb = state_bytes.get(name, float("nan"))
+            print(f"{name:28} {statistics.median(ts) * 1e3:8.2f} {min(ts) * 1e3:8.2f} "
+                  f"{statistics.median(ratios):11.2f} {min(ratios):7.2f}-{max(ratios):.2f} "
+                  f"{min(base) / min(ts):9.2f} {sb:10.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
