@@ -127,8 +127,11 @@ class StepPlan:
             raise ValueError(f"{what} applies to bfloat16 parameters only, and none is bfloat16")
         self.rounding = (rounding or "stochastic") if low else None
         self.seed = 0 if seed is None else int(seed)
-        self._streams = np.arange(len(params), dtype=np.int64) if streams is None else (
-            np.asarray(streams, np.int64))  # fmt: skip
+        self._streams = np.arange(len(params), dtype=np.int64)
+        if streams is not None:
+            if len(streams) != len(params):
+                raise ValueError(f"streams has {len(streams)} entries but params {len(params)}")
+            self._streams = np.asarray(streams, np.int64)
         comps = self._comps(state, params, names, low)
         if team == "auto":
             team = teams.default_team()

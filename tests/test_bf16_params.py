@@ -369,6 +369,32 @@ def test_grouping_does_not_change_the_bits():
         assert_same_bits(_bits(a), _bits(b))
 
 
+def test_step_keys_is_step_key_for_many_streams():
+    streams = np.array([0, 1, 2, 77, 2**40, 2**63 - 1, -1], np.int64)
+    for seed, step in [(0, 1), (5, 2**40), (2**64 - 1, 3), (-7, 0)]:
+        want = [lowprecision.step_key(seed, step, int(s)) for s in streams]
+        assert lowprecision.step_keys(seed, step, streams).tolist() == want
+
+
+def test_bf16_and_float32_parameters_in_one_optimizer():
+    """Each parameter keeps its own policy: the float32 one steps as it would alone, the
+    bfloat16 one as the reference with its position (1) as its stream."""
+    rng = np.random.default_rng(12)
+    p32 = rng.standard_normal(300).astype(np.float32)
+    params, grads = _problem(12, sizes=(500,))
+    g32 = [rng.standard_normal(300).astype(np.float32) for _ in range(STEPS)]
+    opt = fastrms.Adam([p32.copy(), params[0].copy()], rounding="kahan", seed=1)
+    alone = fastrms.Adam([p32.copy()])
+    for step in range(STEPS):
+        opt.step([g32[step], grads[step][0]])
+        alone.step([g32[step]])
+    assert_same_bits(opt._params[0], alone._params[0])
+    want, want_state = reference_steps("adam", {}, params, grads, "kahan", 1, streams=[1])
+    assert_same_bits(_bits(opt._params[1]), _bits(want[0]))
+    assert opt.state[KAHAN][0] is None
+    assert_same_bits(_bits(opt.state[KAHAN][1]), _bits(want_state[KAHAN][0]))
+
+
 # -- state dicts ----------------------------------------------------------------------------------
 
 
