@@ -20,10 +20,12 @@ words (the key, the second array's address) follow the addresses in a grouped ta
 import operator
 
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.imputils import lower_constant
 from numba.extending import (
+    intrinsic,
     make_attribute_wrapper,
     models,
     overload,
@@ -128,6 +130,25 @@ def wrap(context, builder, column_type: CodecColumn, array, extra=None):
     return proxy._getvalue()
 
 
+@intrinsic
+def index32(typingctx, base, i):
+    """``index32(base, i)``: ``(base + i) mod 2^32`` as a ``uint32``, added in 32 bits.
+
+    The random bits of stochastic rounding read an element's index mod 2^32 only. Added in 32
+    bits from the loop's own counter, the index vectorizes as 32-bit lanes; Numba's integer
+    arithmetic would add in 64 bits, and LLVM then kept 64-bit index vectors (9 more
+    instructions per 16 elements, the store 1.4x slower in cache).
+    """
+    if not isinstance(base, types.Integer) or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = ir.IntType(32)
+        return builder.add(builder.trunc(args[0], word), builder.trunc(args[1], word))
+
+    return types.uint32(base, i), codegen
+
+
 @overload(operator.getitem, inline="always")
 def _load(column, i):
     if isinstance(column, CodecColumn) and isinstance(i, types.Integer):
@@ -143,7 +164,9 @@ def _store(column, i, x):
     if isinstance(column, CodecColumn) and isinstance(i, types.Integer):
         store = CODECS[column.codec][1]
         if column.kind == "keyed":
-            return lambda column, i, x: store(column.data, i, x, column.key, column.base + i)
+            return lambda column, i, x: store(
+                column.data, i, x, column.key, index32(column.base, i)
+            )
         if column.kind == "paired":
             return lambda column, i, x: store(column.data, column.comp, i, x)
         return lambda column, i, x: store(column.data, i, x)
