@@ -12,9 +12,11 @@ on a shared machine), and the state's bytes per element.
 
 Usage::
 
-    python bench/bf16_params_adam.py [--n 10000000] [--reps 9] [--threads 2] [--runs 1]
+    python bench/bf16_params_adam.py [--n 10000000] [--model gpt2] [--reps 9] [--threads 2]
+                                     [--runs 1]
 
-``--runs`` repeats the whole measurement in the same process (a range per run is printed).
+``--model gpt2`` steps GPT-2 small's 148 tensors (124.4M parameters) instead of one array of
+``--n``. ``--runs`` repeats the whole measurement in the same process (a table per run).
 """
 
 from __future__ import annotations
@@ -28,36 +30,40 @@ import numpy as np
 import torch
 
 import fastrms
+from fastrms.tools.bench.models import MODELS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def _variants(n: int) -> tuple[dict, dict]:
+def _variants(shapes: list[tuple]) -> tuple[dict, dict]:
     rng = np.random.default_rng(0)
-    p32 = rng.standard_normal(n, dtype=np.float32)
-    g32 = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-2)
-    p16, g16 = p32.astype(BF16), g32.astype(BF16)
+    p32 = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    g32 = [rng.standard_normal(s, dtype=np.float32) * np.float32(1e-2) for s in shapes]
+    p16, g16 = [p.astype(BF16) for p in p32], [g.astype(BF16) for g in g32]
+    n = sum(p.size for p in p32)
     variants, state_bytes = {}, {}
 
     def torch_fused(dtype):
-        t = torch.nn.Parameter(torch.from_numpy(p32.copy()).to(dtype))
-        t.grad = torch.from_numpy(g32).to(dtype)
-        opt = torch.optim.Adam([t], lr=1e-3, fused=True)
+        ts = [torch.nn.Parameter(torch.from_numpy(p.copy()).to(dtype)) for p in p32]
+        for t, g in zip(ts, g32):
+            t.grad = torch.from_numpy(g).to(dtype)
+        opt = torch.optim.Adam(ts, lr=1e-3, fused=True)
         return opt.step
 
     variants["torch fused, f32"] = torch_fused(torch.float32)
     variants["torch fused, bf16 params"] = torch_fused(torch.bfloat16)
-    f32 = fastrms.Adam([p32.copy()], lr=1e-3)
-    variants["fastrms f32"] = lambda: f32.step([g32])
+    f32 = fastrms.Adam([p.copy() for p in p32], lr=1e-3)
+    variants["fastrms f32"] = lambda: f32.step(g32)
     opts = {"fastrms f32": f32}
     for state in (None, "bfloat16"):
         for rounding in ("stochastic", "nearest", "kahan"):
-            opt = fastrms.Adam([p16.copy()], lr=1e-3, rounding=rounding, state_dtype=state)
+            opt = fastrms.Adam([p.copy() for p in p16], lr=1e-3, rounding=rounding,
+                               state_dtype=state)  # fmt: skip
             name = f"bf16 p, {'bf16' if state else 'f32'} st, {rounding}"
-            variants[name] = lambda opt=opt: opt.step([g16])
+            variants[name] = lambda opt=opt: opt.step(g16)
             opts[name] = opt
     for name, opt in opts.items():
-        opt.step([g32 if name == "fastrms f32" else g16])  # compile, allocate the state
+        opt.step(g32 if name == "fastrms f32" else g16)  # compile, allocate the state
         state_bytes[name] = opt._store.nbytes() / n
     for step in variants.values():
         step()
@@ -67,12 +73,16 @@ def _variants(n: int) -> tuple[dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000_000)
+    parser.add_argument("--model", choices=sorted(MODELS), default=None)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2, help="torch's (set NUMBA_NUM_THREADS)")
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variants, state_bytes = _variants(args.n)
+    shapes = list(MODELS[args.model]().values()) if args.model else [(args.n,)]
+    variants, state_bytes = _variants(shapes)
+    what = f"{args.model}, {len(shapes)} tensors" if args.model else "one array"
+    total = sum(int(np.prod(s)) for s in shapes)
     names = list(variants)
     for run in range(args.runs):
         times: dict[str, list[float]] = {v: [] for v in variants}
@@ -82,7 +92,7 @@ def main() -> None:
                 start = time.perf_counter()
                 variants[name]()
                 times[name].append(time.perf_counter() - start)
-        print(f"run {run + 1}: Adam, one array, n = {args.n:.0e}, {args.threads} threads, "
+        print(f"run {run + 1}: Adam, {what}, n = {total:.3g}, {args.threads} threads, "
               f"{args.reps} interleaved repetitions")  # fmt: skip
         base = times["torch fused, f32"]
         print(f"{'variant':28} {'ms med':>8} {'ms min':>8} {'x torch med':>11} "
