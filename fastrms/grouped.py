@@ -121,7 +121,7 @@ class StepPlan:
     ) -> None:
         check_state_dtype(state_dtype)
         check_rounding(rounding, seed)
-        low = [i for i, p in enumerate(params) if is_bf16(getattr(p, "dtype", None))]
+        low = frozenset(i for i, p in enumerate(params) if is_bf16(getattr(p, "dtype", None)))
         if (rounding is not None or seed is not None) and not low:
             what = "rounding=" if rounding is not None else "seed="
             raise ValueError(f"{what} applies to bfloat16 parameters only, and none is bfloat16")
@@ -181,7 +181,7 @@ class StepPlan:
         self._shapes = [info.shape for info in infos]
         # The dtypes of NumPy's own float types are singletons, so `is` finds them.
         self._dtypes = [BFLOAT16 if is_bf16(i.dtype) else np.dtype(i.dtype.str) for i in infos]
-        self._low = frozenset(low)
+        self._low = low
         self._nbytes = np.array([extent(p)[1] for p in params], np.int64)
         self._addresses = np.zeros(len(params), np.int64)
         slots = SLOTS[setup.rule]
@@ -193,7 +193,6 @@ class StepPlan:
                 for i in rows
             ]
             group = GROUPS[name](setup, dispatch.get(name), auto, sig, rows, arrays)
-            group.streams = self._streams[rows]
             group.serial_below = parallel_threshold
             group.team = team
             self.groups.append(group)
@@ -216,7 +215,7 @@ class StepPlan:
         held = Held(frozenset(labels), LOW_PRECISION_DTYPES, f"state_dtype={state_dtype!r}")
         return (storage,) * len(SLOTS[setup.rule]), held
 
-    def _comps(self, state: dict, params: list, names: list[str], low: list[int]) -> list | None:
+    def _comps(self, state: dict, params: list, names: list[str], low: frozenset) -> list | None:
         """The Kahan compensation arrays of ``rounding="kahan"`` (else None), one per
         parameter, checked to be there for each bfloat16 one."""
         if self.rounding != "kahan":
@@ -226,7 +225,7 @@ class StepPlan:
             raise ValueError(
                 f"rounding='kahan' needs state[{KAHAN_COMP!r}]: one bfloat16 array per parameter"
             )
-        for i in low:
+        for i in sorted(low):
             if comps[i] is None:
                 raise ValueError(f"{KAHAN_COMP} of {names[i]} is required by rounding='kahan'")
         return list(comps)

@@ -56,8 +56,6 @@ class Group:
         self.serial_below: int | None = None
         #: cpu: the threads that run parallel steps, if not Numba's own (see :class:`Team`).
         self.team: Team | None = None
-        #: Each row's stream of random bits (stochastically rounded bfloat16 parameters).
-        self.streams = np.arange(len(rows), dtype=np.int64)
         #: Each row's key of this step's random bits (see :meth:`set_keys`).
         self.keys = np.zeros(len(rows), np.int64)
 
