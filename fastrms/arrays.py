@@ -143,8 +143,8 @@ def check_updatable(info: ArrayInfo, name: str, allow_bf16: bool = False) -> Non
             if info.kind != HOST:
                 raise TypeError(f"{name}: bfloat16 parameters are supported on the host only")
         else:
-            also = ", float64 or bfloat16" if allow_bf16 else " or float64"
-            raise TypeError(f"{name} must have dtype float32{also}, got {info.dtype}")
+            also = " (or bfloat16)" if allow_bf16 else ""
+            raise TypeError(f"{name} must have dtype float32 or float64{also}, got {info.dtype}")
     _check_layout(info, name, True)
 
 
