@@ -17,6 +17,10 @@ Usage::
 
 ``--model gpt2`` steps GPT-2 small's 148 tensors (124.4M parameters) instead of one array of
 ``--n``. ``--runs`` repeats the whole measurement in the same process (a table per run).
+
+``--in-cache`` instead times the bare serial kernels (no Python around them) over 2^16
+elements, in cache, one thread, and prints the best of 300 calls in ns per element: the
+compute cost of each variant's loop, which bounds it where memory does not.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 
 import fastrms
+import fastrms.specs
 from fastrms.tools.bench.models import MODELS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -70,6 +75,42 @@ def _variants(shapes: list[tuple]) -> tuple[dict, dict]:
     return variants, state_bytes
 
 
+def in_cache(n: int = 1 << 16, reps: int = 300) -> None:
+    """The best time per element of each variant's serial kernel over ``n`` elements."""
+    from fastrms.grouped import StepPlan
+
+    rng = np.random.default_rng(0)
+    setup = fastrms.specs.SPECS["adam"].setup(1)
+    keep, calls = [], {}
+    variants = [("f32 params, f32 state", np.float32, np.float32, None),
+                ("f32 params, bf16 state", np.float32, BF16, None)]  # fmt: skip
+    for state in (np.float32, BF16):
+        for rounding in ("stochastic", "nearest", "kahan"):
+            name = f"bf16 params, {'bf16' if state == BF16 else 'f32'} state, {rounding}"
+            variants.append((name, BF16, state, rounding))
+    for name, pd, sd, rounding in variants:
+        p = rng.standard_normal(n).astype(pd)
+        g = (rng.standard_normal(n) * 1e-2).astype(pd)
+        st = {"exp_avg": [np.zeros(n, sd)], "exp_avg_sq": [np.zeros(n, sd)]}
+        if rounding == "kahan":
+            st["kahan_comp"] = [np.zeros(n, BF16)]
+        plan = StepPlan(setup, [p], st, ["p"], "cpu", parallel_threshold=1 << 62, team=None,
+                        state_dtype="bfloat16" if sd == BF16 else None,
+                        **({"rounding": rounding} if rounding else {}))  # fmt: skip
+        plan.run([g], setup, 1)
+        keep.append((p, g, st))  # the kernel call holds their addresses
+        calls[name] = plan.kernel_calls(setup)[0]
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(f"Adam serial kernel, {n} elements in cache, 1 thread, best of {reps}")
+    for name, t in best.items():
+        print(f"{name:38} {t / n * 1e9:6.3f} ns/element")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000_000)
@@ -77,7 +118,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2, help="torch's (set NUMBA_NUM_THREADS)")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--in-cache", action="store_true")
     args = parser.parse_args()
+    if args.in_cache:
+        in_cache()
+        return
     torch.set_num_threads(args.threads)
     shapes = list(MODELS[args.model]().values()) if args.model else [(args.n,)]
     variants, state_bytes = _variants(shapes)
