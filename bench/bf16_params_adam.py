@@ -3,7 +3,7 @@ fastrms Adam and ``torch.optim.Adam(fused=True)`` on float32 and on bfloat16 par
 process, interleaved (issue 18).
 
 Bytes per element per step (in place): float32 params, grads and state 28; bfloat16 params and
-grads with float32 state 20 (+4 for a Kahan buffer); bfloat16 everything 12 (+4 Kahan).
+grads with float32 state 22 (+4 for a Kahan buffer); bfloat16 everything 14 (+4 Kahan).
 Each repetition runs every variant once, in a rotating order; the report gives each variant's
 median time and, per repetition, its speed-up over torch fused float32 (torch's time in that
 repetition / the variant's), as a median and a range over the repetitions, the ratio of the
