@@ -132,12 +132,19 @@ def _host_arrays_ok(items: list, writes: tuple) -> bool:
 _WHERE = {HOST: "in host memory (NumPy)", DEVICE: "on a CUDA device"}
 
 
-def check_updatable(info: ArrayInfo, name: str) -> None:
+def check_updatable(info: ArrayInfo, name: str, allow_bf16: bool = False) -> None:
     """Refuse an array (described by ``info``, named ``name``) that a step cannot update in
     place: not float32/float64 (``TypeError``), not C-contiguous or read-only
-    (``ValueError``). The check every frontend makes of a parameter."""
+    (``ValueError``). The check every frontend makes of a parameter. With ``allow_bf16``,
+    ``ml_dtypes.bfloat16`` host arrays are accepted too (not their ``uint16`` views, which
+    would pass integer arrays as parameters)."""
     if info.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {info.dtype}")
+        if allow_bf16 and info.dtype == LOW_PRECISION_DTYPES[0]:
+            if info.kind != HOST:
+                raise TypeError(f"{name}: bfloat16 parameters are supported on the host only")
+        else:
+            also = " (or bfloat16)" if allow_bf16 else ""
+            raise TypeError(f"{name} must have dtype float32 or float64{also}, got {info.dtype}")
     _check_layout(info, name, True)
 
 
@@ -151,7 +158,9 @@ def _check_layout(info: ArrayInfo, name: str, written: bool) -> None:
         raise ValueError(f"{name} is read-only; fastrms updates it in place")
 
 
-def check_params(params: list, names: list[str], one_side: bool = False) -> list[ArrayInfo]:
+def check_params(
+    params: list, names: list[str], one_side: bool = False, allow_bf16: bool = False
+) -> list[ArrayInfo]:
     """Check the parameters of an optimizer and return their descriptions.
 
     Each must pass :func:`check_updatable`, and none may overlap another (they are all
@@ -161,7 +170,7 @@ def check_params(params: list, names: list[str], one_side: bool = False) -> list
     infos = []
     for p, name in zip(params, names):
         info = describe(p, name)
-        check_updatable(info, name)
+        check_updatable(info, name, allow_bf16)
         if one_side and infos and info.kind != infos[0].kind:
             raise TypeError(f"{name} and {names[0]} must all be NumPy arrays or all CUDA arrays")
         infos.append(info)
@@ -170,7 +179,7 @@ def check_params(params: list, names: list[str], one_side: bool = False) -> list
 
 
 def check_arrays(
-    named: dict[str, Any], writes: tuple[str, ...], held: Held | None = None
+    named: dict[str, Any], writes: tuple[str, ...], held: Held | tuple | None = None
 ) -> ArrayInfo:
     """Check the arrays of one update and return the parameter's description.
 
@@ -180,15 +189,17 @@ def check_arrays(
     ``TypeError``/``ValueError`` naming the offending argument.
 
     ``held`` names the arrays held in another dtype than the parameter's (low-precision
-    state), with the dtypes each may have and the option that asked for them (:class:`Held`).
+    state), with the dtypes each may have and the option that asked for them (:class:`Held`),
+    or a tuple of them; a parameter may then be bfloat16 too.
     """
     items = list(named.items())
     if held is None and _host_arrays_ok(items, writes):
         p = items[0][1]
         return ArrayInfo(HOST, p.shape, p.dtype, True, True, None)
+    helds = (held,) if isinstance(held, Held) else tuple(held or ())
     pname, param = items[0]
     ref = describe(param, pname)
-    check_updatable(ref, pname)
+    check_updatable(ref, pname, allow_bf16=bool(helds))
     for name, a in items[1:]:
         info = describe(a, name)
         if info.kind != ref.kind:
@@ -200,11 +211,12 @@ def check_arrays(
             raise ValueError(
                 f"{name} is on CUDA device {info.device} but {pname} is on device {ref.device}"
             )
-        if held is not None and name in held.names:
-            if info.dtype not in held.dtypes:
+        mine = [h for h in helds if name in h.names]
+        if mine:
+            if info.dtype not in mine[0].dtypes:
                 raise TypeError(
-                    f"{name} has dtype {info.dtype} but {held.option} holds it as "
-                    f"{' or '.join(map(str, held.dtypes))}"
+                    f"{name} has dtype {info.dtype} but {mine[0].option} holds it as "
+                    f"{' or '.join(map(str, mine[0].dtypes))}"
                 )
         elif info.dtype != ref.dtype:
             hint = ""

@@ -9,6 +9,14 @@ Every step function also takes ``state_dtype`` (see :func:`multi_tensor_step`):
 ``state_dtype="bfloat16"`` steps float32 parameters with ``ml_dtypes.bfloat16`` state arrays
 (or their ``uint16`` views), computed in float32 and stored rounded to nearest even.
 
+bfloat16 parameters (``ml_dtypes.bfloat16``, with bfloat16 gradients; ``cpu`` and ``numpy``
+backends) are computed in float32 and stored as the option ``rounding`` says
+(``"stochastic"`` by default, ``"nearest"``, ``"kahan"``; see :func:`multi_tensor_step`),
+with ``seed`` (default 0) and ``stream`` (default 0: the random bits' stream, which
+:func:`multi_tensor_step` sets to each parameter's position) and ``kahan_comp`` (the Kahan
+compensation array, bfloat16). Stochastic rounding needs the step: the functions of rules
+that count none (``rmsprop``, ``lion``) then take ``step=`` too.
+
 NaN or Inf in a gradient propagate into the parameter and state, as in PyTorch; fastrms does
 not inspect array values.
 
@@ -25,7 +33,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import dispatch, specs
+from . import precision as _precision
 from .arrays import check_arrays
 from .grouped import StepPlan
 from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array, check_state_dtype  # noqa: F401
@@ -77,6 +88,10 @@ _cast = cast  # the name the tests and benchmarks used
 def _step(name: str, param, grad, state: dict, backend: str, step: int, options: dict) -> None:
     spec = SPECS[name]
     state_dtype = options.pop("state_dtype", None)
+    low = {k: options.pop(k) for k in _LOW_PRECISION_OPTIONS if k in options}
+    if _precision.is_bf16(getattr(param, "dtype", None)) or low:
+        _low_precision_step(spec, param, grad, state, backend, step, state_dtype, low, options)
+        return
     _check_step_options(spec, options)
     setup = spec.setup(step, **options)
     if state_dtype is None:
@@ -92,6 +107,41 @@ def _step(name: str, param, grad, state: dict, backend: str, step: int, options:
     StepPlan(setup, [param], arrays, ["param"], backend, ["grad"], state_dtype=state_dtype).run(
         [grad], setup
     )
+
+
+#: The options of a bfloat16 parameter's step (see :func:`multi_tensor_step`): ``stream`` is
+#: the one-array functions' own (multi_tensor_step numbers its parameters), and ``step`` the
+#: random bits' step where the rule itself counts none (RMSProp, Lion).
+_LOW_PRECISION_OPTIONS = ("rounding", "seed", "stream", "kahan_comp")
+
+
+def _low_precision_step(spec, param, grad, state, backend, step, state_dtype, low, options):
+    """One step of a bfloat16 parameter (or a refusal of ``rounding=`` and the like for
+    another): a grouped step of one array, whose kernel loads and stores it through its
+    codec."""
+    if not spec.counts_steps and "step" in options:
+        step = options.pop("step")
+    elif not spec.counts_steps:
+        step = None  # stochastic rounding refuses the step it lacks
+    _check_step_options(spec, options)
+    setup = spec.setup(1 if step is None or not spec.counts_steps else step, **options)
+    for s in setup.state:
+        if state.get(s) is None:
+            raise ValueError(f"{s} is required by these options of {setup.rule}")
+    stream = low.get("stream", 0)
+    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)):
+        raise TypeError(f"stream must be an int, got {stream!r}")
+    arrays = {s: [state[s]] for s in setup.state}
+    if low.get("rounding") == "kahan":
+        arrays[_precision.KAHAN_COMP] = [low.get(_precision.KAHAN_COMP)]
+    elif low.get(_precision.KAHAN_COMP) is not None:
+        raise ValueError(f"{_precision.KAHAN_COMP} is used by rounding='kahan' only")
+    plan = StepPlan(setup, [param], arrays, ["param"], backend, ["grad"],
+                    state_dtype=state_dtype, rounding=low.get("rounding"), seed=low.get("seed"),
+                    streams=[stream])  # fmt: skip
+    if "stream" in low and plan.rounding is None:
+        raise ValueError("stream= applies to bfloat16 parameters only")
+    plan.run([grad], setup, step)
 
 
 def _check_step_options(spec: specs.Spec, options: dict) -> None:
@@ -354,6 +404,8 @@ def multi_tensor_step(
     step: int = 1,
     backend: str = "auto",
     state_dtype: str | None = None,
+    rounding: str | None = None,
+    seed: int | None = None,
     **hyperparameters,
 ) -> None:
     """One step of ``optimizer`` over many parameters at once, in place.
@@ -384,6 +436,18 @@ def multi_tensor_step(
         ``"bfloat16"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state arrays
         are ``ml_dtypes.bfloat16`` arrays (or ``uint16`` views of them); each element is
         loaded into float32, updated in float32 and stored rounded to nearest even.
+        Beside bfloat16 parameters, None and ``"float32"`` hold float32 state.
+    rounding : {None, "stochastic", "nearest", "kahan"}
+        How ``ml_dtypes.bfloat16`` parameters (``cpu`` and ``numpy`` backends; their
+        gradients bfloat16 too) are stored after their float32 update; None: ``"stochastic"``.
+        Stochastic rounding adds 16 random bits below the bfloat16 mantissa and truncates:
+        element ``j`` of ``params[i]`` draws ``lowprecision.random_bits(key, j)`` with
+        ``key = lowprecision.step_key(seed, step, i)``, so the result does not depend on
+        threads, grouping or backend. ``"kahan"`` needs ``state["kahan_comp"]``, a bfloat16
+        compensation array per bfloat16 parameter (zeros at first). Refused
+        (``ValueError``) when no parameter is bfloat16.
+    seed : int, optional
+        The seed of stochastic rounding (default 0).
     **hyperparameters
         As for the single-array function of ``optimizer``.
 
@@ -404,9 +468,10 @@ def multi_tensor_step(
             raise ValueError(f"state[{name!r}] must hold one array per parameter")
     names = [f"params[{i}]" for i in range(len(params))]
     arrays = {s: list(state[s]) for s in setup.state}
-    StepPlan(setup, list(params), arrays, names, backend, state_dtype=state_dtype).run(
-        list(grads), setup
-    )
+    if rounding == "kahan" and state.get(_precision.KAHAN_COMP) is not None:
+        arrays[_precision.KAHAN_COMP] = list(state[_precision.KAHAN_COMP])
+    StepPlan(setup, list(params), arrays, names, backend, state_dtype=state_dtype,
+             rounding=rounding, seed=seed).run(list(grads), setup, step)  # fmt: skip
 
 
 # -- the step functions a spec declares without a hand-written one -------------------------------

@@ -45,7 +45,16 @@ from .arrays import (
     host_addresses,
 )
 from .launch_groups import GROUPS, CpuGroup, Team
-from .precision import SLOTS, check_state_dtype, signature, state_storage
+from .lowprecision import BFLOAT16, step_keys
+from .precision import (
+    KAHAN_COMP,
+    SLOTS,
+    check_rounding,
+    check_state_dtype,
+    is_bf16,
+    signature,
+    state_storage,
+)
 from .specs import Setup
 
 __all__ = ["StepPlan", "Team"]
@@ -80,6 +89,19 @@ class StepPlan:
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
         ``cpu`` and ``numpy`` backends only.
+    rounding : {None, "stochastic", "nearest", "kahan"}, optional
+        How ``ml_dtypes.bfloat16`` parameters are stored after their float32 update (None:
+        ``"stochastic"``; see :data:`fastrms.precision.PARAM_STORAGES`). Their gradients are
+        bfloat16 too (or ``uint16`` patterns), their state float32 unless ``state_dtype``
+        says ``"bfloat16"``; ``cpu`` and ``numpy`` backends only. ``"kahan"`` takes one
+        bfloat16 compensation array per bfloat16 parameter, ``state["kahan_comp"]`` (None
+        beside other parameters). Refused (``ValueError``) if no parameter is bfloat16.
+    seed : int, optional
+        The seed of stochastic rounding (None: 0). Element ``j`` of parameter ``i`` at step
+        ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), j)``.
+    streams : list of int, optional
+        Each parameter's stream of random bits (default: its position, ``0, 1, ...``).
+        Stochastic rounding needs the step: pass ``step=`` to :meth:`run` / :meth:`check`.
     """
 
     def __init__(
@@ -93,8 +115,24 @@ class StepPlan:
         parallel_threshold: int | None = None,
         team: Team | None | str = "auto",
         state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
+        streams: list[int] | None = None,
     ) -> None:
         check_state_dtype(state_dtype)
+        check_rounding(rounding, seed)
+        low = frozenset(i for i, p in enumerate(params) if is_bf16(getattr(p, "dtype", None)))
+        if (rounding is not None or seed is not None) and not low:
+            what = "rounding=" if rounding is not None else "seed="
+            raise ValueError(f"{what} applies to bfloat16 parameters only, and none is bfloat16")
+        self.rounding = (rounding or "stochastic") if low else None
+        self.seed = 0 if seed is None else int(seed)
+        self._streams = np.arange(len(params), dtype=np.int64)
+        if streams is not None:
+            if len(streams) != len(params):
+                raise ValueError(f"streams has {len(streams)} entries but params {len(params)}")
+            self._streams = np.asarray(streams, np.int64)
+        comps = self._comps(state, params, names, low)
         if team == "auto":
             team = teams.default_team()
             if team is not None and parallel_threshold is None:
@@ -104,12 +142,21 @@ class StepPlan:
         self._names = names
         self._grad_names = grad_names or [n.replace("params", "grads", 1) for n in names]
         self._state_arrays = {s: list(state[s]) for s in setup.state}
+        if comps is not None:
+            self._state_arrays[KAHAN_COMP] = list(state[KAHAN_COMP])
         written = []
         groups: dict[tuple, list[int]] = {}
         infos = []
         for i, p in enumerate(params):
             named = {names[i]: p} | {f"{s} of {names[i]}": state[s][i] for s in setup.state}
-            slots, held = self._state_storages(setup, p, names[i], tuple(named)[1:], state_dtype)
+            if i in low:
+                slots, held = self._bf16_storages(setup, p, names[i], tuple(named)[1:],
+                                                  state_dtype, comps and comps[i])  # fmt: skip
+                if comps is not None:
+                    named[f"{KAHAN_COMP} of {names[i]}"] = comps[i]
+            else:
+                labels = tuple(named)[1:]
+                slots, held = self._state_storages(setup, p, names[i], labels, state_dtype)
             info = check_arrays(named, tuple(named), held)
             infos.append(info)
             try:
@@ -117,11 +164,13 @@ class StepPlan:
             except TypeError as exc:
                 raise TypeError(f"{names[i]}: {exc}") from None
             if slots is not None and chosen.name == "cuda":
+                what = f"state_dtype={state_dtype!r}" if i not in low else "bfloat16 parameters"
                 raise TypeError(
-                    f"{names[i]}: state_dtype={state_dtype!r} is not supported on the cuda "
-                    "backend yet (cpu and numpy only)"
+                    f"{names[i]}: {what} is not supported on the cuda backend yet (cpu and "
+                    "numpy only)"
                 )
-            key = (chosen.name, auto, signature(setup.rule, info.dtype, slots))
+            rounding_i = self.rounding if i in low else None
+            key = (chosen.name, auto, signature(setup.rule, info.dtype, slots, rounding=rounding_i))
             groups.setdefault(key, []).append(i)
             written += [(label, a, True) for label, a in named.items()]
         check_no_overlap(written)
@@ -131,7 +180,8 @@ class StepPlan:
         self._all_host = all(info.kind == HOST for info in infos)
         self._shapes = [info.shape for info in infos]
         # The dtypes of NumPy's own float types are singletons, so `is` finds them.
-        self._dtypes = [np.dtype(info.dtype.str) for info in infos]
+        self._dtypes = [BFLOAT16 if is_bf16(i.dtype) else np.dtype(i.dtype.str) for i in infos]
+        self._low = low
         self._nbytes = np.array([extent(p)[1] for p in params], np.int64)
         self._addresses = np.zeros(len(params), np.int64)
         slots = SLOTS[setup.rule]
@@ -139,6 +189,7 @@ class StepPlan:
         for (name, auto, sig), rows in groups.items():
             arrays = [
                 [params[i], None, *[state[s][i] if s in setup.state else params[i] for s in slots]]
+                + ([comps[i]] if sig.storages[0].codec == "bf16_kahan" else [])
                 for i in rows
             ]
             group = GROUPS[name](setup, dispatch.get(name), auto, sig, rows, arrays)
@@ -164,6 +215,38 @@ class StepPlan:
         held = Held(frozenset(labels), LOW_PRECISION_DTYPES, f"state_dtype={state_dtype!r}")
         return (storage,) * len(SLOTS[setup.rule]), held
 
+    def _comps(self, state: dict, params: list, names: list[str], low: frozenset) -> list | None:
+        """The Kahan compensation arrays of ``rounding="kahan"`` (else None), one per
+        parameter, checked to be there for each bfloat16 one."""
+        if self.rounding != "kahan":
+            return None
+        comps = state.get(KAHAN_COMP)
+        if comps is None or len(comps) != len(params):
+            raise ValueError(
+                f"rounding='kahan' needs state[{KAHAN_COMP!r}]: one bfloat16 array per parameter"
+            )
+        for i in sorted(low):
+            if comps[i] is None:
+                raise ValueError(f"{KAHAN_COMP} of {names[i]} is required by rounding='kahan'")
+        return list(comps)
+
+    @staticmethod
+    def _bf16_storages(
+        setup: Setup, p: Any, name: str, labels: tuple, state_dtype: str | None, comp: Any
+    ) -> tuple[tuple, tuple]:
+        """As :meth:`_state_storages`, for a bfloat16 parameter: its state's storages, and
+        what :func:`check_arrays` accepts for its state and Kahan compensation."""
+        info = describe(p, name)
+        check_updatable(info, name, allow_bf16=True)
+        storage = state_storage(state_dtype, info.dtype, name)
+        option = f"state_dtype={state_dtype!r}" if state_dtype else "bfloat16 parameters"
+        dtypes = LOW_PRECISION_DTYPES if storage.codec else (np.dtype(storage.dtype),)
+        held = [Held(frozenset(labels), dtypes, option)]
+        if comp is not None:
+            label = f"{KAHAN_COMP} of {name}"
+            held.append(Held(frozenset([label]), LOW_PRECISION_DTYPES, "rounding='kahan'"))
+        return (storage,) * len(SLOTS[setup.rule]), tuple(held)
+
     def matches(self, setup: Setup, state: dict[str, list], backend: str) -> bool:
         """Whether this plan still serves ``setup`` over the same state arrays."""
         if (setup.rule, setup.flags, setup.state, backend) != self.key:
@@ -176,23 +259,35 @@ class StepPlan:
                 return False
         return True
 
-    def run(self, grads: list, setup: Setup) -> None:
-        """Check ``grads`` (and the scalars against the dtypes), then step every group."""
-        self.launch(self.check(grads, setup), grads)
+    def run(self, grads: list, setup: Setup, step: int | None = None) -> None:
+        """Check ``grads`` (and the scalars against the dtypes), then step every group.
+        ``step`` (the step being taken) keys stochastic rounding, which needs it."""
+        self.launch(self.check(grads, setup, step), grads)
 
-    def check(self, grads: list, setup: Setup) -> list:
+    def check(self, grads: list, setup: Setup, step: int | None = None) -> list:
         """Everything :meth:`run` checks, writing nothing: ``grads``, the options, and
         ``setup``'s scalars against every group's dtype; compile the kernels. Returns each
-        group's scalars, for :meth:`launch`."""
+        group's scalars, for :meth:`launch` (and sets stochastic rounding's keys for
+        ``step``)."""
         if (setup.rule, setup.flags, setup.state) != self.key[:3]:
             raise ValueError("this plan was made for other options; make a new one")
         if len(grads) != len(self._params):
             raise ValueError(f"grads has {len(grads)} arrays but params has {len(self._params)}")
+        if self.rounding == "stochastic":
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+                raise TypeError(
+                    "stochastic rounding of bfloat16 parameters needs step= (an int >= 0, "
+                    f"the step being taken, which keys the random bits), got {step!r}"
+                )
         last = self._grads
         if last is None or not all(map(operator.is_, grads, last)):
             self._check_grads(grads, last)
         if not self._ready:
             self._prepare()
+        if self.rounding == "stochastic":
+            keys = step_keys(self.seed, int(step), self._streams)
+            for group in self.groups:
+                group.set_keys(keys)
         return [g.cast(setup) for g in self.groups]
 
     def launch(self, hypers: list, grads: list) -> None:
@@ -247,9 +342,13 @@ class StepPlan:
             else:
                 for i in changed:
                     g = grads[i]
+                    held = None
+                    if i in self._low:  # a bfloat16 parameter's gradient is bfloat16
+                        held = Held(frozenset([self._grad_names[i]]), LOW_PRECISION_DTYPES,
+                                    f"{self._names[i]} (bfloat16)")  # fmt: skip
                     # The general check explains what is wrong (or accepts a CUDA array).
                     check_arrays({self._names[i]: self._params[i], self._grad_names[i]: g},
-                                 (self._names[i],))  # fmt: skip
+                                 (self._names[i],), held)  # fmt: skip
                     addresses[i] = extent(g)[0]
         rows = np.asarray(changed, np.int64)
         for kind, spans in self._spans.items():

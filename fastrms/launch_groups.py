@@ -56,9 +56,16 @@ class Group:
         self.serial_below: int | None = None
         #: cpu: the threads that run parallel steps, if not Numba's own (see :class:`Team`).
         self.team: Team | None = None
+        #: Each row's key of this step's random bits (see :meth:`set_keys`).
+        self.keys = np.zeros(len(rows), np.int64)
 
     def set_grads(self, addresses: np.ndarray) -> None:
         pass
+
+    def set_keys(self, keys: np.ndarray) -> None:
+        """This step's keys of stochastic rounding, one per parameter of the step (int64,
+        :func:`fastrms.lowprecision.step_keys`); this group takes its rows'."""
+        self.keys = keys[self._rows]
 
     def cast(self, setup: Setup):
         """The step's scalars as this group's kernel takes them (a tuple of the dtype)."""
@@ -66,7 +73,9 @@ class Group:
 
     def _table(self) -> np.ndarray:
         """One int64 row per array: element count, then the addresses of param, grad (filled
-        per step) and state; columns the rule does not use repeat the param's address."""
+        per step) and state; columns the rule does not use repeat the param's address. Then
+        the param storage's extra word, if any: the Kahan compensation's address (the last of
+        ``arrays``), or stochastic rounding's key (filled per step)."""
         table = np.zeros((len(self.rows), self.signature.table_width), np.int64)
         for r, arrays in enumerate(self.arrays):
             p = arrays[0]
@@ -95,15 +104,25 @@ NUMPY_CODECS = {"bf16": (lowprecision.bf16_to_float32, lowprecision.round_neares
 class NumpyGroup(Group):
     """The reference backend, array by array. An array held through a codec (bfloat16 state)
     is loaded whole into its compute dtype, stepped by the reference, and stored back through
-    the codec's NumPy reference (:data:`NUMPY_CODECS`)."""
+    the codec's NumPy reference (:data:`NUMPY_CODECS`). A bfloat16 parameter and its
+    gradient are widened to float32 the same way, and the parameter is stored back as its
+    storage rounds (:meth:`_store_param`)."""
 
     def launch(self, hyper, grads):
         view = self.backend.view
         rule, flags = self.setup.rule, self.setup.flags
         storages = self.signature.storages
-        for i, arrays in zip(self.rows, self.arrays):
+        coded_param = storages[0].codec is not None
+        n_state = len(storages) - 2
+        for r, (i, arrays) in enumerate(zip(self.rows, self.arrays)):
             p = view(arrays[0])
-            views = [p, view(grads[i])] + [p if a is arrays[0] else view(a) for a in arrays[2:]]
+            g = view(grads[i])
+            if coded_param:
+                p_bits = lowprecision.bf16_bits(p)
+                p, g = lowprecision.bf16_to_float32(p_bits), lowprecision.bf16_to_float32(g)
+                before = p.copy()
+            state = arrays[2 : 2 + n_state]
+            views = [p, g] + [p if a is arrays[0] else view(a) for a in state]
             coded = [k for k in range(2, len(views)) if storages[k].codec and views[k] is not p]
             held = {k: lowprecision.bf16_bits(views[k]) for k in coded}
             for k in coded:
@@ -111,6 +130,23 @@ class NumpyGroup(Group):
             self.backend.launch(rule, flags, tuple(views), hyper)
             for k in coded:
                 held[k][...] = NUMPY_CODECS[storages[k].codec][1](views[k])
+            if coded_param:
+                self._store_param(p_bits, p, before, arrays[2 + n_state :], int(self.keys[r]))
+
+    def _store_param(self, bits, new, before, extra, key) -> None:
+        """Store a bfloat16 parameter's float32 result ``new`` into its patterns ``bits``
+        (its value was ``before``): rounded to nearest, stochastically with ``key``, or with
+        the Kahan compensation ``extra[0]`` and the increment ``new - before``."""
+        codec = self.signature.storages[0].codec
+        if codec == "bf16":
+            bits[...] = lowprecision.round_nearest(new)
+        elif codec == "bf16_stochastic":
+            bits[...] = lowprecision.round_stochastic(new, key, 0)
+        else:
+            comp = lowprecision.bf16_bits(self.backend.view(extra[0]))
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate
+                delta = new - before
+            bits[...], comp[...] = lowprecision.kahan_add(bits, comp, delta)
 
 
 class CpuGroup(Group):
@@ -125,6 +161,11 @@ class CpuGroup(Group):
 
     def set_grads(self, addresses):
         self.table[:, 2] = addresses[self._rows]
+
+    def set_keys(self, keys):
+        super().set_keys(keys)
+        if self.signature.storages[0].codec == "bf16_stochastic":  # the row's first extra word
+            self.table[:, 1 + len(self.signature.storages)] = self.keys
 
     def cast(self, setup):
         # The last step's array while the scalars stay (RMSprop's do); a new one when they

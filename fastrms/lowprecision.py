@@ -108,6 +108,19 @@ def step_key(seed: int, step: int, stream: int = 0) -> int:
     return (z ^ (z >> 32)) & _MASK32
 
 
+def step_keys(seed: int, step: int, streams: np.ndarray) -> np.ndarray:
+    """:func:`step_key` of ``(seed, step, stream)`` for each of ``streams`` (int64), as an
+    int64 array: one NumPy pass, for a step over many tensors (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        s = np.asarray(streams, np.int64).astype(np.uint64)
+        base = np.uint64((int(seed) + 0x9E3779B97F4A7C15 * (int(step) + 1)) & _MASK64)
+        z = base + s * np.uint64(0xD1B54A32D192ED03)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        return ((z ^ (z >> np.uint64(32))) & np.uint64(_MASK32)).astype(np.int64)
+
+
 def random_bits(key: int, index: np.ndarray) -> np.ndarray:
     """16 random bits per element (``uint32`` in ``[0, 2^16)``) from the step key and the
     elements' global indices.

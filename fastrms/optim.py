@@ -26,7 +26,7 @@ import numpy as np
 from . import dispatch, specs
 from .arrays import DEVICE, check_params
 from .grouped import StepPlan
-from .precision import state_storage
+from .precision import KAHAN_COMP, check_rounding, is_bf16, state_storage
 from .state import StateStore, is_step_count, plain
 from .tree import Params, Tree
 
@@ -43,6 +43,7 @@ def _init_from(spec: specs.Spec):
         + [P(h, P.POSITIONAL_OR_KEYWORD, default=spec.defaults[h]) for h in spec.hyperparameters]
         + [P("backend", P.POSITIONAL_OR_KEYWORD, default="auto")]
         + [P("state_dtype", P.KEYWORD_ONLY, default=None)]
+        + [P("rounding", P.KEYWORD_ONLY, default=None), P("seed", P.KEYWORD_ONLY, default=None)]
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -52,7 +53,8 @@ def _init_from(spec: specs.Spec):
         del values["self"]
         params, backend = values.pop("params"), values.pop("backend")
         state_dtype = values.pop("state_dtype")
-        Optimizer.__init__(self, params, backend, state_dtype=state_dtype, **values)
+        low = {"rounding": values.pop("rounding"), "seed": values.pop("seed")}
+        Optimizer.__init__(self, params, backend, state_dtype=state_dtype, **low, **values)
 
     __init__.__signature__ = signature
     return __init__
@@ -69,6 +71,14 @@ class Optimizer:
     the parameters are; ``"bfloat16"`` (float32 host parameters): ``ml_dtypes.bfloat16``
     arrays, each element loaded into float32, updated in float32 and stored rounded to
     nearest even, so the state takes half the memory and a step moves fewer bytes.
+
+    Host parameters may be ``ml_dtypes.bfloat16`` (their gradients too): each step computes
+    them in float32, with float32 state (``state_dtype="bfloat16"``: bfloat16 state), and
+    stores them as ``rounding`` says: ``"stochastic"`` (default; random bits keyed by
+    ``seed``, the step count and the parameter's position, see
+    :func:`fastrms.functional.multi_tensor_step`), ``"nearest"``, or ``"kahan"`` (a bfloat16
+    compensation array per parameter, ``state["kahan_comp"]``, saved in the state dict).
+    ``rounding`` and ``seed`` are refused unless a parameter is bfloat16.
     """
 
     spec: ClassVar[specs.Spec]
@@ -88,20 +98,32 @@ class Optimizer:
             cls.__init__ = _init_from(spec)
 
     def __init__(
-        self, params: Params, backend: str = "auto", *, state_dtype: str | None = None, **hyper: Any
+        self,
+        params: Params,
+        backend: str = "auto",
+        *,
+        state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
+        **hyper: Any,
     ) -> None:
         self._tree = Tree(params, "params")
         self._params = self._tree.arrays
         if not self._params:
             raise ValueError("params is empty")
         self._pnames, self._gnames = self._tree.labels("params"), self._tree.labels("grads")
-        infos = check_params(self._params, self._pnames)
+        infos = check_params(self._params, self._pnames, allow_bf16=True)
         if backend not in dispatch.CHOICES:
             raise ValueError(f"backend must be one of {dispatch.CHOICES}, got {backend!r}")
         storages = _state_storages(state_dtype, infos, self._pnames)
+        low = _check_rounding(rounding, seed, infos)
         self.backend = backend
         #: How the state is held (None: as the parameters are); fixed at construction.
         self.state_dtype = state_dtype
+        #: How bfloat16 parameters are stored ("stochastic", "nearest" or "kahan"; None
+        #: without any), and the seed of stochastic rounding; fixed at construction.
+        self.rounding = (rounding or "stochastic") if low else None
+        self.seed = 0 if seed is None else int(seed)
         for name, value in hyper.items():
             setattr(self, name, value)
         self.step_count = 0
@@ -149,7 +171,7 @@ class Optimizer:
         if plan is None or not plan.matches(setup, self._store.arrays, self.backend):
             plan = self._new_plan(setup)
         try:
-            hypers = plan.check(grads, setup)
+            hypers = plan.check(grads, setup, count + 1)
         except (TypeError, ValueError):
             self._forget_created()
             raise
@@ -163,17 +185,22 @@ class Optimizer:
 
     def _new_plan(self, setup: specs.Setup) -> StepPlan:
         self._plan = None
-        state = self._store.prepare(setup.state, self._hyper())
+        state = self._store.prepare(self._state_names(setup.state), self._hyper())
         try:
             plan = StepPlan(
                 setup, self._params, state, self._pnames, self.backend, self._gnames,
-                state_dtype=self.state_dtype,
+                state_dtype=self.state_dtype, rounding=self.rounding,
+                seed=self.seed if self.rounding else None,
             )  # fmt: skip
         except (TypeError, ValueError):
             self._forget_created()
             raise
         self._plan = plan
         return plan
+
+    def _state_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The state arrays a step with state ``names`` uses, the Kahan compensation with them."""
+        return (*names, KAHAN_COMP) if self.rounding == "kahan" else names
 
     def _forget_created(self) -> None:
         """A refused step leaves no trace: the state it made is dropped, and its plan."""
@@ -191,7 +218,7 @@ class Optimizer:
         """
         hyper = self._hyper()
         try:  # create the state these options need, so that the dict loads back as it is
-            needed = self._setup(self.step_count + 1, hyper).state
+            needed = self._state_names(self._setup(self.step_count + 1, hyper).state)
         except (TypeError, ValueError):  # bad hyperparameters: load_state_dict will say so
             needed = ()
         sd: dict[str, Any] = {"optimizer": type(self).__name__, "step": self.step_count}
@@ -220,7 +247,7 @@ class Optimizer:
                 raise ValueError(f"state_dict lacks hyperparameter {h!r}")
             hyper[h] = plain(sd.pop(f"hyper.{h}"))
         setup = self._setup(int(step) + 1, hyper)
-        arrays = self._store.take_entries(sd, setup.state)
+        arrays = self._store.take_entries(sd, self._state_names(setup.state))
         if sd:
             raise ValueError(f"state_dict has unexpected keys {sorted(sd)}")
         for h, value in hyper.items():
@@ -235,8 +262,9 @@ class Optimizer:
 
 def _state_storages(state_dtype: str | None, infos: list, names: list[str]) -> list | None:
     """The storage of each parameter's state under ``state_dtype`` (None: as the parameters
-    are), refused with ``ValueError``/``TypeError`` naming the argument where it cannot be."""
-    if state_dtype is None:
+    are; float32 beside bfloat16 parameters), refused with ``ValueError``/``TypeError`` naming
+    the argument where it cannot be."""
+    if state_dtype is None and not any(is_bf16(info.dtype) for info in infos):
         return None
     storages = []
     for info, name in zip(infos, names):
@@ -248,6 +276,17 @@ def _state_storages(state_dtype: str | None, infos: list, names: list[str]) -> l
             )
         storages.append(storage)
     return storages
+
+
+def _check_rounding(rounding: str | None, seed: int | None, infos: list) -> bool:
+    """Check ``rounding`` and ``seed``; return whether any parameter is bfloat16 (else they
+    are refused, ``ValueError``)."""
+    check_rounding(rounding, seed)
+    low = any(is_bf16(info.dtype) for info in infos)
+    if not low and (rounding is not None or seed is not None):
+        what = "rounding=" if rounding is not None else "seed="
+        raise ValueError(f"{what} applies to bfloat16 parameters only, and none is bfloat16")
+    return low
 
 
 # -- the optimizers: one class per spec, named spec.title, documented from the spec -------------

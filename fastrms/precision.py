@@ -46,6 +46,9 @@ class Storage:
     dtype: str  # NumPy dtype of the held array
     compute: str  # dtype an element is loaded as
     codec: str | None = None
+    #: Extra int64 words the storage takes in a grouped table's row, after the addresses:
+    #: a stochastically rounded parameter's key, a Kahan parameter's compensation array.
+    words: int = 0
 
     @property
     def identity(self) -> bool:
@@ -65,6 +68,37 @@ STORAGES = {
 
 #: The values of the ``state_dtype`` option: how optimizer state is held.
 STATE_DTYPES = ("float32", "float64", "bfloat16")
+
+#: The values of the ``rounding`` option: how a bfloat16 parameter is stored after its update,
+#: computed in float32 (the first is the default).
+ROUNDINGS = ("stochastic", "nearest", "kahan")
+
+#: The storage of a bfloat16 parameter by ``rounding``: held as ``uint16`` patterns, loaded
+#: exactly into float32, and stored rounded stochastically (random bits from a per-array
+#: key, the table word after the addresses, and the element's index in its array), to nearest
+#: even, or to nearest with a bfloat16 Kahan compensation array (its address the extra word).
+PARAM_STORAGES = {
+    "stochastic": Storage("bfloat16-stochastic", "uint16", "float32", "bf16_stochastic", 1),
+    "nearest": STORAGES["bfloat16"],
+    "kahan": Storage("bfloat16-kahan", "uint16", "float32", "bf16_kahan", 1),
+}
+
+#: The state name of the Kahan compensation arrays of ``rounding="kahan"``.
+KAHAN_COMP = "kahan_comp"
+
+
+def is_bf16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (a parameter dtype of its own policy)."""
+    return dtype == BFLOAT16
+
+
+def check_rounding(rounding: str | None, seed: int | None) -> None:
+    """Refuse an unknown ``rounding`` (``ValueError``) or a ``seed`` that is no int
+    (``TypeError``); None means the default (``"stochastic"``, seed 0)."""
+    if rounding is not None and (not isinstance(rounding, str) or rounding not in ROUNDINGS):
+        raise ValueError(f"rounding must be one of {ROUNDINGS} or None, got {rounding!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed must be an int, got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -95,8 +129,9 @@ class Signature:
 
     @property
     def table_width(self) -> int:
-        """Columns of a grouped step's table: the element count, then an address per array."""
-        return 1 + len(self.storages)
+        """Columns of a grouped step's table: the element count, then an address per array,
+        then the storages' extra words (:attr:`Storage.words`), in the arrays' order."""
+        return 1 + len(self.storages) + sum(s.words for s in self.storages)
 
 
 def storage_of(dtype: np.dtype) -> Storage:
@@ -124,6 +159,12 @@ def state_storage(state_dtype: str | None, param: np.dtype, name: str = "params"
     converts between them). Raises ``ValueError`` naming ``state_dtype`` and ``name`` otherwise.
     """
     check_state_dtype(state_dtype)
+    if is_bf16(np.dtype(param)):  # computed in float32: float32 state unless asked otherwise
+        if state_dtype == "float64":
+            raise ValueError(
+                f"state_dtype='float64' needs float64 parameters, but {name} has dtype bfloat16"
+            )
+        return STORAGES[state_dtype or "float32"]
     held = storage_of(param)
     if state_dtype is None or state_dtype == held.name:
         return held
@@ -148,8 +189,13 @@ def signature(
     param: np.dtype,
     slots: tuple[Storage, ...] | None = None,
     compute: np.dtype | None = None,
+    rounding: str | None = None,
 ) -> Signature:
     """The policy: the kernel signature of ``rule`` for parameters of dtype ``param``.
+
+    bfloat16 parameters (``ml_dtypes.bfloat16``) compute in float32, take bfloat16 gradients,
+    hold float32 state by default, and are stored back as ``rounding`` says
+    (:data:`PARAM_STORAGES`; default ``"stochastic"``).
 
     ``slots`` gives a storage per state slot of the layout, ``compute`` the dtype the rule
     computes in. By default each slot, and the gradient, is held as the parameter is, and the
@@ -157,13 +203,20 @@ def signature(
     storage's codec; a storage without one must hold the compute dtype itself (a float64 state
     beside float32 parameters is refused until a codec converts it).
     """
-    held = storage_of(param)
     layout = LAYOUTS[rule]
-    slots = (held,) * len(layout.slots) if slots is None else tuple(slots)
+    if is_bf16(np.dtype(param)):
+        held = PARAM_STORAGES[rounding or ROUNDINGS[0]]
+        grad = STORAGES["bfloat16"]
+        slots = (STORAGES["float32"],) * len(layout.slots) if slots is None else tuple(slots)
+    else:
+        if rounding is not None:
+            raise ValueError(f"rounding= applies to bfloat16 parameters only, not {param}")
+        held = grad = storage_of(param)
+        slots = (held,) * len(layout.slots) if slots is None else tuple(slots)
     if len(slots) != len(layout.slots):
         raise ValueError(f"{rule} has {len(layout.slots)} state slots, got {len(slots)} storages")
     compute = held.compute if compute is None else np.dtype(compute).name
-    storages = (held, held, *slots)
+    storages = (held, grad, *slots)
     for name, storage in zip(layout.arrays, storages):
         if (storage.codec is None and storage.dtype != compute) or storage.compute != compute:
             raise ValueError(

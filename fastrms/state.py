@@ -19,7 +19,7 @@ import numpy as np
 
 from . import dispatch, lowprecision, specs
 from .arrays import DEVICE, describe
-from .precision import state_dtype_of
+from .precision import KAHAN_COMP, STORAGES, is_bf16, state_dtype_of
 from .tree import Tree
 
 
@@ -62,6 +62,11 @@ class StateStore:
     def get(self, name: str, i: int, hyper: Mapping[str, Any]):
         """State array ``name`` of parameter ``i``, made now if it is not there yet."""
         arrays = self.arrays.setdefault(name, [None] * len(self.params))
+        if name == KAHAN_COMP:  # not a slot of the rule: a bfloat16 parameter's compensation
+            if arrays[i] is None and is_bf16(describe(self.params[i], "param").dtype):
+                slots = len(self.spec.layout.slots)
+                arrays[i] = _full_like(self.params[i], 0.0, slots + 1, STORAGES["bfloat16"])
+            return arrays[i]
         if arrays[i] is None:
             slot = self.spec.layout.slots.index(name) + 1
             value = self.initial_value(name, hyper)
@@ -125,9 +130,12 @@ class StateStore:
         against its parameter's shape and dtype. Every state array ``used`` must be there; the
         others of the rule (kept from options switched off since) may be."""
         arrays = {}
-        for s in self.spec.layout.slots:
+        extra = (KAHAN_COMP,) if KAHAN_COMP in used else ()
+        for s in self.spec.layout.slots + extra:
             for i, p in enumerate(self.params):
                 key = self.tree.state_key(s, i)
+                if s == KAHAN_COMP and not is_bf16(describe(p, "param").dtype):
+                    continue
                 if key not in sd:
                     if s not in used:
                         continue
@@ -164,6 +172,8 @@ def checked_entry(key: str, value: Any, param: Any, convertible: bool = False) -
     if convertible and a.dtype.kind == "V" and a.dtype.itemsize == 2 and a.dtype.names is None:
         a = a.view(lowprecision.BFLOAT16)
     allowed = (info.dtype, lowprecision.BFLOAT16) if convertible else (info.dtype,)
+    if convertible and is_bf16(info.dtype):  # a bfloat16 parameter's state is float32
+        allowed += (np.dtype(np.float32),)
     if a.shape != info.shape or a.dtype not in allowed:
         also = " (or bfloat16)" if convertible else ""
         raise ValueError(
@@ -206,6 +216,7 @@ def _full_like(p, value: float, slot: int, storage=None):
     a = backend.zeros_like(p, slot, dtype)
     if value:
         info = describe(p, "param")
-        full = np.full(info.shape, value, info.dtype)
+        wide = np.float32 if is_bf16(info.dtype) else info.dtype  # a bfloat16 param's: float32
+        full = np.full(info.shape, value, wide)
         backend.copy_from_host(a, convert(full, describe(a, "state").dtype))
     return a

@@ -41,10 +41,14 @@ from ._options import FASTMATH, RULES_TOKEN, digest
 from .pointers import address_of, arrays_at, fetch_add, load_int64, scalars_at
 
 #: Part of every kernel's closure, hence of Numba's cache key: the rules' digest and the
-#: fastmath setting, and the digests of the codec columns and of the codecs they inline. The
+#: fastmath setting, and the digests of the codec columns, of the codecs they inline and of the
+#: intrinsics that build the columns from a table row. The
 #: widths need no token: the tuples that carry them (the columns' and scalars' likes, the row
 #: stride) are closure values too, and Numba keys its cache on those.
-TOKEN = (RULES_TOKEN, *(digest(Path(__file__).with_name(f)) for f in ("columns.py", "codecs.py")))
+TOKEN = (
+    RULES_TOKEN,
+    *(digest(Path(__file__).with_name(f)) for f in ("columns.py", "codecs.py", "pointers.py")),
+)
 
 
 def _column_likes(storages):

@@ -175,7 +175,9 @@ def arrays_at(typingctx, words, start, size, likes):
     tuple ``likes``: column ``j`` is the ``size`` elements from element ``start`` on of the
     array whose address is the int64 at ``words + 8 * j``, of ``likes[j]``'s type (a float
     scalar), or a :class:`~fastrms.kernels.columns.CodecColumn` over it (for a
-    :class:`~fastrms.kernels.columns.ColumnLike`: a storage with a codec).
+    :class:`~fastrms.kernels.columns.ColumnLike`: a storage with a codec). A keyed or paired
+    codec column (:data:`~fastrms.kernels.columns.KINDS`) also takes the next of the row's
+    words after the addresses: its key (the low 32 bits), or its second array's address.
 
     The grouped kernels build their arrays from a table row with it, so the number of columns
     and their types come from the rule's signature, not from code written per width. It is one
@@ -196,11 +198,11 @@ def arrays_at(typingctx, words, start, size, likes):
         words, start, size, _ = args
         word_type = ir.IntType(64)
         base = builder.inttoptr(words, word_type.as_pointer())
-        values = []
-        for j, column_type in enumerate(column_types):
-            codec = isinstance(column_type, columns.CodecColumn)
-            array_type = column_type.array if codec else column_type
-            address = builder.load(builder.gep(base, [ir.Constant(word_type, j)]))
+
+        def word(k):
+            return builder.load(builder.gep(base, [ir.Constant(word_type, k)]))
+
+        def piece(array_type, address):
             data_type = context.get_data_type(array_type.dtype)
             itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
             data = builder.gep(builder.inttoptr(address, data_type.as_pointer()), [start])
@@ -213,8 +215,25 @@ def arrays_at(typingctx, words, start, size, likes):
                 itemsize=itemsize,
                 meminfo=None,
             )
-            value = array._getvalue()
-            values.append(columns.wrap(context, builder, column_type, value) if codec else value)
+            return array._getvalue()
+
+        values = []
+        extra_word = len(column_types)  # a keyed or paired column's word follows the addresses
+        for j, column_type in enumerate(column_types):
+            codec = isinstance(column_type, columns.CodecColumn)
+            array_type = column_type.array if codec else column_type
+            value = piece(array_type, word(j))
+            if not codec:
+                values.append(value)
+                continue
+            extra = None
+            if column_type.kind == "keyed":  # the key, and the index of the piece's start
+                extra = (builder.trunc(word(extra_word), ir.IntType(32)), start)
+                extra_word += 1
+            elif column_type.kind == "paired":  # the second array, from the same element
+                extra = piece(array_type, word(extra_word))
+                extra_word += 1
+            values.append(columns.wrap(context, builder, column_type, value, extra))
         return context.make_tuple(builder, tuple_type, values)
 
     return tuple_type(words, types.int64, types.int64, likes), codegen

@@ -59,8 +59,10 @@ def test_a_new_spec_makes_a_numpy_class_that_steps_as_its_rule():
         params = inspect.signature(cls).parameters
         assert list(params) == [
             "params", "lr", "betas", "weight_decay", "maximize", "backend", "state_dtype",
+            "rounding", "seed",
         ]  # fmt: skip
         assert params["state_dtype"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params["rounding"].kind is params["seed"].kind is inspect.Parameter.KEYWORD_ONLY
         doc = inspect.getdoc(cls)
         assert doc.startswith("Lion under another name.") and "Parameters\n----------" in doc
         assert "backend : " in doc and "As :class:`fastrms.Lion`." in doc

@@ -57,9 +57,10 @@ def test_class_is_derived_from_its_spec(name):
     spec, cls = SPECS[name], OPTIMIZERS[name]
     assert cls.spec is spec and cls.hyperparameters == spec.hyperparameters
     params = inspect.signature(cls).parameters
-    assert list(params) == ["params", *spec.hyperparameters, "backend", "state_dtype"]
-    assert params["state_dtype"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert params["state_dtype"].default is None
+    keyword = ["state_dtype", "rounding", "seed"]
+    assert list(params) == ["params", *spec.hyperparameters, "backend", *keyword]
+    for k in keyword:
+        assert params[k].kind is inspect.Parameter.KEYWORD_ONLY and params[k].default is None
     for h in spec.hyperparameters:
         assert params[h].default == spec.defaults[h], h
     opt = cls(np.ones(3), backend="numpy")
