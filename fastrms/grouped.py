@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,8 +44,9 @@ from .arrays import (
     extent,
     host_addresses,
 )
+from .blockwise_groups import BLOCKWISE_GROUPS, refuse_pairs, split_state
 from .launch_groups import GROUPS, CpuGroup, Team
-from .precision import SLOTS, check_state_dtype, signature, state_storage
+from .precision import SLOTS, check_state_dtype, signature, slot_storages, state_storage
 from .specs import Setup
 
 __all__ = ["StepPlan", "Team"]
@@ -109,7 +110,14 @@ class StepPlan:
         infos = []
         for i, p in enumerate(params):
             named = {names[i]: p} | {f"{s} of {names[i]}": state[s][i] for s in setup.state}
-            slots, held = self._state_storages(setup, p, names[i], tuple(named)[1:], state_dtype)
+            labels = tuple(named)[1:]
+            slots, held = self._state_storages(setup, p, names[i], labels, state_dtype)
+            scales: dict = {}
+            if slots is not None and slots[0].blockwise:  # int8: (codes, scales) pairs
+                named, scales = split_state(named, labels, held.shape, held.option)
+                held = Held(held.names, held.dtypes, held.option)
+            elif state_dtype == "int8":
+                refuse_pairs(named, labels, _size_of(p), f"state_dtype={state_dtype!r}")
             info = check_arrays(named, tuple(named), held)
             infos.append(info)
             try:
@@ -123,7 +131,7 @@ class StepPlan:
                 )
             key = (chosen.name, auto, signature(setup.rule, info.dtype, slots))
             groups.setdefault(key, []).append(i)
-            written += [(label, a, True) for label, a in named.items()]
+            written += [(label, a, True) for label, a in (named | scales).items()]
         check_no_overlap(written)
         kinds = {info.kind for info in infos}
         self._spans = {k: _Spans([w for w in written if _kind(w[1]) == k]) for k in kinds}
@@ -141,7 +149,8 @@ class StepPlan:
                 [params[i], None, *[state[s][i] if s in setup.state else params[i] for s in slots]]
                 for i in rows
             ]
-            group = GROUPS[name](setup, dispatch.get(name), auto, sig, rows, arrays)
+            kinds = BLOCKWISE_GROUPS if sig.storages[-1].blockwise else GROUPS
+            group = kinds[name](setup, dispatch.get(name), auto, sig, rows, arrays)
             group.serial_below = parallel_threshold
             group.team = team
             self.groups.append(group)
@@ -159,10 +168,19 @@ class StepPlan:
         info = describe(p, name)
         check_updatable(info, name)
         storage = state_storage(state_dtype, info.dtype, name)
-        if storage.codec is None:
+        size = int(np.prod(info.shape, dtype=np.int64))
+        slots = slot_storages(setup.rule, storage, size)
+        if slots is None:
             return None, None
-        held = Held(frozenset(labels), LOW_PRECISION_DTYPES, f"state_dtype={state_dtype!r}")
-        return (storage,) * len(SLOTS[setup.rule]), held
+        option = f"state_dtype={state_dtype!r}"
+        if slots[0].blockwise:  # the codes: uint8, shaped as p (split_state checks the pairs)
+            if info.kind != HOST:
+                raise TypeError(
+                    f"{name}: {option} is not supported on the cuda backend yet (cpu and numpy "
+                    "only)"
+                )
+            return slots, _Blockwise(frozenset(labels), (np.dtype(np.uint8),), option, info.shape)
+        return slots, Held(frozenset(labels), LOW_PRECISION_DTYPES, option)
 
     def matches(self, setup: Setup, state: dict[str, list], backend: str) -> bool:
         """Whether this plan still serves ``setup`` over the same state arrays."""
@@ -291,6 +309,19 @@ class _AddressViews:
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         memory = (ctypes.c_char * size).from_address(int(self.addresses[i]))
         return np.frombuffer(memory, dtype).reshape(shape)
+
+
+class _Blockwise(NamedTuple):
+    """What the codes of int8 state must be (a :class:`Held`), and the parameter's shape."""
+
+    names: frozenset
+    dtypes: tuple
+    option: str
+    shape: tuple
+
+
+def _size_of(p: Any) -> int:
+    return int(np.prod(describe(p, "param").shape, dtype=np.int64))
 
 
 def _kind(a: Any) -> str:

@@ -464,3 +464,34 @@ def float8_encode(y: np.ndarray, signed: bool) -> np.ndarray:
 def float8_decode(codes: np.ndarray, signed: bool) -> np.ndarray:
     """The values of ``codes`` (float32): :func:`float8_table`'s."""
     return float8_table(signed)[np.asarray(codes, np.uint8)]
+
+
+class Quantized(NamedTuple):
+    """One state array held blockwise in 8 bits (``state_dtype="int8"``): ``codes``
+    (``uint8``, the shape of the parameter) and ``scales`` (float32, one per block of
+    :data:`BLOCK` elements, ``n_blocks(codes.size)``). Its :attr:`nbytes` is the memory the
+    state takes."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+    @classmethod
+    def of(cls, x: np.ndarray, signed: bool) -> Quantized:
+        """``x`` (float) quantized with the float8 map (:func:`quantize_blockwise`), codes
+        shaped as ``x``."""
+        x = np.asarray(x)
+        codes, scales = quantize_blockwise(x.astype(np.float32), signed, map="float8")
+        return cls(codes.reshape(x.shape), scales)
+
+    def dequantize(self, signed: bool) -> np.ndarray:
+        """The float32 values (shaped as the codes)."""
+        flat = dequantize_blockwise(self.codes, self.scales, signed, map="float8")
+        return flat.reshape(self.codes.shape)

@@ -182,12 +182,16 @@ class Optimizer:
 
     # -- state dicts -------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, dequantize: bool = False) -> dict[str, Any]:
         """The optimizer's state as plain Python and NumPy values.
 
         Keys: ``"optimizer"`` (the class name), ``"step"``, ``"hyper.<name>"`` for each
         hyperparameter, and ``"state.<buffer>[.<param key>]"`` for each state array (host
         copies). It round-trips through ``np.savez(f, **sd)`` and ``dict(np.load(f))``.
+        State held in 8 bits (``state_dtype="int8"``) gives two entries per array, that key
+        with ``":codes"`` and ``":scales"`` appended, which load back bit for bit; with
+        ``dequantize=True``, one float32 array instead, which any ``state_dtype`` loads
+        (int8 quantizes it again).
         """
         hyper = self._hyper()
         try:  # create the state these options need, so that the dict loads back as it is
@@ -198,7 +202,7 @@ class Optimizer:
         for name in self.hyperparameters:
             value = getattr(self, name)
             sd[f"hyper.{name}"] = tuple(value) if isinstance(value, (list, tuple)) else value
-        sd.update(self._store.entries(needed, hyper))
+        sd.update(self._store.entries(needed, hyper, dequantize))
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
