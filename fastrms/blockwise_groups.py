@@ -130,9 +130,9 @@ class BlockwiseCpuGroup(CpuGroup):
     """The Numba kernels of :mod:`fastrms.kernels.blockwise`. Runs on Numba's threads (not on
     another library's team); cuts the work on block boundaries."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.team = None
+    def prepare(self):
+        self.team = None  # no team body is generated for blockwise kernels (yet)
+        return super().prepare()
 
     def _table(self) -> np.ndarray:
         """One int64 row per array: element count, the addresses of param, grad (per step),
