@@ -76,11 +76,13 @@ class StepPlan:
         passes PyTorch's OpenMP team); None: Numba's threading layer. ``"auto"`` (default):
         :func:`fastrms.teams.default_team`, i.e. PyTorch's OpenMP team if this process has
         imported torch, with :data:`fastrms.teams.TEAM_THRESHOLD` as the default threshold.
-    state_dtype : {None, "float32", "float64", "bfloat16"}, optional
+    state_dtype : {None, "float32", "float64", "bfloat16", "int8"}, optional
         How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
-        ``cpu`` and ``numpy`` backends only.
+        ``cpu`` and ``numpy`` backends only. ``"int8"`` (float32 parameters, ``cpu`` and
+        ``numpy``): :class:`fastrms.lowprecision.Quantized` pairs for parameters of at least
+        4096 elements, float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
     """
 
     def __init__(

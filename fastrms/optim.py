@@ -68,7 +68,10 @@ class Optimizer:
     ``state_dtype`` says how the state is held, for every optimizer alike: None (default) as
     the parameters are; ``"bfloat16"`` (float32 host parameters): ``ml_dtypes.bfloat16``
     arrays, each element loaded into float32, updated in float32 and stored rounded to
-    nearest even, so the state takes half the memory and a step moves fewer bytes.
+    nearest even, so the state takes half the memory and a step moves fewer bytes;
+    ``"int8"`` (float32 host parameters): each state array of a parameter of at least 4096
+    elements a :class:`fastrms.lowprecision.Quantized` pair (``uint8`` codes and one float32
+    scale per 256 elements, about a quarter of the memory), float32 arrays for smaller ones.
     """
 
     spec: ClassVar[specs.Spec]
@@ -412,7 +415,7 @@ _PARAMS_DOC = """params : array, list/tuple of arrays, or dict of str -> array
     float32 or float64, C-contiguous, writeable; NumPy arrays or CUDA arrays."""
 _BACKEND_DOC = """backend : {"auto", "cuda", "cpu", "numpy"}
     ``auto`` picks from the array type; see :mod:`fastrms.dispatch`.
-state_dtype : {None, "float32", "float64", "bfloat16"}
+state_dtype : {None, "float32", "float64", "bfloat16", "int8"}
     How the state is held (keyword only); see :class:`Optimizer`."""
 
 
