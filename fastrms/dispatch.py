@@ -150,6 +150,17 @@ class _CpuBackend(_NumpyBackend):
         parallel, serial = self._cpu.grouped_loops(self._rules[rule], flags, signature)
         return threads.guard(parallel), serial  # a serial loop starts no thread team
 
+    def blockwise_kernels(
+        self, rule: str, flags: tuple, signature, used: tuple
+    ) -> tuple[Callable, Callable]:
+        """``(parallel, serial)`` kernels over a table of arrays whose state is held blockwise
+        (``state_dtype="int8"``; see kernels.blockwise); ``used`` flags the slots in use."""
+        self._launcher()
+        from .kernels import blockwise
+
+        parallel, serial = blockwise.grouped_block_loops(self._rules[rule], flags, signature, used)
+        return threads.guard(parallel), serial
+
     def grouped_team_body(self, rule: str, flags: tuple, signature) -> int:
         """The address of a C function that runs a grouped step of ``signature`` on a team of
         threads that another library starts (see kernels.elementwise.team_body)."""

@@ -431,11 +431,15 @@ def multi_tensor_step(
         first momentum step).
     backend : {"auto", "cuda", "cpu", "numpy"}
         See :mod:`fastrms.dispatch`.
-    state_dtype : {None, "float32", "float64", "bfloat16"}
+    state_dtype : {None, "float32", "float64", "bfloat16", "int8"}
         How the state arrays are held; None (default): as each parameter is.
         ``"bfloat16"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state arrays
         are ``ml_dtypes.bfloat16`` arrays (or ``uint16`` views of them); each element is
         loaded into float32, updated in float32 and stored rounded to nearest even.
+        ``"int8"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state of a
+        parameter of at least 4096 elements is a :class:`fastrms.lowprecision.Quantized`
+        ``(codes, scales)`` pair per state array, 8-bit blockwise (see
+        :mod:`fastrms.kernels.blockwise`); a smaller parameter's state is float32 arrays.
         Beside bfloat16 parameters, None and ``"float32"`` hold float32 state.
     rounding : {None, "stochastic", "nearest", "kahan"}
         How ``ml_dtypes.bfloat16`` parameters (``cpu`` and ``numpy`` backends; their

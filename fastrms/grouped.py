@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from .arrays import (
     extent,
     host_addresses,
 )
+from .blockwise_groups import BLOCKWISE_GROUPS, refuse_pairs, split_state
 from .launch_groups import GROUPS, CpuGroup, Team
 from .lowprecision import BFLOAT16, step_keys
 from .precision import (
@@ -53,6 +54,7 @@ from .precision import (
     check_state_dtype,
     is_bf16,
     signature,
+    slot_storages,
     state_storage,
 )
 from .specs import Setup
@@ -84,11 +86,13 @@ class StepPlan:
         passes PyTorch's OpenMP team); None: Numba's threading layer. ``"auto"`` (default):
         :func:`fastrms.teams.default_team`, i.e. PyTorch's OpenMP team if this process has
         imported torch, with :data:`fastrms.teams.TEAM_THRESHOLD` as the default threshold.
-    state_dtype : {None, "float32", "float64", "bfloat16"}, optional
+    state_dtype : {None, "float32", "float64", "bfloat16", "int8"}, optional
         How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
-        ``cpu`` and ``numpy`` backends only.
+        ``cpu`` and ``numpy`` backends only. ``"int8"`` (float32 parameters, ``cpu`` and
+        ``numpy``): :class:`fastrms.lowprecision.Quantized` pairs for parameters of at least
+        4096 elements, float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
     rounding : {None, "stochastic", "nearest", "kahan"}, optional
         How ``ml_dtypes.bfloat16`` parameters are stored after their float32 update (None:
         ``"stochastic"``; see :data:`fastrms.precision.PARAM_STORAGES`). Their gradients are
@@ -149,14 +153,20 @@ class StepPlan:
         infos = []
         for i, p in enumerate(params):
             named = {names[i]: p} | {f"{s} of {names[i]}": state[s][i] for s in setup.state}
+            labels = tuple(named)[1:]
+            scales: dict = {}
             if i in low:
-                slots, held = self._bf16_storages(setup, p, names[i], tuple(named)[1:],
-                                                  state_dtype, comps and comps[i])  # fmt: skip
+                slots, held = self._bf16_storages(setup, p, names[i], labels, state_dtype,
+                                                  comps and comps[i])  # fmt: skip
                 if comps is not None:
                     named[f"{KAHAN_COMP} of {names[i]}"] = comps[i]
             else:
-                labels = tuple(named)[1:]
                 slots, held = self._state_storages(setup, p, names[i], labels, state_dtype)
+                if slots is not None and slots[0].blockwise:  # int8: (codes, scales) pairs
+                    named, scales = split_state(named, labels, held.shape, held.option)
+                    held = Held(held.names, held.dtypes, held.option)
+                elif state_dtype == "int8":
+                    refuse_pairs(named, labels, _size_of(p), f"state_dtype={state_dtype!r}")
             info = check_arrays(named, tuple(named), held)
             infos.append(info)
             try:
@@ -172,7 +182,7 @@ class StepPlan:
             rounding_i = self.rounding if i in low else None
             key = (chosen.name, auto, signature(setup.rule, info.dtype, slots, rounding=rounding_i))
             groups.setdefault(key, []).append(i)
-            written += [(label, a, True) for label, a in named.items()]
+            written += [(label, a, True) for label, a in (named | scales).items()]
         check_no_overlap(written)
         kinds = {info.kind for info in infos}
         self._spans = {k: _Spans([w for w in written if _kind(w[1]) == k]) for k in kinds}
@@ -192,7 +202,8 @@ class StepPlan:
                 + ([comps[i]] if sig.storages[0].codec == "bf16_kahan" else [])
                 for i in rows
             ]
-            group = GROUPS[name](setup, dispatch.get(name), auto, sig, rows, arrays)
+            kinds = BLOCKWISE_GROUPS if sig.storages[-1].blockwise else GROUPS
+            group = kinds[name](setup, dispatch.get(name), auto, sig, rows, arrays)
             group.serial_below = parallel_threshold
             group.team = team
             self.groups.append(group)
@@ -210,10 +221,19 @@ class StepPlan:
         info = describe(p, name)
         check_updatable(info, name)
         storage = state_storage(state_dtype, info.dtype, name)
-        if storage.codec is None:
+        size = int(np.prod(info.shape, dtype=np.int64))
+        slots = slot_storages(setup.rule, storage, size)
+        if slots is None:
             return None, None
-        held = Held(frozenset(labels), LOW_PRECISION_DTYPES, f"state_dtype={state_dtype!r}")
-        return (storage,) * len(SLOTS[setup.rule]), held
+        option = f"state_dtype={state_dtype!r}"
+        if slots[0].blockwise:  # the codes: uint8, shaped as p (split_state checks the pairs)
+            if info.kind != HOST:
+                raise TypeError(
+                    f"{name}: {option} is not supported on the cuda backend yet (cpu and numpy "
+                    "only)"
+                )
+            return slots, _Blockwise(frozenset(labels), (np.dtype(np.uint8),), option, info.shape)
+        return slots, Held(frozenset(labels), LOW_PRECISION_DTYPES, option)
 
     def _comps(self, state: dict, params: list, names: list[str], low: frozenset) -> list | None:
         """The Kahan compensation arrays of ``rounding="kahan"`` (else None), one per
@@ -390,6 +410,19 @@ class _AddressViews:
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         memory = (ctypes.c_char * size).from_address(int(self.addresses[i]))
         return np.frombuffer(memory, dtype).reshape(shape)
+
+
+class _Blockwise(NamedTuple):
+    """What the codes of int8 state must be (a :class:`Held`), and the parameter's shape."""
+
+    names: frozenset
+    dtypes: tuple
+    option: str
+    shape: tuple
+
+
+def _size_of(p: Any) -> int:
+    return int(np.prod(describe(p, "param").shape, dtype=np.int64))
 
 
 def _kind(a: Any) -> str:

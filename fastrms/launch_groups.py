@@ -177,10 +177,7 @@ class CpuGroup(Group):
 
     def prepare(self):
         try:
-            kernels = self.backend.grouped_kernels(
-                self.setup.rule, self.setup.flags, self.signature
-            )
-            self._parallel, self._serial = kernels
+            self._parallel, self._serial = self._kernels()
             empty = np.zeros(1, np.int64)
             hyper = self.cast(self.setup)
             if self.serial_below is None:
@@ -206,6 +203,14 @@ class CpuGroup(Group):
         if self.team is not None:
             self._prepare_team()
         return self
+
+    def _kernels(self):
+        """``(parallel, serial)``: the grouped kernels of this group's signature."""
+        return self.backend.grouped_kernels(self.setup.rule, self.setup.flags, self.signature)
+
+    def _cut(self, sizes: np.ndarray, parts: int):
+        """The schedule of the table's arrays in ``parts`` parts (fastrms.schedule)."""
+        return schedule(sizes, parts)
 
     def _prepare_team(self) -> None:
         from numba.core.errors import NumbaError
@@ -243,7 +248,7 @@ class CpuGroup(Group):
         else:
             threads = (self.team or self.backend).threads()
         if threads != self._threads:
-            self._schedule = schedule(self.table[:, 0], PARTS_PER_THREAD * threads)
+            self._schedule = self._cut(self.table[:, 0], PARTS_PER_THREAD * threads)
             self._threads = threads
             if self.team is not None:
                 self._team_args[:] = team_block(self.table, *self._schedule, self._scalars)

@@ -70,7 +70,10 @@ class Optimizer:
     ``state_dtype`` says how the state is held, for every optimizer alike: None (default) as
     the parameters are; ``"bfloat16"`` (float32 host parameters): ``ml_dtypes.bfloat16``
     arrays, each element loaded into float32, updated in float32 and stored rounded to
-    nearest even, so the state takes half the memory and a step moves fewer bytes.
+    nearest even, so the state takes half the memory and a step moves fewer bytes;
+    ``"int8"`` (float32 host parameters): each state array of a parameter of at least 4096
+    elements a :class:`fastrms.lowprecision.Quantized` pair (``uint8`` codes and one float32
+    scale per 256 elements, about a quarter of the memory), float32 arrays for smaller ones.
 
     Host parameters may be ``ml_dtypes.bfloat16`` (their gradients too): each step computes
     them in float32, with float32 state (``state_dtype="bfloat16"``: bfloat16 state), and
@@ -209,12 +212,16 @@ class Optimizer:
 
     # -- state dicts -------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, dequantize: bool = False) -> dict[str, Any]:
         """The optimizer's state as plain Python and NumPy values.
 
         Keys: ``"optimizer"`` (the class name), ``"step"``, ``"hyper.<name>"`` for each
         hyperparameter, and ``"state.<buffer>[.<param key>]"`` for each state array (host
         copies). It round-trips through ``np.savez(f, **sd)`` and ``dict(np.load(f))``.
+        State held in 8 bits (``state_dtype="int8"``) gives two entries per array, that key
+        with ``":codes"`` and ``":scales"`` appended, which load back bit for bit; with
+        ``dequantize=True``, one float32 array instead, which any ``state_dtype`` loads
+        (int8 quantizes it again).
         """
         hyper = self._hyper()
         try:  # create the state these options need, so that the dict loads back as it is
@@ -225,7 +232,7 @@ class Optimizer:
         for name in self.hyperparameters:
             value = getattr(self, name)
             sd[f"hyper.{name}"] = tuple(value) if isinstance(value, (list, tuple)) else value
-        sd.update(self._store.entries(needed, hyper))
+        sd.update(self._store.entries(needed, hyper, dequantize))
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -295,7 +302,7 @@ _PARAMS_DOC = """params : array, list/tuple of arrays, or dict of str -> array
     float32 or float64, C-contiguous, writeable; NumPy arrays or CUDA arrays."""
 _BACKEND_DOC = """backend : {"auto", "cuda", "cpu", "numpy"}
     ``auto`` picks from the array type; see :mod:`fastrms.dispatch`.
-state_dtype : {None, "float32", "float64", "bfloat16"}
+state_dtype : {None, "float32", "float64", "bfloat16", "int8"}
     How the state is held (keyword only); see :class:`Optimizer`."""
 
 

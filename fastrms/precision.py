@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import specs
-from .lowprecision import BFLOAT16
+from .lowprecision import BFLOAT16, uses_8bit
 from .specs import LAYOUTS
 
 
@@ -47,12 +47,24 @@ class Storage:
     compute: str  # dtype an element is loaded as
     codec: str | None = None
     #: Extra int64 words the storage takes in a grouped table's row, after the addresses:
-    #: a stochastically rounded parameter's key, a Kahan parameter's compensation array.
+    #: a stochastically rounded parameter's key, a Kahan parameter's compensation array, a
+    #: blockwise array's scales.
     words: int = 0
 
     @property
     def identity(self) -> bool:
         return self.codec is None and self.dtype == self.compute
+
+    @property
+    def blockwise(self) -> bool:
+        """Held as 8-bit codes with one float32 scale per block (``state_dtype="int8"``):
+        the kernels of :mod:`fastrms.kernels.blockwise` step it, a block at a time."""
+        return self.codec in BLOCKWISE_CODECS
+
+    @property
+    def signed(self) -> bool:
+        """For a blockwise storage: whether its map is the signed one."""
+        return self.codec == "float8_signed"
 
 
 #: The storages by name. ``bfloat16`` is held as ``uint16`` patterns and goes through the
@@ -63,11 +75,21 @@ STORAGES = {
         Storage("float32", "float32", "float32"),
         Storage("float64", "float64", "float64"),
         Storage("bfloat16", "uint16", "float32", codec="bf16"),
+        # state_dtype="int8", a parameter's policy: each slot of a tensor of at least
+        # MIN_8BIT_SIZE elements is then held as int8_signed or int8_unsigned, by its Slot's
+        # sign (slot_storages); a smaller one's state stays float32.
+        Storage("int8", "uint8", "float32", codec="float8"),
+        Storage("int8_signed", "uint8", "float32", codec="float8_signed", words=1),
+        Storage("int8_unsigned", "uint8", "float32", codec="float8_unsigned", words=1),
     )
 }
 
+#: The codecs of blockwise 8-bit storages: codes into the signed or unsigned float8 map
+#: (:func:`fastrms.lowprecision.float8_map`) and one float32 scale per block of 256.
+BLOCKWISE_CODECS = ("float8_signed", "float8_unsigned")
+
 #: The values of the ``state_dtype`` option: how optimizer state is held.
-STATE_DTYPES = ("float32", "float64", "bfloat16")
+STATE_DTYPES = ("float32", "float64", "bfloat16", "int8")
 
 #: The values of the ``rounding`` option: how a bfloat16 parameter is stored after its update,
 #: computed in float32 (the first is the default).
@@ -155,14 +177,17 @@ def state_storage(state_dtype: str | None, param: np.dtype, name: str = "params"
 
     None (the default) holds the state as the parameter is held. ``"bfloat16"`` holds it as
     bfloat16 patterns, loaded into float32 and stored rounded to nearest even, so it needs
-    float32 parameters; ``"float32"``/``"float64"`` must be the parameter's own dtype (no codec
+    float32 parameters; so does ``"int8"`` (blockwise 8-bit, see :func:`slot_storages`);
+    ``"float32"``/``"float64"`` must be the parameter's own dtype (no codec
     converts between them). Raises ``ValueError`` naming ``state_dtype`` and ``name`` otherwise.
     """
     check_state_dtype(state_dtype)
     if is_bf16(np.dtype(param)):  # computed in float32: float32 state unless asked otherwise
-        if state_dtype == "float64":
+        if state_dtype in ("float64", "int8"):
+            needs = "float64" if state_dtype == "float64" else "float32"
             raise ValueError(
-                f"state_dtype='float64' needs float64 parameters, but {name} has dtype bfloat16"
+                f"state_dtype={state_dtype!r} needs {needs} parameters, but {name} has dtype "
+                "bfloat16"
             )
         return STORAGES[state_dtype or "float32"]
     held = storage_of(param)
@@ -175,6 +200,27 @@ def state_storage(state_dtype: str | None, param: np.dtype, name: str = "params"
             f"dtype {held.name}"
         )
     return storage
+
+
+def slot_storages(rule: str, storage: Storage, size: int) -> tuple[Storage, ...] | None:
+    """The storage of each state slot of ``rule`` for a parameter of ``size`` elements whose
+    state is held as ``storage`` (from :func:`state_storage`); None: as the parameter is.
+
+    ``"int8"`` holds each slot blockwise, by the sign its :class:`fastrms.specs.Slot`
+    declares (``int8_signed`` for first moments, ``int8_unsigned`` for second moments), if the
+    tensor has at least :data:`fastrms.lowprecision.MIN_8BIT_SIZE` elements; a smaller one
+    keeps its state as the parameter is held (float32), as bitsandbytes does.
+    """
+    if storage.codec is None:
+        return None
+    if storage.name != "int8":
+        return (storage,) * len(LAYOUTS[rule].slots)
+    if not uses_8bit(size):
+        return None
+    return tuple(
+        STORAGES["int8_signed" if slot.sign == "signed" else "int8_unsigned"]
+        for slot in LAYOUTS[rule].slot_specs
+    )
 
 
 def state_dtype_of(storage: Storage) -> np.dtype:

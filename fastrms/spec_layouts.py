@@ -6,28 +6,29 @@ name, in the order the rule indexes them), one :class:`~fastrms.spec_types.Layou
 
 from __future__ import annotations
 
-from .spec_types import Layout
+from .spec_types import Layout, Slot
 
 LAYOUTS = {
     layout.name: layout
     for layout in (
         Layout(
             "rmsprop",
-            ("square_avg", "momentum_buffer", "grad_avg"),
+            (Slot("square_avg", sign="unsigned"), "momentum_buffer", "grad_avg"),
             {"lr": "lr", "alpha": "alpha", "one_minus_alpha": "1 - alpha", "eps": "eps",
              "weight_decay": "weight_decay", "sign": "sign", "momentum": "momentum"},
             ("centered", "use_momentum", "eps_in_sqrt"),
         ),
         Layout(
             "adagrad",
-            ("state_sum",),
+            (Slot("state_sum", sign="unsigned"),),
             {"clr": "lr / (1 + (step - 1) * lr_decay)", "eps": "eps",
              "weight_decay": "weight_decay", "sign": "sign"},
             ("eps_in_sqrt",),
         ),
         Layout(
             "adam",
-            ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+            ("exp_avg", Slot("exp_avg_sq", sign="unsigned"),
+             Slot("max_exp_avg_sq", sign="unsigned")),
             {"step_size": "lr / (1 - beta1**step)",
              "inv_bias_correction2_sqrt": "1 / sqrt(1 - beta2**step)",
              "beta1": "beta1", "one_minus_beta1": "1 - beta1", "beta2": "beta2",
@@ -52,21 +53,21 @@ LAYOUTS = {
         ),
         Layout(
             "adamax",
-            ("exp_avg", "exp_inf"),
+            ("exp_avg", Slot("exp_inf", sign="unsigned")),
             {"clr": "lr / (1 - beta1**step)", "beta1": "beta1", "one_minus_beta1": "1 - beta1",
              "beta2": "beta2", "eps": "eps", "weight_decay": "weight_decay", "sign": "sign"},
             (),
         ),
         Layout(
             "adadelta",
-            ("square_avg", "acc_delta"),
+            (Slot("square_avg", sign="unsigned"), Slot("acc_delta", sign="unsigned")),
             {"lr": "lr", "rho": "rho", "one_minus_rho": "1 - rho", "eps": "eps",
              "weight_decay": "weight_decay", "sign": "sign"},
             (),
         ),
         Layout(
             "radam",
-            ("exp_avg", "exp_avg_sq"),
+            ("exp_avg", Slot("exp_avg_sq", sign="unsigned")),
             {"step_size": "lr * rect / (1 - beta1**step) (rect = 1 unless rectified)",
              "bias_correction2_sqrt": "sqrt(1 - beta2**step)",
              "beta1": "beta1", "one_minus_beta1": "1 - beta1", "beta2": "beta2",
@@ -76,7 +77,7 @@ LAYOUTS = {
         ),
         Layout(
             "nadam",
-            ("exp_avg", "exp_avg_sq"),
+            ("exp_avg", Slot("exp_avg_sq", sign="unsigned")),
             {"grad_step": "lr * (1 - mu_t) / (1 - mu_product_t)",
              "exp_avg_step": "lr * mu_(t+1) / (1 - mu_product_t * mu_(t+1))",
              "bias_correction2": "1 - beta2**step", "beta1": "beta1",

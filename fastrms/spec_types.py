@@ -51,12 +51,19 @@ class Slot:
     ``initial_accumulator_value``). ``like`` says what the array is shaped as: ``"param"``,
     the parameter's shape (the only rule today; a factored second moment would add another).
     How the array is held (its storage) is not the layout's: the precision policy chooses it
-    (:mod:`fastrms.precision`).
+    (:mod:`fastrms.precision`). ``sign`` says what values it holds, which a quantized storage
+    needs: ``"signed"`` (first moments, momentum: any sign) or ``"unsigned"`` (second moments,
+    sums of squares, maxima of them: never negative), whose 8-bit map spends no bit on a sign.
     """
 
     name: str
     initial: float | str = 0.0
     like: str = "param"
+    sign: str = "signed"
+
+    def __post_init__(self) -> None:
+        if self.sign not in ("signed", "unsigned"):
+            raise ValueError(f"sign must be 'signed' or 'unsigned', got {self.sign!r}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import dispatch, lowprecision, specs
 from .arrays import DEVICE, describe
+from .blockwise_groups import check_pair
 from .precision import KAHAN_COMP, STORAGES, is_bf16, state_dtype_of
 from .tree import Tree
 
@@ -70,8 +71,16 @@ class StateStore:
         if arrays[i] is None:
             slot = self.spec.layout.slots.index(name) + 1
             value = self.initial_value(name, hyper)
-            arrays[i] = _full_like(self.params[i], value, slot, self.storages[i])
+            storage = self.storages[i]
+            if storage is not None and storage.name == "int8":
+                arrays[i] = _int8_full_like(self.params[i], value, self._signed(name))
+            else:
+                arrays[i] = _full_like(self.params[i], value, slot, storage)
         return arrays[i]
+
+    def _signed(self, name: str) -> bool:
+        """Whether state ``name`` is held in the signed 8-bit map (its Slot's sign)."""
+        return self.spec.layout.slot_specs[self.spec.layout.slots.index(name)].sign == "signed"
 
     # -- the state of a step ---------------------------------------------------------------------
 
@@ -112,18 +121,32 @@ class StateStore:
 
     # -- state dicts -----------------------------------------------------------------------------
 
-    def entries(self, names: tuple[str, ...], hyper: Mapping[str, Any]) -> dict[str, Any]:
+    def entries(
+        self, names: tuple[str, ...], hyper: Mapping[str, Any], dequantize: bool = False
+    ) -> dict[str, Any]:
         """``{state-dict key: host copy}`` of every state array, the arrays ``names`` made
-        first where missing (so that the dict loads back as it is)."""
+        first where missing (so that the dict loads back as it is).
+
+        State held in 8 bits (:class:`fastrms.lowprecision.Quantized`) gives two entries,
+        ``key + ":codes"`` and ``key + ":scales"``, or with ``dequantize`` one float32 array
+        under ``key``, as float32 state would."""
         for name in names:
             for i in range(len(self.params)):
                 self.get(name, i, hyper)
-        return {
-            self.tree.state_key(name, i): _backend_of(a).to_host(a)
-            for name, arrays in self.arrays.items()
-            for i, a in enumerate(arrays)
-            if a is not None
-        }
+        out = {}
+        for name, arrays in self.arrays.items():
+            for i, a in enumerate(arrays):
+                key = self.tree.state_key(name, i)
+                if a is None:
+                    continue
+                if isinstance(a, lowprecision.Quantized):
+                    if dequantize:
+                        out[key] = a.dequantize(self._signed(name))
+                    else:
+                        out[key + CODES], out[key + SCALES] = a.codes.copy(), a.scales.copy()
+                else:
+                    out[key] = _backend_of(a).to_host(a)
+        return out
 
     def take_entries(self, sd: dict[str, Any], used: tuple[str, ...]) -> dict[tuple, np.ndarray]:
         """Pop the state entries from state dict ``sd``: ``{(name, i): array}``, each checked
@@ -135,6 +158,13 @@ class StateStore:
             for i, p in enumerate(self.params):
                 key = self.tree.state_key(s, i)
                 if s == KAHAN_COMP and not is_bf16(describe(p, "param").dtype):
+                    continue
+                if key not in sd and key + CODES in sd:
+                    pair = (np.asarray(sd.pop(key + CODES)), np.asarray(sd.pop(key + SCALES, None)))
+                    shape = describe(p, "param").shape
+                    arrays[s, i] = check_pair(
+                        pair, shape, f"state_dict[{key!r}]", "int8 state", written=False
+                    )
                     continue
                 if key not in sd:
                     if s not in used:
@@ -155,7 +185,33 @@ class StateStore:
         self._created = []
         for (s, i), a in arrays.items():
             dst = self.get(s, i, hyper)
+            if isinstance(dst, lowprecision.Quantized):  # int8 state: copied, or quantized
+                signed = self._signed(s)
+                src = (
+                    a
+                    if isinstance(a, tuple)
+                    else lowprecision.Quantized.of(convert(a, np.float32), signed)
+                )
+                dst.codes[...] = src.codes
+                dst.scales[...] = src.scales
+                continue
+            if isinstance(a, tuple):  # int8 state into float state: dequantized
+                a = lowprecision.Quantized(*a).dequantize(self._signed(s))
             _backend_of(dst).copy_from_host(dst, convert(a, describe(dst, s).dtype))
+
+
+#: The suffixes of the two state-dict entries of one state array held in 8 bits.
+CODES, SCALES = ":codes", ":scales"
+
+
+def _int8_full_like(p, value: float, signed: bool):
+    """The state of a float32 host parameter ``p`` under ``state_dtype="int8"``, at ``value``:
+    a :class:`fastrms.lowprecision.Quantized` pair if ``p`` has at least ``MIN_8BIT_SIZE``
+    elements, else a float32 array (as bitsandbytes keeps small tensors' state)."""
+    full = np.full(p.shape, value, np.float32)
+    if not lowprecision.uses_8bit(p.size):
+        return full
+    return lowprecision.Quantized.of(full, signed)
 
 
 def checked_entry(key: str, value: Any, param: Any, convertible: bool = False) -> np.ndarray:

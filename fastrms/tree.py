@@ -110,6 +110,7 @@ class Tree:
     def state_order(self, key: str) -> tuple[str, int]:
         """``(state name, leaf index)`` of a state-dict key of this tree: the order in which
         state dicts list their state (by name, then as the leaves)."""
+        key = key.removesuffix(":codes").removesuffix(":scales")  # int8 state's two entries
         name = key.split(".")[1]
         if self.structure == ARRAY:
             return name, 0

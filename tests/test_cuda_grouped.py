@@ -516,3 +516,26 @@ def test_bf16_params_are_refused_on_cuda_and_nothing_is_written():
         fastrms.Adam([p])
     for a, b in zip((p, m, v), before):
         assert_same_bits(a.copy_to_host(), b)
+
+
+@runs_kernels
+def test_int8_state_is_refused_on_cuda_and_nothing_is_written():
+    """8-bit blockwise state (state_dtype="int8") has no CUDA kernels yet: refused with a clear
+    error before anything runs, by the functional step and by the classes."""
+    from numba import cuda
+
+    from fastrms.lowprecision import MIN_8BIT_SIZE, Quantized
+
+    rng = np.random.default_rng(0)
+    p, g = (cuda.to_device(randn(rng, MIN_8BIT_SIZE, np.float32)) for _ in range(2))
+    m = Quantized.of(np.zeros(MIN_8BIT_SIZE), True)
+    v = Quantized.of(np.zeros(MIN_8BIT_SIZE), False)
+    before = p.copy_to_host()
+    with pytest.raises(TypeError, match=r"params\[0\]: state_dtype='int8' is not supported on "
+                                        "the cuda backend yet"):  # fmt: skip
+        functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]},
+                                     state_dtype="int8")  # fmt: skip
+    with pytest.raises(TypeError, match=r"not supported for CUDA arrays yet \(params\[0\]\)"):
+        fastrms.Adam([p], state_dtype="int8")
+    assert_same_bits(p.copy_to_host(), before)
+    assert (m.codes == 0).all() and (v.scales == 0).all()

@@ -340,7 +340,7 @@ def test_bf16_state_without_state_dtype_is_refused_with_a_hint(state):
 
 def test_optimizer_classes_refuse_bad_state_dtype():
     p = np.ones(4, np.float32)
-    for bad in ("bf16", "int8", 3, np.float32):
+    for bad in ("bf16", "int4", 3, np.float32):
         with pytest.raises(ValueError, match="state_dtype must be one of"):
             fastrms.Adam([p], state_dtype=bad)
     with pytest.raises(ValueError, match=r"needs float32 parameters, but params\[1\] has dtype"):

@@ -1,0 +1,168 @@
+"""Grouped steps of parameters whose state is held blockwise in 8 bits (``state_dtype="int8"``).
+
+A state array of such a parameter is a :class:`fastrms.lowprecision.Quantized` pair: ``uint8``
+codes shaped as the parameter and float32 scales, one per block of 256 elements. This module
+checks the pairs (:func:`split_state`) and runs them:
+
+- :class:`BlockwiseCpuGroup`: the Numba kernels of :mod:`fastrms.kernels.blockwise`, over a
+  table whose rows hold the codes' and then the scales' addresses, cut into parts on block
+  boundaries (:func:`block_schedule`);
+- :class:`BlockwiseNumpyGroup`: the reference: dequantize, the NumPy rule, quantize
+  (:mod:`fastrms.lowprecision`).
+
+:class:`fastrms.grouped.StepPlan` builds them for a kernel signature whose slots are
+blockwise (:func:`fastrms.precision.slot_storages`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import lowprecision
+from .arrays import extent
+from .launch_groups import CpuGroup, NumpyGroup
+from .lowprecision import BLOCK, Quantized, n_blocks
+from .schedule import schedule
+
+__all__ = ["BlockwiseCpuGroup", "BlockwiseNumpyGroup", "block_schedule", "split_state"]
+
+
+def block_schedule(sizes: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`fastrms.schedule.schedule`, with every cut on a multiple of :data:`BLOCK`
+    elements of its array (an array's last piece ends at its size)."""
+    sizes = np.asarray(sizes, np.int64)
+    part_ptr, items = schedule(-(-sizes // BLOCK), parts)
+    items = items.copy()
+    items[:, 1:] *= BLOCK
+    items[:, 2] = np.minimum(items[:, 2], sizes[items[:, 0]])
+    return part_ptr, np.ascontiguousarray(items)
+
+
+def check_pair(
+    value: Any, shape: tuple, label: str, option: str, written: bool = True
+) -> Quantized:
+    """``value`` as a :class:`Quantized` pair for a parameter of ``shape``, checked: a pair of
+    NumPy arrays, codes ``uint8`` of ``shape``, scales float32 of ``n_blocks`` entries, both
+    C-contiguous and writeable (if ``written``). Raises ``TypeError``/``ValueError`` naming
+    ``label``."""
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise TypeError(
+            f"{label} must be a fastrms.lowprecision.Quantized (codes, scales) pair under "
+            f"{option}, got {type(value).__name__}"
+        )
+    codes, scales = value
+    size = int(np.prod(shape, dtype=np.int64))
+    for part, a, dtype, want in (
+        ("codes", codes, np.uint8, tuple(shape)),
+        ("scales", scales, np.float32, (n_blocks(size),)),
+    ):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{part} of {label} must be a NumPy array, got {type(a).__name__}")
+        if a.dtype != dtype:
+            raise TypeError(
+                f"{part} of {label} has dtype {a.dtype}; {option} holds it as {dtype.__name__}"
+            )
+        if a.shape != want:
+            raise ValueError(f"{part} of {label} has shape {a.shape}, expected {want}")
+        if not written:
+            continue
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{part} of {label} must be C-contiguous")
+        if not a.flags.writeable:
+            raise ValueError(f"{part} of {label} is read-only")
+    return Quantized(codes, scales)
+
+
+def split_state(named: dict, labels: tuple, shape: tuple, option: str) -> tuple[dict, dict]:
+    """Check the pairs ``named[label]`` for each of ``labels``; return ``named`` with each pair
+    replaced by its codes (checked as arrays by the caller), and ``{label: scales}``."""
+    named = dict(named)
+    scales = {}
+    for label in labels:
+        pair = check_pair(named[label], shape, label, option)
+        named[label] = pair.codes
+        scales[f"scales of {label}"] = pair.scales
+    return named, scales
+
+
+def refuse_pairs(named: dict, labels: tuple, size: int, option: str) -> None:
+    """State of a parameter too small for 8 bits must be plain arrays: refuse pairs."""
+    for label in labels:
+        if isinstance(named[label], tuple):
+            raise TypeError(
+                f"{label}: a parameter of {size} elements (under "
+                f"{lowprecision.MIN_8BIT_SIZE}) keeps float32 state under {option}; pass an "
+                "array, not codes and scales"
+            )
+
+
+def _used(group) -> tuple[bool, ...]:
+    from .precision import SLOTS
+
+    return tuple(s in group.setup.state for s in SLOTS[group.setup.rule])
+
+
+class BlockwiseNumpyGroup(NumpyGroup):
+    """The reference: per array, each used slot dequantized into float32, the NumPy rule, then
+    quantized back into the same codes and scales arrays."""
+
+    def launch(self, hyper, grads):
+        view = self.backend.view
+        rule, flags = self.setup.rule, self.setup.flags
+        storages = self.signature.storages
+        used = _used(self)
+        for i, arrays in zip(self.rows, self.arrays):
+            p = view(arrays[0])
+            views = [p, view(grads[i])]
+            for k, a in enumerate(arrays[2:]):
+                views.append(a.dequantize(storages[2 + k].signed).ravel() if used[k] else p)
+            self.backend.launch(rule, flags, tuple(views), hyper)
+            for k, a in enumerate(arrays[2:]):
+                if used[k]:
+                    new = Quantized.of(views[2 + k], storages[2 + k].signed)
+                    a.codes.reshape(-1)[...] = new.codes.reshape(-1)
+                    a.scales[...] = new.scales
+
+
+class BlockwiseCpuGroup(CpuGroup):
+    """The Numba kernels of :mod:`fastrms.kernels.blockwise`. Runs on Numba's threads (not on
+    another library's team); cuts the work on block boundaries."""
+
+    def prepare(self):
+        self.team = None  # no team body is generated for blockwise kernels (yet)
+        return super().prepare()
+
+    def _table(self) -> np.ndarray:
+        """One int64 row per array: element count, the addresses of param, grad (per step),
+        each slot's codes, then each slot's scales (an unused slot: the param's, never read)."""
+        slots = len(self.signature.storages) - 2
+        table = np.zeros((len(self.rows), self.signature.table_width), np.int64)
+        for r, arrays in enumerate(self.arrays):
+            p = arrays[0]
+            table[r, 0] = p.size
+            table[r, 1:] = extent(p)[0]
+            for k, a in enumerate(arrays[2:]):
+                if isinstance(a, Quantized):
+                    table[r, 3 + k] = extent(a.codes)[0]
+                    table[r, 3 + slots + k] = extent(a.scales)[0]
+        return table
+
+    def _kernels(self):
+        return self.backend.blockwise_kernels(
+            self.setup.rule, self.setup.flags, self.signature, _used(self)
+        )
+
+    def _cut(self, sizes: np.ndarray, parts: int):
+        return block_schedule(sizes, parts)
+
+    def _fall_back(self):
+        from . import dispatch
+
+        numpy = dispatch.fall_back(self.backend._reason)
+        return BlockwiseNumpyGroup(self.setup, numpy, False, self.signature, self.rows, self.arrays)
+
+
+#: The group class of each backend for blockwise signatures (cuda refuses int8 state).
+BLOCKWISE_GROUPS = {"numpy": BlockwiseNumpyGroup, "cpu": BlockwiseCpuGroup}
