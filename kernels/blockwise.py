@@ -8,10 +8,13 @@ and E4M3) for first moments, unsigned (E5M3) for second moments, as each layout'
 
 Per block of 256 elements, the kernels here:
 
-1. decode each state slot's codes into a float32 scratch block (``code -> value * scale``);
-2. run the rule, unchanged, on the parameter's and gradient's block and the scratch blocks;
-3. find each slot's new absmax in the scratch block (an integer max over the float patterns);
-4. encode the scratch block back into codes and write the scale.
+1. run the rule, unchanged, on the parameter's and gradient's block and a :class:`BlockColumn`
+   per state slot, which decodes each code as the rule reads it (``code -> value * scale``)
+   and takes what the rule writes into a float32 scratch block (a rule reads each element of
+   its state once, before writing it), so the decoder's integer work runs in the rule's loop,
+   beside its square roots and divisions (5-25% faster than a separate decoding loop);
+2. find each slot's new absmax in the scratch block (an integer max over the float patterns);
+3. encode the scratch block back into codes and write the scale.
 
 The scratch is one array of ``slots * 256`` float32 per part of the work (a few per thread),
 so nothing is proportional to ``n``; each block is in L1 between the passes, so memory is read
@@ -29,19 +32,30 @@ The kernels are closures defined in this file (Numba's ``cache=True`` keys them 
 bind :data:`TOKEN` as :mod:`fastrms.kernels.elementwise` does.
 """
 
+import operator
 from functools import cache
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, register_jitable
+from numba.core.imputils import lower_constant
+from numba.extending import (
+    intrinsic,
+    make_attribute_wrapper,
+    models,
+    overload,
+    register_jitable,
+    register_model,
+    typeof_impl,
+)
 from numba.np.arrayobj import make_array, populate_array
 
+from . import columns
 from ._options import FASTMATH
 from .elementwise import TOKEN as ELEMENTWISE_TOKEN
 from .elementwise import _column_likes
-from .pointers import address_of, arrays_at, load_int64, scalars_at
+from .pointers import _column_type, address_of, load_int64, scalars_at
 
 #: Elements per block (one scale each): fastrms.lowprecision.BLOCK.
 BLOCK = 256
@@ -134,17 +148,6 @@ def absmax(values, k):
 
 
 @register_jitable
-def decode_block(codes, scratch, k, scale, signed):
-    """Values of ``codes[:k]`` in a block of absmax ``scale``, into ``scratch[:k]``."""
-    if signed:
-        for i in range(k):
-            scratch[i] = decode_signed(codes[i], scale)
-    else:
-        for i in range(k):
-            scratch[i] = decode_unsigned(codes[i], scale)
-
-
-@register_jitable
 def quantize_block(scratch, codes, k, signed):
     """Encode ``scratch[:k]`` into ``codes[:k]``; return the block's scale (its absmax; 0 for a
     block of zeros or subnormals, NaN for one holding NaN or Inf, both with zero codes:
@@ -192,18 +195,142 @@ def view_at(typingctx, address, start, size, like):
     return array_type(types.int64, types.int64, types.int64, like), codegen
 
 
+class BlockLike:
+    """A kernel's compile-time description of one state slot's column (a closure constant):
+    a block of codes read through the decoder of the signed or unsigned map."""
+
+    def __init__(self, signed: bool) -> None:
+        self.signed = bool(signed)
+
+    def __reduce__(self):  # pickled into Numba's cache key: by value
+        return BlockLike, (self.signed,)
+
+
+class BlockLikeType(types.Type):
+    def __init__(self, signed: bool) -> None:
+        self.signed = signed
+        super().__init__(name=f"BlockLike({signed})")
+
+
+@typeof_impl.register(BlockLike)
+def _typeof_block_like(value, context):
+    return BlockLikeType(value.signed)
+
+
+register_model(BlockLikeType)(models.OpaqueModel)
+
+
+@lower_constant(BlockLikeType)
+def _lower_block_like(context, builder, ty, value):
+    return context.get_constant_null(ty)
+
+
+class BlockColumn(types.Type):
+    """What a rule sees for a state slot: ``column[i]`` decodes code ``i`` of the block (times
+    its scale), ``column[i] = x`` writes ``x`` to the block's float32 scratch, which the kernel
+    then quantizes. A rule reads each element of its state once, before writing it."""
+
+    def __init__(self, signed: bool) -> None:
+        self.signed = signed
+        self.codes = types.Array(types.uint8, 1, "C")
+        self.scratch = types.Array(types.float32, 1, "C")
+        super().__init__(name=f"BlockColumn({signed})")
+
+
+@register_model(BlockColumn)
+class _BlockColumnModel(models.StructModel):
+    def __init__(self, dmm, fe_type):
+        members = [("codes", fe_type.codes), ("scratch", fe_type.scratch), ("scale", types.float32)]
+        super().__init__(dmm, fe_type, members)
+
+
+make_attribute_wrapper(BlockColumn, "codes", "codes")
+make_attribute_wrapper(BlockColumn, "scratch", "scratch")
+make_attribute_wrapper(BlockColumn, "scale", "scale")
+
+
+@overload(operator.getitem, inline="always")
+def _block_load(column, i):
+    if isinstance(column, BlockColumn) and isinstance(i, types.Integer):
+        if column.signed:
+            return lambda column, i: decode_signed(column.codes[i], column.scale)
+        return lambda column, i: decode_unsigned(column.codes[i], column.scale)
+    return None
+
+
+@register_jitable
+def _put(array, i, x):
+    array[i] = x
+
+
+@overload(operator.setitem)
+def _block_store(column, i, x):
+    if isinstance(column, BlockColumn) and isinstance(i, types.Integer):
+        return lambda column, i, x: _put(column.scratch, i, x)
+    return None
+
+
+def _array_value(context, builder, array_type, data, size):
+    itemsize = context.get_constant(
+        types.intp, context.get_abi_sizeof(context.get_data_type(array_type.dtype))
+    )
+    array = make_array(array_type)(context, builder)
+    populate_array(array, data=data, shape=cgutils.pack_array(builder, [size]),
+                   strides=cgutils.pack_array(builder, [itemsize]), itemsize=itemsize,
+                   meminfo=None)  # fmt: skip
+    return array._getvalue()
+
+
 @intrinsic
-def store_int64(typingctx, address, value):
-    """``store_int64(address, value)``: write int64 ``value`` at ``address``."""
-    if not isinstance(address, types.Integer) or not isinstance(value, types.Integer):
+def block_columns(typingctx, entry, start, size, block, scratch, likes):
+    """``block_columns(entry, start, size, block, scratch, likes)``: the rule's tuple for the
+    ``size`` elements from ``start`` (block number ``block``) of the table row whose param
+    column is at ``entry``: param and grad as :func:`~fastrms.kernels.pointers.arrays_at`
+    makes them, then a :class:`BlockColumn` per slot over its codes, its block's scale and its
+    part of ``scratch`` (the address of ``BLOCK`` float32 per slot)."""
+    if not isinstance(likes, types.BaseTuple) or len(likes) < 2:
         return None
+    heads = [_column_type(like) for like in likes[:2]]
+    slots = list(likes[2:])
+    if any(t is None for t in heads) or not all(isinstance(t, BlockLikeType) for t in slots):
+        return None
+    n_slots = len(slots)
+    column_types = [*heads, *(BlockColumn(t.signed) for t in slots)]
+    tuple_type = types.Tuple(column_types)
 
     def codegen(context, builder, signature, args):
-        pointer = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
-        builder.store(context.cast(builder, args[1], signature.args[1], types.int64), pointer)
-        return context.get_dummy_value()
+        entry, start, size, block, scratch, _ = args
+        word = ir.IntType(64)
+        base = builder.inttoptr(entry, word.as_pointer())
 
-    return types.void(address, value), codegen
+        def word_at(j):
+            return builder.load(builder.gep(base, [ir.Constant(word, j)]))
+
+        values = []
+        for j, column_type in enumerate(heads):
+            codec = isinstance(column_type, columns.CodecColumn)
+            array_type = column_type.array if codec else column_type
+            data_type = context.get_data_type(array_type.dtype)
+            data = builder.gep(builder.inttoptr(word_at(j), data_type.as_pointer()), [start])
+            value = _array_value(context, builder, array_type, data, size)
+            values.append(columns.wrap(context, builder, column_type, value) if codec else value)
+        f32 = context.get_data_type(types.float32)
+        for s, column_type in enumerate(column_types[2:]):
+            codes = builder.gep(builder.inttoptr(word_at(2 + s), ir.IntType(8).as_pointer()),
+                                [start])  # fmt: skip
+            at = builder.add(scratch, ir.Constant(word, 4 * BLOCK * s))
+            out = builder.inttoptr(at, f32.as_pointer())
+            scale_at = builder.gep(builder.inttoptr(word_at(2 + n_slots + s), f32.as_pointer()),
+                                   [block])  # fmt: skip
+            proxy = cgutils.create_struct_proxy(column_type)(context, builder)
+            proxy.codes = _array_value(context, builder, column_type.codes, codes, size)
+            proxy.scratch = _array_value(context, builder, column_type.scratch, out, size)
+            proxy.scale = builder.load(scale_at)
+            values.append(proxy._getvalue())
+        return context.make_tuple(builder, tuple_type, values)
+
+    sig = tuple_type(types.int64, types.int64, types.int64, types.int64, types.int64, likes)
+    return sig, codegen
 
 
 def _shape(signature, used):
@@ -214,7 +341,7 @@ def _shape(signature, used):
     if not all(s.blockwise for s in slots):
         raise ValueError("a blockwise kernel needs every state slot held blockwise")
     compute = np.dtype(signature.compute).type(0)
-    columns = (*_column_likes(signature.storages[:2]), *(compute,) * len(slots))
+    columns = (*_column_likes(signature.storages[:2]), *(BlockLike(s.signed) for s in slots))
     scalars = (compute,) * signature.scalars
     signs = tuple(s.signed for s in slots)
     return columns, scalars, 8 * signature.table_width, signs, tuple(used)
@@ -237,33 +364,20 @@ def grouped_block_loops(rule, flags, signature, used):
     token = TOKEN  # read below only so that it is part of the closure, hence the cache key
     columns, scalar_likes, stride, signs, used = _shape(signature, used)
     n_slots = len(signs)
-    n_columns = len(columns)
     codes_like, scale_like = np.uint8(0), np.float32(0)
-    p_size, g_size = (np.dtype(s.dtype).itemsize for s in signature.storages[:2])
 
     # One compiled function, called per piece by both kernels (its loops vectorize inside
     # it): inlined into the parallel kernel, it tripled the compile time for the same code.
     @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-    def piece(rows, row, start, stop, hyper, scratch, words):
+    def piece(rows, row, start, stop, hyper, scratch):
         """Step elements ``start .. stop`` (``start`` a multiple of BLOCK) of table row ``row``."""
         entry = rows + stride * row  # the address of the row's param column
         scratch_at = address_of(scratch)
-        words_at = address_of(words)
-        for s in range(n_slots):
-            store_int64(words_at + 8 * (2 + s), scratch_at + 4 * BLOCK * s)
         for b0 in range(start, stop, BLOCK):
             k = min(BLOCK, stop - b0)
             block = b0 // BLOCK
-            for s in range(n_slots):
-                if used[s]:
-                    codes = view_at(load_int64(entry + 8 * (2 + s)), b0, k, codes_like)
-                    scale = view_at(load_int64(entry + 8 * (2 + n_slots + s)), block, 1, scale_like)
-                    values = scratch[BLOCK * s : BLOCK * s + k]
-                    decode_block(codes, values, k, scale[0], signs[s])
-            # The rule's columns from 0: param and grad from b0, the scratch blocks.
-            store_int64(words_at, load_int64(entry) + p_size * b0)
-            store_int64(words_at + 8, load_int64(entry + 8) + g_size * b0)
-            arrays = arrays_at(words_at, 0, k, columns)
+            # The rule decodes each slot's codes as it reads them, and writes the scratch.
+            arrays = block_columns(entry, b0, k, block, scratch_at, columns)
             for i in range(k):
                 rule(i, arrays, hyper, flags)
             for s in range(n_slots):
@@ -280,9 +394,8 @@ def grouped_block_loops(rule, flags, signature, used):
         rows = address_of(table) + 8  # the param column of row 0
         for p in prange(part_ptr.size - 1):
             scratch = np.empty(BLOCK * max(n_slots, 1), np.float32)
-            words = np.empty(n_columns, np.int64)
             for j in range(part_ptr[p], part_ptr[p + 1]):
-                piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper, scratch, words)
+                piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper, scratch)
 
     @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
     def serial(table, part_ptr, items, scalars):
@@ -290,8 +403,7 @@ def grouped_block_loops(rule, flags, signature, used):
         hyper = scalars_at(address_of(scalars), scalar_likes)
         rows = address_of(table) + 8
         scratch = np.empty(BLOCK * max(n_slots, 1), np.float32)
-        words = np.empty(n_columns, np.int64)
         for j in range(part_ptr[0], part_ptr[part_ptr.size - 1]):
-            piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper, scratch, words)
+            piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper, scratch)
 
     return parallel, serial

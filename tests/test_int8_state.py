@@ -30,7 +30,7 @@ from numba import njit
 import fastrms
 from fastrms import functional, lowprecision, precision, reference
 from fastrms.grouped import StepPlan
-from fastrms.kernels import blockwise
+from fastrms.kernels import blockwise, rules
 from fastrms.lowprecision import BLOCK, MIN_8BIT_SIZE, Quantized
 from fastrms.specs import SPECS
 
@@ -491,16 +491,16 @@ def test_a_state_dict_pair_of_the_wrong_shape_is_refused():
 def test_the_block_loops_are_float32_and_vectorized():
     s, u = precision.STORAGES["int8_signed"], precision.STORAGES["int8_unsigned"]
     sig = precision.signature("adam", np.dtype(np.float32), (s, u, u))
-    piece = blockwise.grouped_block_loops(
-        fastrms.kernels.rules.adam, (False,), sig, (True, True, False)
-    )[1].py_func.__closure__
+    piece = blockwise.grouped_block_loops(rules.adam, (False,), sig, (True, True, False))[
+        1
+    ].py_func.__closure__
     piece = next(c.cell_contents for c in piece if getattr(c.cell_contents, "py_func", None)
                  and c.cell_contents.py_func.__name__ == "piece")  # fmt: skip
     fresh = njit(cache=False, error_model="numpy")(piece.py_func)
     table = np.zeros((1, sig.table_width), np.int64)
     hyper = precision.cast("adam", SPECS["adam"].setup(1).scalars, np.dtype(np.float32))
-    scratch, words = np.zeros(3 * BLOCK, np.float32), np.zeros(5, np.int64)
-    fresh(table.ctypes.data + 8, 0, 0, 0, hyper, scratch, words)  # nothing to step
+    scratch = np.zeros(3 * BLOCK, np.float32)
+    fresh(table.ctypes.data + 8, 0, 0, 0, hyper, scratch)  # nothing to step
     llvm = next(iter(fresh.inspect_llvm().values()))
     import re
 
