@@ -67,6 +67,7 @@ class ShardedOptimizer:
         the parameters are; ``"bfloat16"`` (float32 host parameters) holds it as bfloat16,
         half the memory. :meth:`state_dict` gathers it as it is held (or, with
         ``dequantize=True``, as float32) and :meth:`load_state_dict` converts what it loads.
+        ``"int8"`` is refused (``ValueError``): blockwise state is not sharded yet.
     **hyperparameters
         As for ``optimizer`` (``lr=...``, ``backend=...``); each is an attribute, changeable
         between steps on every rank alike.
@@ -462,6 +463,11 @@ def _held_dtypes(state_dtype: str | None, params: list, names: list[str]) -> lis
     for p, name in zip(params, names):
         info = describe(p, name)
         storage = state_storage(state_dtype, info.dtype, name)
+        if storage.name == "int8":  # codes and scales per shard: not yet
+            raise ValueError(
+                f"state_dtype='int8' is not supported by the sharded optimizer yet ({name}); "
+                "use 'bfloat16' or None"
+            )
         if storage.codec is not None and info.kind == DEVICE:
             raise TypeError(
                 f"state_dtype={state_dtype!r} is not supported for CUDA arrays yet ({name}); "

@@ -130,6 +130,8 @@ def check_refusals() -> None:
     p = {k: v.copy() for k, v in initial(SHAPES, np.float32).items()}
     expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, p, state_dtype="int4"),
                "state_dtype must be one of")  # fmt: skip
+    expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, p, state_dtype="int8"),
+               "state_dtype='int8' is not supported by the sharded optimizer yet")  # fmt: skip
     mixed = dict(p)
     if RANK == SIZE - 1:  # on one rank only: every rank raises all the same
         mixed["b"] = mixed["b"].astype(np.float64)
