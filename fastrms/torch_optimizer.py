@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from .arrays import check_no_overlap
+from .precision import KAHAN_COMP
 from .specs import SPECS, Setup, Spec
 from .torch_buckets import Bucket, Views, plan_bucket, run_bucket
 from .torch_checks import (
@@ -39,6 +40,7 @@ from .torch_precision import (
     check_options,
     held_dtype,
     new_state,
+    param_view,
     storage_for,
     to_float32,
     to_held,
@@ -143,7 +145,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _storage(self, p: torch.Tensor, what: str = "") -> Any:
         """How ``p``'s state is held (:func:`fastrms.torch_precision.storage_for`; None: as
         ``p`` is); ``what`` names ``p`` in a refusal."""
-        if self.state_dtype is None and self.rounding is None and self.seed is None:
+        plain = self.state_dtype is None and self.rounding is None and self.seed is None
+        if plain and p.dtype is not torch.bfloat16:
             return None
         owner = f"fastrms.torch.{type(self).__name__}"
         return storage_for(owner, what or "a parameter", p, self.state_dtype, self.rounding,
@@ -211,6 +214,30 @@ class FusedOptimizer(torch.optim.Optimizer):
             if torch.is_tensor(t) and t.dtype is not held and t.is_floating_point():
                 st[n] = to_held(t, held)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``; state held in another dtype than its
+        parameter's (a bfloat16 parameter's float32 state) loads from the checkpoint's own
+        tensors, which torch's load would have cast to the parameter's dtype first."""
+        saved = [i for g in state_dict.get("param_groups", ()) for i in g.get("params", ())]
+        mine = [p for g in self.param_groups for p in g["params"]]
+        low = {
+            p: state_dict["state"][i]
+            for i, p in zip(saved, mine)
+            if p.dtype is torch.bfloat16 and i in state_dict.get("state", {})
+        }
+        super().load_state_dict(state_dict)
+        for p, st in low.items():
+            try:
+                held = self._held(p)
+            except (TypeError, ValueError):  # the step refuses it, naming it
+                continue
+            for n in self._slots:
+                t = st.get(n)
+                if torch.is_tensor(t) and t.is_floating_point() and n in self.state[p]:
+                    self.state[p][n] = to_held(t.detach().to("cpu"), held).clone()
+        self._views = {}
+        self._last = None
+
     def state_dict(self, dequantize: bool = False) -> dict[str, Any]:
         """torch's ``state_dict()``: the state tensors as they are held (bfloat16 state as
         bfloat16 tensors, which load back bit for bit).
@@ -255,14 +282,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets, created = self._buckets()
         try:
             ready = [plan_bucket(self._spec, b, self._plans, self._name, self._torch_team,
-                                 self.state_dtype) for b in buckets]  # fmt: skip
+                                 self.state_dtype, self.rounding, self.seed)
+                     for b in buckets]  # fmt: skip
             if len(buckets) > 1:  # each plan checks its own bucket's gradients
                 self._check_gradients_apart(buckets)
         except Exception:  # refused before anything was written: leave no new state either
             self._forget(created)
             raise
         for b, (plan, setup) in zip(buckets, ready):
-            run_bucket(plan, setup, b.grads, b.gathers, addresses=False)
+            run_bucket(plan, setup, b.grads, b.gathers, addresses=False, draw=b.draw)
             for view, t in b.steps:
                 view[()] = t
         self._last = self._record(buckets, [plan for plan, _ in ready])
@@ -311,8 +339,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     options, setup, names, _ = self._group_setup(gi, group)
                 rec = self._views.get(p)
                 st = self.state.get(p)
-                if rec is None or st is None or not rec.current(p, st, names):
-                    self._check_param(group, gi, pi, p, st, names)
+                if rec is None or st is None or not rec.current(p, st, self._names_of(p, names)):
+                    self._check_param(group, gi, pi, p, st, self._names_of(p, names))
                     rec = None
                 if g.layout is not torch.strided or g.dtype is not p.dtype:
                     self._check_grad(group, gi, pi, p, g)
@@ -353,29 +381,48 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._setups[gi] = (plain(raw), types, raw, (options, setup, names, stepper))
         return options, setup, names, stepper
 
+    def _names_of(self, p: torch.Tensor, names: tuple) -> tuple:
+        """The torch names of ``p``'s state tensors for a step using state ``names``: with
+        the Kahan compensation of a bfloat16 parameter under ``rounding="kahan"``."""
+        if self.rounding == "kahan" and p.dtype is torch.bfloat16:
+            return (*names, KAHAN_COMP)
+        return names
+
     def _sort(self, todo: list, created: list) -> list[Bucket]:
         """Sort the checked work into buckets of (group, device, dtype, step), creating the
-        state that is missing (the parameters whose state was empty go to ``created``)."""
+        state that is missing (the parameters whose state was empty go to ``created``).
+
+        A bfloat16 parameter under stochastic rounding also goes by its own step count (its
+        ``draw``, which keys the random bits, :func:`fastrms.torch_buckets.plan_bucket`)."""
         buckets: dict[tuple, Bucket] = {}
         streams: dict[torch.device, int | None] = {}
+        offsets = [0]  # each group's first parameter's position in the optimizer
+        for group in self.param_groups:
+            offsets.append(offsets[-1] + len(group["params"]))
         for gi, group, options, setup, names, items in todo:
             slots = setup.state
             for pi, p, g, rec in items:
                 fresh = False
                 if rec is None:
-                    rec, fresh = self._views_of(group, p, names, created)
+                    rec, fresh = self._views_of(group, p, self._names_of(p, names), created)
+                draws = rec.low and (self.rounding or "stochastic") == "stochastic"
+                count = None
+                if rec.step_view is not None:
+                    count = self._next_step(rec, group, gi, pi, p, whole=draws)
                 if self._keeps_step:
-                    t = self._next_step(rec, group, gi, pi, p)
+                    t = count
                 else:  # SGD: a new momentum buffer is set to the gradient itself (step 1)
                     t = 1 if fresh else 2
-                key = (gi, rec.cuda, rec.kdtype, t if self._counts_steps else 1)
+                draw = int(count) if draws else None
+                key = (gi, rec.cuda, rec.kdtype, t if self._counts_steps else 1, draw)
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = Bucket(options, key[3], slots)
-                    if rec.kdtype is torch.float32:  # the scalars are largest on step 1
+                    kahan = (KAHAN_COMP,) if KAHAN_COMP in rec.names else ()
+                    b = buckets[key] = Bucket(options, key[3], slots + kahan, draw)
+                    if rec.f32:  # the scalars are largest on step 1
                         check_setup_fits_float32(setup)
-                if rec.step_view is not None:
-                    b.steps.append((rec.step_view, float(t)))
+                if count is not None:
+                    b.steps.append((rec.step_view, float(count)))
                 if rec.gather is not None:
                     b.gathers.append(rec.gather)
                 g = rec.grad(g)
@@ -387,20 +434,26 @@ class FusedOptimizer(torch.optim.Optimizer):
                     arrays = [a.on(stream) for a in arrays]
                     b.grads.append(g)
                 else:
-                    b.grads.append(g.numpy())
+                    b.grads.append(param_view(g))
                 b.params.append(arrays[0])
                 b.where.append((group, gi, pi, p))
+                b.streams.append(offsets[gi] + pi)
                 b.recs.append(rec)
                 for s, a in zip(slots, arrays[1:]):
                     b.state[s].append(a)
+                if KAHAN_COMP in b.state:
+                    b.state[KAHAN_COMP].append(arrays[-1])
         return list(buckets.values())
 
-    def _next_step(self, rec: Views, group: dict, gi: int, pi: int, p: torch.Tensor) -> float:
-        """The step count this step takes the parameter to. Where the update depends on it, a
-        corrupt count (negative, not whole: a damaged checkpoint) is refused naming the
-        parameter; elsewhere (RMSprop) it is only counted on, as torch does."""
+    def _next_step(
+        self, rec: Views, group: dict, gi: int, pi: int, p: torch.Tensor, whole: bool = False
+    ) -> float:
+        """The step count this step takes the parameter to. Where the update depends on it (or
+        ``whole``: it keys stochastic rounding), a corrupt count (negative, not whole: a
+        damaged checkpoint) is refused naming the parameter; elsewhere (RMSprop) it is only
+        counted on, as torch does."""
         count = float(rec.step_view)
-        if not self._counts_steps:
+        if not (self._counts_steps or whole):
             return count + 1
         if not (count >= 0 and count.is_integer()):
             raise ValueError(
@@ -416,7 +469,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not st:
             created.append(p)
         fresh = False
-        if self._keeps_step:
+        # A bfloat16 parameter under stochastic rounding counts its steps (they key the
+        # random bits) even in an optimizer that keeps no count (SGD).
+        draws = p.dtype is torch.bfloat16 and (self.rounding or "stochastic") == "stochastic"
+        if self._keeps_step or draws:
             step = st.get("step")
             if step is None:
                 st["step"] = torch.zeros((), dtype=torch.float32)
@@ -424,11 +480,15 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st["step"] = step.to("cpu", torch.float32)
         layout = layout_of(p)
         for n in names:
+            place = self._slots[n][1] if n in self._slots else len(self._slots) + 1
             if n not in st:
-                st[n] = self._new_state(group, p, n)
-                fresh = True
+                if n == KAHAN_COMP:  # not a slot of the rule: it starts at zero
+                    st[n] = zeros_like(p, place, torch.bfloat16)
+                else:
+                    st[n] = self._new_state(group, p, n)
+                    fresh = True
             elif not fits(st[n], p, layout):  # e.g. loaded from a checkpoint in another order
-                st[n] = zeros_like(p, self._slots[n][1], st[n].dtype).copy_(st[n])
+                st[n] = zeros_like(p, place, st[n].dtype).copy_(st[n])
         rec = self._views[p] = Views(p, st, names)
         return rec, fresh
 
@@ -445,7 +505,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         owner = f"fastrms.torch.{type(self).__name__}"
         what = self._name(group, gi, pi, p)
         held = held_dtype(p, self._storage(p, what)) if p.dtype in KERNEL_DTYPE else None
-        check_param(owner, what, p, st, names, held)
+        kahan = KAHAN_COMP in names
+        check_param(owner, what, p, st, tuple(n for n in names if n != KAHAN_COMP), held)
+        if kahan and st:  # the compensation of rounding="kahan" is bfloat16, as p is
+            check_param(owner, what, p, {KAHAN_COMP: st.get(KAHAN_COMP)}, (KAHAN_COMP,))
 
     def _check_grad(self, group, gi, pi, p, g) -> None:
         check_grad(f"fastrms.torch.{type(self).__name__}", self._name(group, gi, pi, p), p, g)

@@ -16,9 +16,11 @@ A storage that holds more than one tensor per state slot (8-bit blockwise: codes
 plugs in here: its torch tensors in :func:`new_state`, their kernel views in
 :func:`kernel_view`, and its conversions in :func:`to_held` / :func:`to_float32`.
 
-``rounding=`` and ``seed=`` choose how bfloat16 *parameters* are stored back; fastrms.torch
-takes float32, float64 and complex parameters only for now, so they are accepted only to be
-refused, naming the parameter (:func:`storage_for`).
+``rounding=`` and ``seed=`` choose how ``torch.bfloat16`` *parameters* are stored back
+(refused, naming the parameter, on any other parameter: :func:`storage_for`). Such a
+parameter goes to the kernels as its ``uint16`` patterns viewed as ``ml_dtypes.bfloat16``
+(:func:`param_view`), its state is float32 unless ``state_dtype="bfloat16"``, and
+``rounding="kahan"`` keeps a bfloat16 compensation tensor, ``opt.state[p]["kahan_comp"]``.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from .precision import Storage, check_state_dtype, state_storage
 from .torch_layout import KERNEL_DTYPE, real, zeros_like
 
 #: The torch dtype that holds each storage that is not a parameter's own dtype.
-TORCH_DTYPES = {"bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 #: The values of ``rounding=`` (how a bfloat16 parameter is stored back; issue 18).
 ROUNDINGS = ("stochastic", "nearest", "kahan")
 
-_NUMPY_OF = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_NUMPY_OF = {
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.bfloat16: lowprecision.BFLOAT16,
+}
 
 
 def check_options(state_dtype: str | None, rounding: str | None, seed: int | None) -> None:
@@ -54,33 +60,36 @@ def storage_for(
     seed: int | None,
 ) -> Storage | None:  # fmt: skip
     """The storage of parameter ``p``'s state (named ``what`` in errors), or None where the
-    state is held as ``p`` is (a torch parameter's own dtype, complex included).
+    state is held as ``p`` is (a torch parameter's own dtype, complex included). A bfloat16
+    parameter's state is float32 (or bfloat16 with ``state_dtype="bfloat16"``).
 
     Raises ``ValueError`` for ``rounding=``/``seed=`` on a parameter that is not bfloat16 and
-    for a ``state_dtype`` the parameter's dtype cannot hold (bfloat16 state needs float32
-    parameters), ``TypeError`` for a held form fastrms.torch cannot step (a complex or CUDA
-    parameter with bfloat16 state). Other parameter problems are left to the step's checks.
+    for a ``state_dtype`` the parameter's dtype cannot hold (bfloat16 and int8 state need
+    float32 parameters, so int8 state is refused beside bfloat16 parameters), ``TypeError``
+    for a held form fastrms.torch cannot step (a complex or CUDA parameter with low-precision
+    state, a bfloat16 CUDA parameter). Other parameter problems are left to the step's checks.
     """
-    if (rounding is not None or seed is not None) and p.dtype is not torch.bfloat16:
+    low = p.dtype is torch.bfloat16
+    if (rounding is not None or seed is not None) and not low:
         option = "rounding=" if rounding is not None else "seed="
         raise ValueError(
             f"{owner}: {option} applies to bfloat16 parameters; {what} is {p.dtype} (its "
             "update is stored exactly as computed)"
         )
     kdtype = KERNEL_DTYPE.get(p.dtype)
-    if state_dtype is None or kdtype is None:
+    if kdtype is None or (state_dtype is None and not low):
         return None
     storage = state_storage(state_dtype, _NUMPY_OF[kdtype], what)
-    if storage.identity:
+    if storage.identity and not low:
         return None
     if p.is_complex():
         raise TypeError(
             f"{owner}: state_dtype={state_dtype!r} is for real parameters; {what} is complex"
         )
     if p.device.type != "cpu":
+        option = "bfloat16 parameters are" if low else f"state_dtype={state_dtype!r} is"
         raise TypeError(
-            f"{owner}: state_dtype={state_dtype!r} is not supported on {p.device.type} tensors "
-            f"yet (CPU only): {what}"
+            f"{owner}: {option} not supported on {p.device.type} tensors yet (CPU only): {what}"
         )
     return storage
 
@@ -109,6 +118,14 @@ def kernel_view(t: torch.Tensor) -> torch.Tensor:
     """State tensor ``t`` as the kernels take it: a bfloat16 tensor as its ``uint16``
     patterns (the same memory), a complex one as its real view."""
     return t.view(torch.uint16) if t.dtype is torch.bfloat16 else real(t)
+
+
+def param_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU parameter (or gradient) as the kernels take it: a NumPy view of the same memory,
+    ``ml_dtypes.bfloat16`` for a bfloat16 tensor (torch's ``.numpy()`` has no bfloat16)."""
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(lowprecision.BFLOAT16)
+    return t.numpy()
 
 
 def to_held(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
