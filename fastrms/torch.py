@@ -118,7 +118,7 @@ def declare(spec: Spec, base: type[FusedOptimizer] = FusedOptimizer) -> type[Fus
                     st = self.state[p]
                     st["step"] = torch.zeros((), dtype=torch.float32)
                     for name in self._slots:
-                        st[name] = self._new_state(group, p, name)
+                        self._fill_state(group, p, name, st)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         base.__setstate__(self, state)

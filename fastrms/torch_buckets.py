@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from .grouped import StepPlan
-from .lowprecision import step_keys
+from .lowprecision import Quantized, step_keys
 from .specs import Setup, Spec
 from .teams import torch_team
 from .torch_layout import DENSE, STRIDED, flat, layout_of, real
-from .torch_precision import kernel_view, param_view
+from .torch_precision import SCALES, kernel_view, param_view
 
 #: A CPU bucket of fewer elements runs on one thread. Higher than fastrms's own threshold
 #: (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): right after torch's backward pass, starting
@@ -70,8 +70,8 @@ class Views:
     it is (None: contiguous)."""
 
     __slots__ = (
-        "arrays", "cuda", "dtype", "f32", "gather", "held", "kdtype", "keys", "low", "names",
-        "order", "plain", "ptr", "step", "step_view", "tensors",
+        "arrays", "cuda", "dtype", "f32", "gather", "held", "kdtype", "keys", "kstate", "low",
+        "names", "order", "plain", "ptr", "step", "step_view", "tensors",
     )  # fmt: skip
 
     def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> None:
@@ -106,6 +106,16 @@ class Views:
         else:
             self.arrays = (param_view(kernel[0].view(p.dtype)) if self.low else kernel[0].numpy(),
                            *(t.numpy() for t in kernel[1:]))  # fmt: skip
+        #: The state arrays as the plan takes them: 8-bit state (codes ``n``, scales
+        #: ``n + SCALES``) as Quantized pairs, the others as they are.
+        self.kstate = self.arrays[1:]
+        if any(n.endswith(SCALES) for n in names):
+            by_name = dict(zip(names, self.kstate))
+            self.kstate = tuple(
+                Quantized(a, by_name[n + SCALES]) if n + SCALES in by_name else a
+                for n, a in by_name.items()
+                if not n.endswith(SCALES)
+            )
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
         """Gradient ``g`` (of this parameter's dtype and shape) as the kernels read it: in the

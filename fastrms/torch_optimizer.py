@@ -37,10 +37,16 @@ from .torch_checks import (
 )
 from .torch_layout import KERNEL_DTYPE, fits, layout_of, zeros_like
 from .torch_precision import (
+    SCALES,
     check_options,
+    check_scales,
+    dequantized,
     held_dtype,
+    is_int8,
+    new_int8_state,
     new_state,
     param_view,
+    quantize_into,
     storage_for,
     to_float32,
     to_held,
@@ -198,20 +204,39 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self._hold(p, st)
 
     def _hold(self, p: torch.Tensor, st: dict) -> None:
-        """Put parameter ``p``'s state tensors (``st``) in the dtype they are held in.
+        """Put parameter ``p``'s state tensors (``st``) in the form they are held in.
 
         ``torch.optim.Optimizer.load_state_dict`` casts a checkpoint's state to the
         parameter's dtype; a float32 checkpoint (torch.optim's, or fastrms's exported with
         ``dequantize=True``) loads into bfloat16 state rounded to nearest even, and bfloat16
-        state through float32 back to the same bits. A parameter that cannot hold its
-        state so is left for the step to refuse, naming it."""
+        state through float32 back to the same bits. 8-bit state (codes ``n`` beside scales
+        ``n + SCALES``; torch's cast leaves the codes' whole values exact) loads as it was
+        stored, or dequantized where the state is held otherwise; float state loads into
+        8-bit state quantized, as fastrms's NumPy classes quantize it. A parameter that
+        cannot hold its state so is left for the step to refuse, naming it."""
         try:
             held = self._held(p)
+            int8 = self._int8(p)
         except (TypeError, ValueError):
             return
         for n in self._slots:
-            t = st.get(n)
-            if torch.is_tensor(t) and t.dtype is not held and t.is_floating_point():
+            t, scales = st.get(n), st.get(n + SCALES)
+            if not torch.is_tensor(t) or t.shape != p.shape:
+                continue
+            if torch.is_tensor(scales):  # stored in 8 bits
+                codes = t if t.dtype is torch.uint8 else t.to(torch.uint8)
+                if int8:
+                    st[n], st[n + SCALES] = codes, scales.to(torch.float32)
+                else:
+                    wide = dequantized(codes, scales.to(torch.float32), self._signed(n))
+                    st[n] = to_held(wide, held)
+                    del st[n + SCALES]
+            elif int8 and t.is_floating_point():
+                place = self._slots[n][1]
+                codes, scales = new_int8_state(p, place, 0.0, self._signed(n))
+                quantize_into(codes, scales, t, self._signed(n))
+                st[n], st[n + SCALES] = codes, scales
+            elif t.dtype is not held and t.is_floating_point():
                 st[n] = to_held(t, held)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -242,18 +267,31 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's ``state_dict()``: the state tensors as they are held (bfloat16 state as
         bfloat16 tensors, which load back bit for bit).
 
-        With ``dequantize=True``, low-precision state is exported as float32 (exact), in the
-        format ``torch.optim``'s optimizers load; the optimizer's own tensors are not changed.
+        With ``dequantize=True``, low-precision state is exported as float32 (exact for
+        bfloat16; 8-bit state as its codes' values times their block's scale, one float32
+        tensor per state without its scales), in the format ``torch.optim``'s optimizers
+        load; the optimizer's own tensors are not changed.
         """
         sd = super().state_dict()
         if not dequantize:
             return sd
-        sd["state"] = {
-            k: {n: to_float32(v) if n in self._slots and torch.is_tensor(v) else v
-                for n, v in st.items()}
-            for k, st in sd["state"].items()
-        }  # fmt: skip
+        sd["state"] = {k: self._dequantized(st) for k, st in sd["state"].items()}
         return sd
+
+    def _dequantized(self, st: dict) -> dict:
+        """One parameter's state dict with its state as float32 (see :meth:`state_dict`)."""
+        out = {}
+        for n, v in st.items():
+            if n.endswith(SCALES) and n.removesuffix(SCALES) in self._slots:
+                continue
+            if n in self._slots and torch.is_tensor(v):
+                scales = st.get(n + SCALES)
+                if torch.is_tensor(scales):
+                    v = dequantized(v, scales, self._signed(n))
+                else:
+                    v = to_float32(v)
+            out[n] = v
+        return out
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -386,7 +424,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         the Kahan compensation of a bfloat16 parameter under ``rounding="kahan"``."""
         if self.rounding == "kahan" and p.dtype is torch.bfloat16:
             return (*names, KAHAN_COMP)
+        if self.state_dtype == "int8" and self._int8(p):  # the codes, then their scales
+            return (*names, *(n + SCALES for n in names))
         return names
+
+    def _int8(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s state is held in 8 bits (False where it cannot be held at all: the
+        step refuses it, naming it)."""
+        try:
+            return is_int8(self._storage(p))
+        except (TypeError, ValueError):
+            return False
+
+    def _signed(self, name: str) -> bool:
+        """Whether state ``name`` (torch's name) takes the signed 8-bit map (first moments)."""
+        return self._spec.layout.slot_specs[self._slots[name][1] - 1].sign == "signed"
+
+    def _fill_state(self, group: dict[str, Any], p: torch.Tensor, name: str, st: dict) -> None:
+        """Make state ``name`` of ``p`` in ``st`` at its initial value (8-bit state: its codes
+        and scales)."""
+        if self._int8(p):
+            slot, place = self._slots[name]
+            option = self._spec.initial.get(slot)
+            value = 0.0 if option is None else float(scalar(option, group[option]))
+            st[name], st[name + SCALES] = new_int8_state(p, place, value, self._signed(name))
+        else:
+            st[name] = self._new_state(group, p, name)
 
     def _sort(self, todo: list, created: list) -> list[Bucket]:
         """Sort the checked work into buckets of (group, device, dtype, step), creating the
@@ -439,10 +502,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 b.where.append((group, gi, pi, p))
                 b.streams.append(offsets[gi] + pi)
                 b.recs.append(rec)
-                for s, a in zip(slots, arrays[1:]):
+                for s, a in zip(slots, rec.kstate):
                     b.state[s].append(a)
                 if KAHAN_COMP in b.state:
-                    b.state[KAHAN_COMP].append(arrays[-1])
+                    b.state[KAHAN_COMP].append(rec.kstate[-1])
         return list(buckets.values())
 
     def _next_step(
@@ -481,12 +544,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         layout = layout_of(p)
         for n in names:
             place = self._slots[n][1] if n in self._slots else len(self._slots) + 1
+            if n.endswith(SCALES):  # made with their codes, checked to be there with them
+                continue
             if n not in st:
                 if n == KAHAN_COMP:  # not a slot of the rule: it starts at zero
                     st[n] = zeros_like(p, place, torch.bfloat16)
                 else:
-                    st[n] = self._new_state(group, p, n)
+                    self._fill_state(group, p, n, st)
                     fresh = True
+            elif st[n].dtype is torch.uint8:  # 8-bit codes are blocked in their own order
+                pass
             elif not fits(st[n], p, layout):  # e.g. loaded from a checkpoint in another order
                 st[n] = zeros_like(p, place, st[n].dtype).copy_(st[n])
         rec = self._views[p] = Views(p, st, names)
@@ -506,9 +573,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         what = self._name(group, gi, pi, p)
         held = held_dtype(p, self._storage(p, what)) if p.dtype in KERNEL_DTYPE else None
         kahan = KAHAN_COMP in names
-        check_param(owner, what, p, st, tuple(n for n in names if n != KAHAN_COMP), held)
+        scales = tuple(n for n in names if n.endswith(SCALES))
+        plain = tuple(n for n in names if n != KAHAN_COMP and n not in scales)
+        check_param(owner, what, p, st, plain, held)
         if kahan and st:  # the compensation of rounding="kahan" is bfloat16, as p is
             check_param(owner, what, p, {KAHAN_COMP: st.get(KAHAN_COMP)}, (KAHAN_COMP,))
+        for n in scales if st else ():
+            check_scales(what, p, st.get(n.removesuffix(SCALES)), st.get(n), n)
 
     def _check_grad(self, group, gi, pi, p, g) -> None:
         check_grad(f"fastrms.torch.{type(self).__name__}", self._name(group, gi, pi, p), p, g)
