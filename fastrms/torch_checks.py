@@ -70,7 +70,7 @@ def check_param(
         raise TypeError(f"{owner} does not support sparse parameters: {what}")
     if p.dtype not in KERNEL_DTYPE:
         raise TypeError(
-            f"{owner} supports float32, float64 and bfloat16 tensors (and complex64 and "
+            f"{owner} supports float32 and float64 tensors (and bfloat16, and complex64 and "
             f"complex128, stepped as their real views) only: {what}"
         )
     if p.device.type not in ("cpu", "cuda"):

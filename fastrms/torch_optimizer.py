@@ -27,7 +27,6 @@ from .torch_buckets import Bucket, Views, plan_bucket, run_bucket
 from .torch_checks import (
     Label,
     check_grad,
-    check_param,
     check_setup_fits_float32,
     hyper_values,
     param_name,
@@ -35,21 +34,12 @@ from .torch_checks import (
     refuse_flags,
     scalar,
 )
-from .torch_layout import KERNEL_DTYPE, fits, layout_of, zeros_like
+from .torch_held import HeldState
+from .torch_layout import fits, layout_of, zeros_like
 from .torch_precision import (
     SCALES,
     check_options,
-    check_scales,
-    dequantized,
-    held_dtype,
-    is_int8,
-    new_int8_state,
-    new_state,
     param_view,
-    quantize_into,
-    storage_for,
-    to_float32,
-    to_held,
 )
 from .torch_repeat import Repeat, record, repeat
 
@@ -72,7 +62,7 @@ def arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(HeldState):
     """What the optimizers of :mod:`fastrms.torch` share: checks, state, buckets and the step.
 
     A subclass names its spec (``_spec_name``) and gives what is torch's; the rest is derived
@@ -140,28 +130,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The group's hyperparameters as fastrms keywords (Python numbers, not tensors)."""
         return {k: scalar(k, group[k]) for k in self._hyper_keys}
 
-    def _new_state(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
-        """State tensor ``name`` (torch's name) of ``p``, at its initial value: zero, or the
-        group's value of the option the spec names (:attr:`fastrms.specs.Spec.initial`)."""
-        slot, place = self._slots[name]
-        option = self._spec.initial.get(slot)
-        value = 0.0 if option is None else float(scalar(option, group[option]))
-        return new_state(p, place, value, self._storage(p))
-
-    def _storage(self, p: torch.Tensor, what: str = "") -> Any:
-        """How ``p``'s state is held (:func:`fastrms.torch_precision.storage_for`; None: as
-        ``p`` is); ``what`` names ``p`` in a refusal."""
-        plain = self.state_dtype is None and self.rounding is None and self.seed is None
-        if plain and p.dtype is not torch.bfloat16:
-            return None
-        owner = f"fastrms.torch.{type(self).__name__}"
-        return storage_for(owner, what or "a parameter", p, self.state_dtype, self.rounding,
-                           self.seed)  # fmt: skip
-
-    def _held(self, p: torch.Tensor) -> torch.dtype:
-        """The torch dtype of ``p``'s state tensors."""
-        return held_dtype(p, self._storage(p))
-
     # -- groups and checkpoints ---------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -202,96 +170,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
                 if st:
                     self._hold(p, st)
-
-    def _hold(self, p: torch.Tensor, st: dict) -> None:
-        """Put parameter ``p``'s state tensors (``st``) in the form they are held in.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts a checkpoint's state to the
-        parameter's dtype; a float32 checkpoint (torch.optim's, or fastrms's exported with
-        ``dequantize=True``) loads into bfloat16 state rounded to nearest even, and bfloat16
-        state through float32 back to the same bits. 8-bit state (codes ``n`` beside scales
-        ``n + SCALES``; torch's cast leaves the codes' whole values exact) loads as it was
-        stored, or dequantized where the state is held otherwise; float state loads into
-        8-bit state quantized, as fastrms's NumPy classes quantize it. A parameter that
-        cannot hold its state so is left for the step to refuse, naming it."""
-        try:
-            held = self._held(p)
-            int8 = self._int8(p)
-        except (TypeError, ValueError):
-            return
-        for n in self._slots:
-            t, scales = st.get(n), st.get(n + SCALES)
-            if not torch.is_tensor(t) or t.shape != p.shape:
-                continue
-            if torch.is_tensor(scales):  # stored in 8 bits
-                codes = t if t.dtype is torch.uint8 else t.to(torch.uint8)
-                if int8:
-                    st[n], st[n + SCALES] = codes, scales.to(torch.float32)
-                else:
-                    wide = dequantized(codes, scales.to(torch.float32), self._signed(n))
-                    st[n] = to_held(wide, held)
-                    del st[n + SCALES]
-            elif int8 and t.is_floating_point():
-                place = self._slots[n][1]
-                codes, scales = new_int8_state(p, place, 0.0, self._signed(n))
-                quantize_into(codes, scales, t, self._signed(n))
-                st[n], st[n + SCALES] = codes, scales
-            elif t.dtype is not held and t.is_floating_point():
-                st[n] = to_held(t, held)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``; state held in another dtype than its
-        parameter's (a bfloat16 parameter's float32 state) loads from the checkpoint's own
-        tensors, which torch's load would have cast to the parameter's dtype first."""
-        saved = [i for g in state_dict.get("param_groups", ()) for i in g.get("params", ())]
-        mine = [p for g in self.param_groups for p in g["params"]]
-        low = {
-            p: state_dict["state"][i]
-            for i, p in zip(saved, mine)
-            if p.dtype is torch.bfloat16 and i in state_dict.get("state", {})
-        }
-        super().load_state_dict(state_dict)
-        for p, st in low.items():
-            try:
-                held = self._held(p)
-            except (TypeError, ValueError):  # the step refuses it, naming it
-                continue
-            for n in self._slots:
-                t = st.get(n)
-                if torch.is_tensor(t) and t.is_floating_point() and n in self.state[p]:
-                    self.state[p][n] = to_held(t.detach().to("cpu"), held).clone()
-        self._views = {}
-        self._last = None
-
-    def state_dict(self, dequantize: bool = False) -> dict[str, Any]:
-        """torch's ``state_dict()``: the state tensors as they are held (bfloat16 state as
-        bfloat16 tensors, which load back bit for bit).
-
-        With ``dequantize=True``, low-precision state is exported as float32 (exact for
-        bfloat16; 8-bit state as its codes' values times their block's scale, one float32
-        tensor per state without its scales), in the format ``torch.optim``'s optimizers
-        load; the optimizer's own tensors are not changed.
-        """
-        sd = super().state_dict()
-        if not dequantize:
-            return sd
-        sd["state"] = {k: self._dequantized(st) for k, st in sd["state"].items()}
-        return sd
-
-    def _dequantized(self, st: dict) -> dict:
-        """One parameter's state dict with its state as float32 (see :meth:`state_dict`)."""
-        out = {}
-        for n, v in st.items():
-            if n.endswith(SCALES) and n.removesuffix(SCALES) in self._slots:
-                continue
-            if n in self._slots and torch.is_tensor(v):
-                scales = st.get(n + SCALES)
-                if torch.is_tensor(scales):
-                    v = dequantized(v, scales, self._signed(n))
-                else:
-                    v = to_float32(v)
-            out[n] = v
-        return out
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -419,38 +297,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._setups[gi] = (plain(raw), types, raw, (options, setup, names, stepper))
         return options, setup, names, stepper
 
-    def _names_of(self, p: torch.Tensor, names: tuple) -> tuple:
-        """The torch names of ``p``'s state tensors for a step using state ``names``: with
-        the Kahan compensation of a bfloat16 parameter under ``rounding="kahan"``."""
-        if self.rounding == "kahan" and p.dtype is torch.bfloat16:
-            return (*names, KAHAN_COMP)
-        if self.state_dtype == "int8" and self._int8(p):  # the codes, then their scales
-            return (*names, *(n + SCALES for n in names))
-        return names
-
-    def _int8(self, p: torch.Tensor) -> bool:
-        """Whether ``p``'s state is held in 8 bits (False where it cannot be held at all: the
-        step refuses it, naming it)."""
-        try:
-            return is_int8(self._storage(p))
-        except (TypeError, ValueError):
-            return False
-
-    def _signed(self, name: str) -> bool:
-        """Whether state ``name`` (torch's name) takes the signed 8-bit map (first moments)."""
-        return self._spec.layout.slot_specs[self._slots[name][1] - 1].sign == "signed"
-
-    def _fill_state(self, group: dict[str, Any], p: torch.Tensor, name: str, st: dict) -> None:
-        """Make state ``name`` of ``p`` in ``st`` at its initial value (8-bit state: its codes
-        and scales)."""
-        if self._int8(p):
-            slot, place = self._slots[name]
-            option = self._spec.initial.get(slot)
-            value = 0.0 if option is None else float(scalar(option, group[option]))
-            st[name], st[name + SCALES] = new_int8_state(p, place, value, self._signed(name))
-        else:
-            st[name] = self._new_state(group, p, name)
-
     def _sort(self, todo: list, created: list) -> list[Bucket]:
         """Sort the checked work into buckets of (group, device, dtype, step), creating the
         state that is missing (the parameters whose state was empty go to ``created``).
@@ -567,19 +413,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- checks ------------------------------------------------------------------------------
 
     _name = staticmethod(param_name)
-
-    def _check_param(self, group, gi, pi, p, st, names) -> None:
-        owner = f"fastrms.torch.{type(self).__name__}"
-        what = self._name(group, gi, pi, p)
-        held = held_dtype(p, self._storage(p, what)) if p.dtype in KERNEL_DTYPE else None
-        kahan = KAHAN_COMP in names
-        scales = tuple(n for n in names if n.endswith(SCALES))
-        plain = tuple(n for n in names if n != KAHAN_COMP and n not in scales)
-        check_param(owner, what, p, st, plain, held)
-        if kahan and st:  # the compensation of rounding="kahan" is bfloat16, as p is
-            check_param(owner, what, p, {KAHAN_COMP: st.get(KAHAN_COMP)}, (KAHAN_COMP,))
-        for n in scales if st else ():
-            check_scales(what, p, st.get(n.removesuffix(SCALES)), st.get(n), n)
 
     def _check_grad(self, group, gi, pi, p, g) -> None:
         check_grad(f"fastrms.torch.{type(self).__name__}", self._name(group, gi, pi, p), p, g)
