@@ -298,3 +298,179 @@ def test_bad_bf16_gradient_or_compensation_is_refused_and_nothing_is_written():
     opt.state[tensors[1]]["kahan_comp"] = torch.zeros(3)  # float32: not its storage
     match = r"state\['kahan_comp'\] \(shape \(3,\), torch.float32"
     _unchanged_after(opt, tensors, ValueError, match)
+
+
+# -- 8-bit state ---------------------------------------------------------------------------------
+
+#: A tensor under 4096 elements (float32 state), one with a ragged last block, a 2-D one.
+INT8_SIZES = (7, 5000, (80, 70))
+INT8 = {"state_dtype": "int8"}
+
+
+def _check_int8_state(opt, tensors, ref) -> None:
+    """Codes and scales (or float32 state for a small tensor) equal the NumPy class's."""
+    for i, t in enumerate(tensors):
+        st = opt.state[t]
+        for torch_name, (name, _) in type(opt)._slots.items():
+            if name not in ref.state or ref.state[name][i] is None:
+                continue
+            want = ref.state[name][i]
+            if t.numel() < 4096:
+                assert isinstance(want, np.ndarray) and torch_name + "_scales" not in st
+                assert st[torch_name].dtype is torch.float32
+                assert_same_bits(st[torch_name].numpy(), want, f"{torch_name}[{i}]")
+                continue
+            codes, scales = st[torch_name], st[torch_name + "_scales"]
+            assert codes.dtype is torch.uint8 and codes.shape == t.shape
+            assert scales.dtype is torch.float32 and scales.shape == (-(-t.numel() // 256),)
+            assert_same_bits(codes.numpy(), want.codes, f"{torch_name}[{i}] codes")
+            assert_same_bits(scales.numpy(), want.scales, f"{torch_name}[{i}] scales")
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_int8_state_matches_the_numpy_class_bit_for_bit(name):
+    params, grads = _problem(INT8_SIZES, np.float32, seed=8)
+    opt, tensors, ref = _stepped(name, params, grads, "repeat", FULL_STATE[name], INT8)
+    _check_params(tensors, ref)
+    _check_int8_state(opt, tensors, ref)
+
+
+@pytest.mark.parametrize("route", ["full", "repeat"])
+@pytest.mark.parametrize("name", ["adam", "adagrad", "sgd"])
+def test_int8_state_full_route_and_large_buckets(name, route):
+    params, grads = _problem(LARGE + INT8_SIZES, np.float32, seed=9)
+    options = FULL_STATE[name] | ({"initial_accumulator_value": 0.1} if name == "adagrad" else {})
+    opt, tensors, ref = _stepped(name, params, grads, route, options, INT8)
+    _check_params(tensors, ref)
+    _check_int8_state(opt, tensors, ref)
+
+
+def test_int8_state_memory_is_its_codes_and_scales():
+    p = torch.zeros(1 << 16)
+    opt = ft.Adam([p], state_dtype="int8")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    st = opt.state[p]
+    nbytes = sum(v.nbytes for n, v in st.items() if n != "step")
+    assert set(st) == {"step", "exp_avg", "exp_avg_scales", "exp_avg_sq", "exp_avg_sq_scales"}
+    assert nbytes == 2 * (p.numel() + 4 * p.numel() // 256)  # 2.03 bytes per parameter
+
+
+def test_a_dense_parameter_is_blocked_in_memory_order():
+    """A transposed weight's codes take its strides; its blocks run through its memory, so it
+    steps as the NumPy class steps the contiguous array that memory holds."""
+    rng = np.random.default_rng(10)
+    base = randn(rng, (70, 80), np.float32)
+    dense = torch.from_numpy(base.copy()).t()
+    opt = ft.Adam([dense], lr=LR, state_dtype="int8")
+    ref = fastrms.Adam([base.copy()], lr=LR, state_dtype="int8")
+    for _ in range(STEPS):
+        g = randn(rng, base.shape, np.float32)
+        dense.grad = torch.from_numpy(g.copy()).t()
+        opt.step()
+        ref.step([g])
+    assert opt.state[dense]["exp_avg"].stride() == dense.stride()
+    assert_same_bits(dense.t().numpy(), ref._params[0])
+    for n in ("exp_avg", "exp_avg_sq"):
+        assert_same_bits(opt.state[dense][n].t().numpy(), ref.state[n][0].codes, n)
+        assert_same_bits(opt.state[dense][n + "_scales"].numpy(), ref.state[n][0].scales, n)
+
+
+def _trained_int8(seed=11, **options):
+    params, grads = _problem(INT8_SIZES, np.float32, seed=seed)
+    tensors = [_tensor(p) for p in params]
+    opt = ft.Adam(tensors, lr=LR, amsgrad=True, **options)
+    for g in grads[:2]:
+        for t, gg in zip(tensors, g):
+            t.grad = _tensor(gg)
+        opt.step()
+    return opt, tensors, grads[2]
+
+
+def _saved(sd):
+    f = io.BytesIO()
+    torch.save(sd, f)
+    f.seek(0)
+    return torch.load(f)
+
+
+def test_int8_state_dict_round_trips_bit_for_bit():
+    opt, tensors, last = _trained_int8(**INT8)
+    clones = [t.clone() for t in tensors]
+    other = ft.Adam(clones, lr=LR, amsgrad=True, **INT8)
+    other.load_state_dict(_saved(opt.state_dict()))
+    for t, c in zip(tensors, clones):
+        assert set(opt.state[t]) == set(other.state[c])
+        for n, v in opt.state[t].items():
+            assert other.state[c][n].dtype is v.dtype, n
+            assert_same_bits(other.state[c][n].numpy(), v.numpy(), n)
+    for t, c, g in zip(tensors, clones, last):
+        t.grad, c.grad = _tensor(g), _tensor(g)
+    opt.step()
+    other.step()
+    for t, c in zip(tensors, clones):
+        assert_same_bits(c.numpy(), t.numpy())
+
+
+def test_int8_dequantized_export_loads_into_torch_optim():
+    opt, tensors, last = _trained_int8(**INT8)
+    sd = _saved(opt.state_dict(dequantize=True))
+    assert opt.state[tensors[1]]["exp_avg"].dtype is torch.uint8  # its own state unchanged
+    clones = [t.clone() for t in tensors]
+    twin = torch.optim.Adam(clones, lr=LR, amsgrad=True, foreach=False)
+    twin.load_state_dict(sd)
+    signed = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+    for t, c in zip(tensors, clones):
+        assert not any(n.endswith("_scales") for n in twin.state[c])
+        for n, s in signed.items():
+            held, got = opt.state[t][n], twin.state[c][n]
+            assert got.dtype is torch.float32 and got.shape == t.shape
+            if t.numel() < 4096:
+                assert_same_bits(got.numpy(), held.numpy(), n)
+            else:
+                q = fastrms.lowprecision.Quantized(
+                    held.numpy(), opt.state[t][n + "_scales"].numpy()
+                )
+                assert_same_bits(got.numpy(), q.dequantize(s), n)
+    for c, g in zip(clones, last):
+        c.grad = _tensor(g)
+    twin.step()
+    assert all(torch.isfinite(c).all() for c in clones)
+
+
+def test_a_float32_checkpoint_loads_into_int8_state_quantized_and_back():
+    f32, tensors, _ = _trained_int8(seed=12)
+    clones = [t.clone() for t in tensors]
+    low = ft.Adam(clones, lr=LR, amsgrad=True, **INT8)
+    low.load_state_dict(_saved(f32.state_dict()))
+    for t, c in zip(tensors, clones):
+        for n, s in (("exp_avg", True), ("exp_avg_sq", False)):
+            a = f32.state[t][n].numpy()
+            if t.numel() < 4096:
+                assert_same_bits(low.state[c][n].numpy(), a, n)
+                continue
+            q = fastrms.lowprecision.Quantized.of(a, s)
+            assert_same_bits(low.state[c][n].numpy(), q.codes, n)
+            assert_same_bits(low.state[c][n + "_scales"].numpy(), q.scales, n)
+    back_clones = [t.clone() for t in tensors]
+    back = ft.Adam(back_clones, lr=LR, amsgrad=True)  # int8 into float32 state: dequantized
+    back.load_state_dict(_saved(low.state_dict()))
+    want = low.state_dict(dequantize=True)["state"]
+    for i, b in enumerate(back_clones):
+        assert not any(n.endswith("_scales") for n in back.state[b])
+        for n in ("exp_avg", "exp_avg_sq"):
+            assert back.state[b][n].dtype is torch.float32
+            assert_same_bits(back.state[b][n].numpy(), want[i][n].numpy(), n)
+    for c in back_clones:
+        c.grad = torch.ones_like(c)
+    back.step()
+
+
+def test_bad_int8_scales_are_refused_and_nothing_is_written():
+    opt, tensors, last = _trained_int8(**INT8)
+    for t, g in zip(tensors, last):
+        t.grad = _tensor(g)
+    opt.state[tensors[1]]["exp_avg_scales"] = torch.zeros(3)
+    _unchanged_after(opt, tensors, ValueError, r"state\['exp_avg_scales'\] \(shape \(3,\)")
+    del opt.state[tensors[1]]["exp_avg_scales"]
+    _unchanged_after(opt, tensors, ValueError, r"state\['exp_avg_scales'\] \(NoneType\)")
