@@ -108,7 +108,7 @@ class FusedOptimizer(HeldState):
         slots = spec.layout.slots
         cls._slots = {cls._torch_names.get(s, s): (s, i + 1) for i, s in enumerate(slots)}
 
-    #: The options of how state (and, later, bfloat16 parameters) are stored: per optimizer,
+    #: The options of how state and bfloat16 parameters are stored: per optimizer,
     #: not per param group, so that torch's checkpoints and groups stay torch's.
     _PRECISION = ("state_dtype", "rounding", "seed")
 
