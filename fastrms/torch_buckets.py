@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from .grouped import StepPlan
+from .lowprecision import Quantized, step_keys
 from .specs import Setup, Spec
 from .teams import torch_team
 from .torch_layout import DENSE, STRIDED, flat, layout_of, real
-from .torch_precision import kernel_view
+from .torch_precision import SCALES, kernel_view, param_view
 
 #: A CPU bucket of fewer elements runs on one thread. Higher than fastrms's own threshold
 #: (``kernels.cpu.PARALLEL_THRESHOLD``, 2^17): right after torch's backward pass, starting
@@ -69,8 +70,8 @@ class Views:
     it is (None: contiguous)."""
 
     __slots__ = (
-        "arrays", "cuda", "dtype", "gather", "held", "kdtype", "keys", "names", "order", "plain",
-        "ptr", "step", "step_view", "tensors",
+        "arrays", "cuda", "dtype", "f32", "gather", "held", "kdtype", "keys", "kstate", "low",
+        "names", "order", "plain", "ptr", "step", "step_view", "tensors",
     )  # fmt: skip
 
     def __init__(self, p: torch.Tensor, state: dict, names: tuple[str, ...]) -> None:
@@ -83,8 +84,12 @@ class Views:
         self.step_view = None if self.step is None else self.step.numpy()
         # The state tensors by key, "step" included (None where there is none).
         self.keys, self.held = (*names, "step"), (*self.tensors, self.step)
-        kernel = [real(p.detach()), *map(kernel_view, self.tensors)]
+        #: A bfloat16 parameter: its kernel arrays are bfloat16 patterns (computed in float32).
+        self.low = p.dtype is torch.bfloat16
+        kernel = [kernel_view(real(p.detach())), *map(kernel_view, self.tensors)]
         self.kdtype = kernel[0].dtype
+        #: Whether the step computes in float32 (its scalars must fit float32).
+        self.f32 = self.kdtype in (torch.float32, torch.uint16)
         layout = layout_of(kernel[0])
         self.order = p.stride() if layout == DENSE else None
         self.gather = None
@@ -99,7 +104,18 @@ class Views:
         if self.cuda:
             self.arrays = tuple(CudaArray(t) for t in kernel)
         else:
-            self.arrays = tuple(t.numpy() for t in kernel)
+            self.arrays = (param_view(kernel[0].view(p.dtype)) if self.low else kernel[0].numpy(),
+                           *(t.numpy() for t in kernel[1:]))  # fmt: skip
+        #: The state arrays as the plan takes them: 8-bit state (codes ``n``, scales
+        #: ``n + SCALES``) as Quantized pairs, the others as they are.
+        self.kstate = self.arrays[1:]
+        if any(n.endswith(SCALES) for n in names):
+            by_name = dict(zip(names, self.kstate))
+            self.kstate = tuple(
+                Quantized(a, by_name[n + SCALES]) if n + SCALES in by_name else a
+                for n, a in by_name.items()
+                if not n.endswith(SCALES)
+            )
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
         """Gradient ``g`` (of this parameter's dtype and shape) as the kernels read it: in the
@@ -128,11 +144,17 @@ class Bucket:
     """The parameters of one group, device, dtype and step count, as the kernels take them."""
 
     __slots__ = (
-        "gathers", "grads", "options", "params", "recs", "state", "step", "steps", "where"
+        "draw", "gathers", "grads", "options", "params", "recs", "state", "step", "steps",
+        "streams", "where",
     )  # fmt: skip
 
-    def __init__(self, options: dict, step: int, slots: tuple[str, ...]) -> None:
+    def __init__(
+        self, options: dict, step: int, slots: tuple[str, ...], draw: int | None = None
+    ) -> None:
         self.options, self.step = options, step
+        #: The step count that keys stochastic rounding (bfloat16 parameters), else None.
+        self.draw = draw
+        self.streams: list[int] = []  # each parameter's position in the optimizer
         self.where: list[tuple] = []  # (group, index, index in group, param) of each
         self.recs: list[Views] = []
         self.params: list = []
@@ -149,6 +171,8 @@ def plan_bucket(
     name: Callable[..., str],
     use_team: bool = True,
     state_dtype: str | None = None,
+    rounding: str | None = None,
+    seed: int | None = None,
 ) -> tuple[StepPlan, Setup]:
     """A bucket's plan and the setup of its step, checked; nothing is written.
 
@@ -158,9 +182,15 @@ def plan_bucket(
     ``use_team``: run parallel CPU steps on torch's OpenMP team where there is one.
     ``state_dtype``: how the state is held (:class:`fastrms.grouped.StepPlan`'s option; the
     bucket's state arrays are then their ``uint16`` patterns, :class:`Views`).
+    ``rounding``, ``seed``: how a bucket of bfloat16 parameters is stored back (the plan's
+    options; ignored for other buckets). Its random bits are keyed by ``b.draw`` and each
+    parameter's position in the optimizer (``b.streams``), as fastrms's NumPy classes key
+    them by the step count and the parameter's position.
     """
     setup = spec.setup(b.step, **b.options)
-    key = (setup.rule, setup.flags, *map(id, b.params))
+    low = b.recs[0].low
+    rounding, seed = (rounding or "stochastic", seed) if low else (None, None)
+    key = (setup.rule, setup.flags, rounding, seed, *b.streams, *map(id, b.params))
     plan = plans.get(key)
     if plan is None or not plan.matches(setup, b.state, "auto"):
         if len(plans) >= MAX_PLANS:
@@ -177,20 +207,37 @@ def plan_bucket(
             parallel_threshold=PARALLEL_THRESHOLD if team is None else TEAM_THRESHOLD,
             team=team,
             state_dtype=state_dtype,
+            rounding=rounding,
+            seed=seed,
+            streams=b.streams,
         )
     return plan, setup
 
 
-def run_bucket(plan: StepPlan, setup: Setup, grads: Any, gathers: list, addresses: bool) -> None:
+def set_draws(plan: StepPlan, step: int, streams: list[int]) -> None:
+    """Key a prepared plan's stochastic rounding for ``step`` (what :meth:`StepPlan.check`
+    does for :meth:`StepPlan.run`; :meth:`StepPlan.run_addresses` keeps the last keys)."""
+    keys = step_keys(plan.seed, step, streams)
+    for group in plan.groups:
+        group.set_keys(keys)
+
+
+def run_bucket(
+    plan: StepPlan, setup: Setup, grads: Any, gathers: list, addresses: bool,
+    draw: int | None = None, streams: list[int] | None = None,
+) -> None:  # fmt: skip
     """The one place that runs fastrms's kernels: one grouped call for a bucket, its strided
     parameters gathered into their buffers before and scattered back after (``gathers``:
     pairs of the parameter's kernel view and its buffer). ``grads``: arrays, or with
-    ``addresses`` the host addresses of the gradients."""
+    ``addresses`` the host addresses of the gradients. ``draw``: the step count keying
+    stochastic rounding (with the parameters' ``streams``), None without it."""
     for p, buf in gathers:
         buf.copy_(p)
     if addresses:
+        if draw is not None:
+            set_draws(plan, draw, streams)
         plan.run_addresses(grads, setup)
     else:
-        plan.run(grads, setup)
+        plan.run(grads, setup, draw)
     for p, buf in gathers:
         p.copy_(buf)

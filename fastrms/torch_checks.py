@@ -70,8 +70,8 @@ def check_param(
         raise TypeError(f"{owner} does not support sparse parameters: {what}")
     if p.dtype not in KERNEL_DTYPE:
         raise TypeError(
-            f"{owner} supports float32 and float64 tensors (and complex64 and complex128, "
-            f"stepped as their real views) only: {what}"
+            f"{owner} supports float32 and float64 tensors (and bfloat16, and complex64 and "
+            f"complex128, stepped as their real views) only: {what}"
         )
     if p.device.type not in ("cpu", "cuda"):
         raise TypeError(f"{owner} runs on CPU and CUDA tensors only: {what}")

@@ -31,8 +31,10 @@ from .dispatch import _staggered_zeros_like
 
 CONTIGUOUS, DENSE, STRIDED, OVERLAPPING = "contiguous", "dense", "strided", "overlapping"
 
-#: The real dtype each supported parameter dtype is stepped in.
+#: The real dtype each supported parameter dtype is stepped in (a bfloat16 parameter goes to
+#: the kernels as its bfloat16 patterns, is computed in float32 and stored back rounded).
 KERNEL_DTYPE = {
+    torch.bfloat16: torch.bfloat16,
     torch.float32: torch.float32,
     torch.float64: torch.float64,
     torch.complex64: torch.float32,
@@ -103,14 +105,18 @@ def zeros_like(p: torch.Tensor, slot: int, dtype: torch.dtype | None = None) -> 
         dtype = None
     if p.device.type != "cpu":
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-    held = None if dtype is None else _numpy_bits(dtype)
+    want = p.dtype if dtype is None else dtype
+    held = _numpy_bits(want)
     if p.is_contiguous() and not p.is_complex():
-        zeros = torch.from_numpy(_staggered_zeros_like(p.detach().numpy(), slot, held))
-        return zeros if dtype is None else zeros.view(dtype)
+        bits = p.detach()
+        bits = bits.view(torch.uint16) if bits.dtype is torch.bfloat16 else bits
+        zeros = torch.from_numpy(_staggered_zeros_like(bits.numpy(), slot, held))
+        return zeros.view(want)
     k = real(p.detach())
-    like = np.empty(k.numel(), torch.empty((), dtype=k.dtype).numpy().dtype)
+    like = np.empty(k.numel(), _numpy_bits(k.dtype))
+    held = None if dtype is None else held  # a complex parameter's zeros are its real view's
     zeros = torch.from_numpy(_staggered_zeros_like(like, slot, held))  # placed from a fresh array
-    return state_like(p, zeros if dtype is None else zeros.view(dtype))
+    return state_like(p, zeros.view(k.dtype if dtype is None else dtype))
 
 
 def _numpy_bits(dtype: torch.dtype) -> np.dtype:

@@ -21,12 +21,12 @@ from typing import Any, ClassVar
 import torch
 
 from .arrays import check_no_overlap
+from .precision import KAHAN_COMP
 from .specs import SPECS, Setup, Spec
 from .torch_buckets import Bucket, Views, plan_bucket, run_bucket
 from .torch_checks import (
     Label,
     check_grad,
-    check_param,
     check_setup_fits_float32,
     hyper_values,
     param_name,
@@ -34,14 +34,12 @@ from .torch_checks import (
     refuse_flags,
     scalar,
 )
-from .torch_layout import KERNEL_DTYPE, fits, layout_of, zeros_like
+from .torch_held import HeldState
+from .torch_layout import fits, layout_of, zeros_like
 from .torch_precision import (
+    SCALES,
     check_options,
-    held_dtype,
-    new_state,
-    storage_for,
-    to_float32,
-    to_held,
+    param_view,
 )
 from .torch_repeat import Repeat, record, repeat
 
@@ -64,7 +62,7 @@ def arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(HeldState):
     """What the optimizers of :mod:`fastrms.torch` share: checks, state, buckets and the step.
 
     A subclass names its spec (``_spec_name``) and gives what is torch's; the rest is derived
@@ -110,7 +108,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         slots = spec.layout.slots
         cls._slots = {cls._torch_names.get(s, s): (s, i + 1) for i, s in enumerate(slots)}
 
-    #: The options of how state (and, later, bfloat16 parameters) are stored: per optimizer,
+    #: The options of how state and bfloat16 parameters are stored: per optimizer,
     #: not per param group, so that torch's checkpoints and groups stay torch's.
     _PRECISION = ("state_dtype", "rounding", "seed")
 
@@ -131,27 +129,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _options(self, group: dict[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as fastrms keywords (Python numbers, not tensors)."""
         return {k: scalar(k, group[k]) for k in self._hyper_keys}
-
-    def _new_state(self, group: dict[str, Any], p: torch.Tensor, name: str) -> torch.Tensor:
-        """State tensor ``name`` (torch's name) of ``p``, at its initial value: zero, or the
-        group's value of the option the spec names (:attr:`fastrms.specs.Spec.initial`)."""
-        slot, place = self._slots[name]
-        option = self._spec.initial.get(slot)
-        value = 0.0 if option is None else float(scalar(option, group[option]))
-        return new_state(p, place, value, self._storage(p))
-
-    def _storage(self, p: torch.Tensor, what: str = "") -> Any:
-        """How ``p``'s state is held (:func:`fastrms.torch_precision.storage_for`; None: as
-        ``p`` is); ``what`` names ``p`` in a refusal."""
-        if self.state_dtype is None and self.rounding is None and self.seed is None:
-            return None
-        owner = f"fastrms.torch.{type(self).__name__}"
-        return storage_for(owner, what or "a parameter", p, self.state_dtype, self.rounding,
-                           self.seed)  # fmt: skip
-
-    def _held(self, p: torch.Tensor) -> torch.dtype:
-        """The torch dtype of ``p``'s state tensors."""
-        return held_dtype(p, self._storage(p))
 
     # -- groups and checkpoints ---------------------------------------------------------------
 
@@ -194,40 +171,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if st:
                     self._hold(p, st)
 
-    def _hold(self, p: torch.Tensor, st: dict) -> None:
-        """Put parameter ``p``'s state tensors (``st``) in the dtype they are held in.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts a checkpoint's state to the
-        parameter's dtype; a float32 checkpoint (torch.optim's, or fastrms's exported with
-        ``dequantize=True``) loads into bfloat16 state rounded to nearest even, and bfloat16
-        state through float32 back to the same bits. A parameter that cannot hold its
-        state so is left for the step to refuse, naming it."""
-        try:
-            held = self._held(p)
-        except (TypeError, ValueError):
-            return
-        for n in self._slots:
-            t = st.get(n)
-            if torch.is_tensor(t) and t.dtype is not held and t.is_floating_point():
-                st[n] = to_held(t, held)
-
-    def state_dict(self, dequantize: bool = False) -> dict[str, Any]:
-        """torch's ``state_dict()``: the state tensors as they are held (bfloat16 state as
-        bfloat16 tensors, which load back bit for bit).
-
-        With ``dequantize=True``, low-precision state is exported as float32 (exact), in the
-        format ``torch.optim``'s optimizers load; the optimizer's own tensors are not changed.
-        """
-        sd = super().state_dict()
-        if not dequantize:
-            return sd
-        sd["state"] = {
-            k: {n: to_float32(v) if n in self._slots and torch.is_tensor(v) else v
-                for n, v in st.items()}
-            for k, st in sd["state"].items()
-        }  # fmt: skip
-        return sd
-
     # -- the step -----------------------------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -255,14 +198,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets, created = self._buckets()
         try:
             ready = [plan_bucket(self._spec, b, self._plans, self._name, self._torch_team,
-                                 self.state_dtype) for b in buckets]  # fmt: skip
+                                 self.state_dtype, self.rounding, self.seed)
+                     for b in buckets]  # fmt: skip
             if len(buckets) > 1:  # each plan checks its own bucket's gradients
                 self._check_gradients_apart(buckets)
         except Exception:  # refused before anything was written: leave no new state either
             self._forget(created)
             raise
         for b, (plan, setup) in zip(buckets, ready):
-            run_bucket(plan, setup, b.grads, b.gathers, addresses=False)
+            run_bucket(plan, setup, b.grads, b.gathers, addresses=False, draw=b.draw)
             for view, t in b.steps:
                 view[()] = t
         self._last = self._record(buckets, [plan for plan, _ in ready])
@@ -311,8 +255,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     options, setup, names, _ = self._group_setup(gi, group)
                 rec = self._views.get(p)
                 st = self.state.get(p)
-                if rec is None or st is None or not rec.current(p, st, names):
-                    self._check_param(group, gi, pi, p, st, names)
+                if rec is None or st is None or not rec.current(p, st, self._names_of(p, names)):
+                    self._check_param(group, gi, pi, p, st, self._names_of(p, names))
                     rec = None
                 if g.layout is not torch.strided or g.dtype is not p.dtype:
                     self._check_grad(group, gi, pi, p, g)
@@ -355,27 +299,39 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _sort(self, todo: list, created: list) -> list[Bucket]:
         """Sort the checked work into buckets of (group, device, dtype, step), creating the
-        state that is missing (the parameters whose state was empty go to ``created``)."""
+        state that is missing (the parameters whose state was empty go to ``created``).
+
+        A bfloat16 parameter under stochastic rounding also goes by its own step count (its
+        ``draw``, which keys the random bits, :func:`fastrms.torch_buckets.plan_bucket`)."""
         buckets: dict[tuple, Bucket] = {}
         streams: dict[torch.device, int | None] = {}
+        offsets = [0]  # each group's first parameter's position in the optimizer
+        for group in self.param_groups:
+            offsets.append(offsets[-1] + len(group["params"]))
         for gi, group, options, setup, names, items in todo:
             slots = setup.state
             for pi, p, g, rec in items:
                 fresh = False
                 if rec is None:
-                    rec, fresh = self._views_of(group, p, names, created)
+                    rec, fresh = self._views_of(group, p, self._names_of(p, names), created)
+                draws = rec.low and (self.rounding or "stochastic") == "stochastic"
+                count = None
+                if rec.step_view is not None:
+                    count = self._next_step(rec, group, gi, pi, p, whole=draws)
                 if self._keeps_step:
-                    t = self._next_step(rec, group, gi, pi, p)
+                    t = count
                 else:  # SGD: a new momentum buffer is set to the gradient itself (step 1)
                     t = 1 if fresh else 2
-                key = (gi, rec.cuda, rec.kdtype, t if self._counts_steps else 1)
+                draw = int(count) if draws else None
+                key = (gi, rec.cuda, rec.kdtype, t if self._counts_steps else 1, draw)
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = Bucket(options, key[3], slots)
-                    if rec.kdtype is torch.float32:  # the scalars are largest on step 1
+                    kahan = (KAHAN_COMP,) if KAHAN_COMP in rec.names else ()
+                    b = buckets[key] = Bucket(options, key[3], slots + kahan, draw)
+                    if rec.f32:  # the scalars are largest on step 1
                         check_setup_fits_float32(setup)
-                if rec.step_view is not None:
-                    b.steps.append((rec.step_view, float(t)))
+                if count is not None:
+                    b.steps.append((rec.step_view, float(count)))
                 if rec.gather is not None:
                     b.gathers.append(rec.gather)
                 g = rec.grad(g)
@@ -387,20 +343,26 @@ class FusedOptimizer(torch.optim.Optimizer):
                     arrays = [a.on(stream) for a in arrays]
                     b.grads.append(g)
                 else:
-                    b.grads.append(g.numpy())
+                    b.grads.append(param_view(g))
                 b.params.append(arrays[0])
                 b.where.append((group, gi, pi, p))
+                b.streams.append(offsets[gi] + pi)
                 b.recs.append(rec)
-                for s, a in zip(slots, arrays[1:]):
+                for s, a in zip(slots, rec.kstate):
                     b.state[s].append(a)
+                if KAHAN_COMP in b.state:
+                    b.state[KAHAN_COMP].append(rec.kstate[-1])
         return list(buckets.values())
 
-    def _next_step(self, rec: Views, group: dict, gi: int, pi: int, p: torch.Tensor) -> float:
-        """The step count this step takes the parameter to. Where the update depends on it, a
-        corrupt count (negative, not whole: a damaged checkpoint) is refused naming the
-        parameter; elsewhere (RMSprop) it is only counted on, as torch does."""
+    def _next_step(
+        self, rec: Views, group: dict, gi: int, pi: int, p: torch.Tensor, whole: bool = False
+    ) -> float:
+        """The step count this step takes the parameter to. Where the update depends on it (or
+        ``whole``: it keys stochastic rounding), a corrupt count (negative, not whole: a
+        damaged checkpoint) is refused naming the parameter; elsewhere (RMSprop) it is only
+        counted on, as torch does."""
         count = float(rec.step_view)
-        if not self._counts_steps:
+        if not (self._counts_steps or whole):
             return count + 1
         if not (count >= 0 and count.is_integer()):
             raise ValueError(
@@ -416,7 +378,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not st:
             created.append(p)
         fresh = False
-        if self._keeps_step:
+        # A bfloat16 parameter under stochastic rounding counts its steps (they key the
+        # random bits) even in an optimizer that keeps no count (SGD).
+        draws = p.dtype is torch.bfloat16 and (self.rounding or "stochastic") == "stochastic"
+        if self._keeps_step or draws:
             step = st.get("step")
             if step is None:
                 st["step"] = torch.zeros((), dtype=torch.float32)
@@ -424,11 +389,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st["step"] = step.to("cpu", torch.float32)
         layout = layout_of(p)
         for n in names:
+            place = self._slots[n][1] if n in self._slots else len(self._slots) + 1
+            if n.endswith(SCALES):  # made with their codes, checked to be there with them
+                continue
             if n not in st:
-                st[n] = self._new_state(group, p, n)
-                fresh = True
+                if n == KAHAN_COMP:  # not a slot of the rule: it starts at zero
+                    st[n] = zeros_like(p, place, torch.bfloat16)
+                else:
+                    self._fill_state(group, p, n, st)
+                    fresh = True
+            elif st[n].dtype is torch.uint8:  # 8-bit codes are blocked in their own order
+                pass
             elif not fits(st[n], p, layout):  # e.g. loaded from a checkpoint in another order
-                st[n] = zeros_like(p, self._slots[n][1], st[n].dtype).copy_(st[n])
+                st[n] = zeros_like(p, place, st[n].dtype).copy_(st[n])
         rec = self._views[p] = Views(p, st, names)
         return rec, fresh
 
@@ -440,12 +413,6 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- checks ------------------------------------------------------------------------------
 
     _name = staticmethod(param_name)
-
-    def _check_param(self, group, gi, pi, p, st, names) -> None:
-        owner = f"fastrms.torch.{type(self).__name__}"
-        what = self._name(group, gi, pi, p)
-        held = held_dtype(p, self._storage(p, what)) if p.dtype in KERNEL_DTYPE else None
-        check_param(owner, what, p, st, names, held)
 
     def _check_grad(self, group, gi, pi, p, g) -> None:
         check_grad(f"fastrms.torch.{type(self).__name__}", self._name(group, gi, pi, p), p, g)

@@ -17,7 +17,7 @@ import torch
 
 from .arrays import extent
 from .grouped import _Spans as Spans
-from .torch_buckets import Bucket, run_bucket
+from .torch_buckets import Bucket, run_bucket, set_draws
 from .torch_checks import check_setup_fits_float32
 
 
@@ -26,16 +26,19 @@ class Run:
     dicts and step count."""
 
     __slots__ = (
-        "checked", "cuda", "dicts", "float32", "gathers", "group", "ordered", "plan", "plain",
-        "recs", "rows", "step",
+        "checked", "cuda", "dicts", "draw", "float32", "gathers", "group", "ordered", "plan",
+        "plain", "recs", "rows", "step",
     )  # fmt: skip
 
     def __init__(
-        self, group: int, step: int, plan: Any, rows: list[int], recs: list, dicts: list
-    ) -> None:
+        self, group: int, step: int, plan: Any, rows: list[int], recs: list, dicts: list,
+        draw: int | None = None,
+    ) -> None:  # fmt: skip
         self.group, self.step, self.plan, self.rows, self.recs = group, step, plan, rows, recs
         self.dicts = dicts  # each parameter's dict in the optimizer's state
-        self.cuda, self.float32 = recs[0].cuda, recs[0].kdtype is torch.float32
+        # The step count keying stochastic rounding (the rows are the parameters' streams).
+        self.draw = draw
+        self.cuda, self.float32 = recs[0].cuda, recs[0].f32
         self.checked = None  # the group's setup last checked against float32
         self.gathers = [rec.gather for rec in recs if rec.gather is not None]
         self.plain = all(rec.plain for rec in recs)  # CUDA: the gradients go as they are
@@ -85,7 +88,7 @@ def record(opt: torch.optim.Optimizer, buckets: list[Bucket], plans: list) -> Re
         gi = b.where[0][1]
         rows = [offsets[w[1]] + w[2] for w in b.where]
         dicts = [opt.state[w[3]] for w in b.where]
-        runs.append(Run(gi, b.step, plan, rows, b.recs, dicts))
+        runs.append(Run(gi, b.step, plan, rows, b.recs, dicts, b.draw))
     has_grad = [p.grad is not None for p in flat]
     names = {run.group: opt._setups[run.group][3][2] for run in runs}
     return Repeat(flat, has_grad, len(groups), names, runs, opt.state)
@@ -142,6 +145,8 @@ def repeat(opt: torch.optim.Optimizer, last: Repeat) -> bool:
                 return False
             if keeps and counts and float(rec.step_view) != run.step:
                 return False
+            if run.draw is not None and float(rec.step_view) != run.draw:
+                return False
             if g.layout is not strided or g.dtype is not rec.dtype or not g.is_contiguous():
                 # Only a dense parameter in another order takes a gradient that is not
                 # contiguous as it is: one with its own strides.
@@ -176,13 +181,17 @@ def repeat(opt: torch.optim.Optimizer, last: Repeat) -> bool:
         if last.spans.first_overlap(np.array(addresses, np.int64), last.nbytes) is not None:
             return False  # the full route says which
     for k, (run, step, setup, taken) in enumerate(work):
+        draw = None if run.draw is None else run.draw + 1
         try:
             if run.gathers:
                 grads_in = taken if run.cuda else np.array(taken, np.int64)
-                run_bucket(run.plan, setup, grads_in, run.gathers, addresses=not run.cuda)
+                run_bucket(run.plan, setup, grads_in, run.gathers, addresses=not run.cuda,
+                           draw=draw, streams=run.rows)  # fmt: skip
             elif run.cuda:
-                run.plan.run(taken, setup)
+                run.plan.run(taken, setup, draw)
             else:
+                if draw is not None:
+                    set_draws(run.plan, draw, run.rows)
                 run.plan.run_addresses(np.array(taken, np.int64), setup)
         except (TypeError, ValueError):
             if k == 0:  # nothing written: the full route says what is wrong
@@ -193,4 +202,9 @@ def repeat(opt: torch.optim.Optimizer, last: Repeat) -> bool:
             for rec in run.recs:
                 view = rec.step_view
                 view[()] = step if counts else float(view) + 1
+        if draw is not None:
+            run.draw = draw
+            if not keeps:  # SGD keeps a count for its bfloat16 parameters only
+                for rec in run.recs:
+                    rec.step_view[()] = draw
     return True
