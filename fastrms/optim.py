@@ -315,34 +315,7 @@ def declare(spec: specs.Spec, base: type[Optimizer] = Optimizer) -> type[Optimiz
     return type(spec.title, (base,), namespace)
 
 
-def graves(
-    cls: type[Optimizer],
-    params: Params,
-    lr: float = 1e-4,
-    alpha: float = 0.95,
-    momentum: float = 0.9,
-    eps: float = 1e-4,
-    **options: Any,
-) -> Optimizer:
-    """Chainer's ``RMSpropGraves`` (Graves 2013, eq. 38-41), with its defaults.
-
-    ::
-
-        v = alpha * v + (1 - alpha) * g**2;   m = alpha * m + (1 - alpha) * g
-        delta = momentum * delta - lr * g / sqrt(v - m**2 + eps);   p = p + delta
-
-    This is centered RMSProp with eps inside the sqrt and momentum: ``b = -delta / lr``,
-    so the two agree exactly while ``lr`` is constant. With a changing ``lr``, Chainer
-    keeps the past learning rates in ``delta``; fastrms (like PyTorch) applies the current
-    one to the whole buffer.
-    """
-    return cls(
-        params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=True,
-        eps_in_sqrt=True, **options,
-    )  # fmt: skip
-
-
 for _spec in specs.SPECS.values():
     globals()[_spec.title] = declare(_spec, OPTIMIZERS[_spec.base] if _spec.base else Optimizer)
 del _spec
-RMSProp.graves = classmethod(graves)  # noqa: F821 (made just above)
+RMSProp.graves = classmethod(specs.rmsprop_graves)  # noqa: F821 (made just above)

@@ -31,7 +31,7 @@ from .spec_types import (  # noqa: F401  (re-exported: the names the rest of fas
     check_fits_float32,
 )
 from .specs_adam import ADAM, ADAMAX, ADAMW, NADAM, RADAM, nadam_mu_product  # noqa: F401
-from .specs_sgd import ADADELTA, ADAGRAD, LION, RMSPROP, SGD
+from .specs_sgd import ADADELTA, ADAGRAD, LION, RMSPROP, SGD, rmsprop_graves  # noqa: F401
 
 SPECS = {
     s.name: s for s in (RMSPROP, ADAGRAD, ADAM, ADAMW, SGD, LION, ADAMAX, ADADELTA, RADAM, NADAM)

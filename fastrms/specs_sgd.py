@@ -8,6 +8,8 @@ with the host function of its step's scalars).
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import hyper
 from .spec_layouts import LAYOUTS
 from .spec_types import (
@@ -305,3 +307,32 @@ ADADELTA = Spec(
         TORCH_EXTRA,
     ),
 )
+
+
+def rmsprop_graves(
+    cls: type,
+    params: Any,
+    lr: float = 1e-4,
+    alpha: float = 0.95,
+    momentum: float = 0.9,
+    eps: float = 1e-4,
+    **options: Any,
+) -> Any:
+    """Chainer's ``RMSpropGraves`` (Graves 2013, eq. 38-41), with its defaults: ``cls``
+    (an RMSProp class of any frontend, whose ``graves`` classmethod this is) made centered,
+    with momentum and eps inside the sqrt.
+
+    ::
+
+        v = alpha * v + (1 - alpha) * g**2;   m = alpha * m + (1 - alpha) * g
+        delta = momentum * delta - lr * g / sqrt(v - m**2 + eps);   p = p + delta
+
+    This is centered RMSProp with eps inside the sqrt and momentum: ``b = -delta / lr``,
+    so the two agree exactly while ``lr`` is constant. With a changing ``lr``, Chainer
+    keeps the past learning rates in ``delta``; fastrms (like PyTorch) applies the current
+    one to the whole buffer.
+    """
+    return cls(
+        params, lr=lr, alpha=alpha, eps=eps, momentum=momentum, centered=True,
+        eps_in_sqrt=True, **options,
+    )  # fmt: skip

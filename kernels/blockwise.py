@@ -55,7 +55,7 @@ from . import columns
 from ._options import FASTMATH
 from .elementwise import TOKEN as ELEMENTWISE_TOKEN
 from .elementwise import _column_likes
-from .pointers import _column_type, address_of, load_int64, scalars_at
+from .pointers import _column_type, address_of, as_array_from, load_int64, scalars_at
 
 #: Elements per block (one scale each): fastrms.lowprecision.BLOCK.
 BLOCK = 256
@@ -166,33 +166,6 @@ def quantize_block(scratch, codes, k, signed):
         for i in range(k):
             codes[i] = encode_unsigned(scratch[i] * inv)
     return m
-
-
-@intrinsic
-def view_at(typingctx, address, start, size, like):
-    """``view_at(address, start, size, like)``: the 1-D C array of ``size`` elements of
-    ``like``'s type (any number type) from element ``start`` of the array at ``address``."""
-    if not isinstance(like, types.Number):
-        return None
-    array_type = types.Array(like, 1, "C")
-
-    def codegen(context, builder, signature, args):
-        address, start, size, _ = args
-        data_type = context.get_data_type(like)
-        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(data_type))
-        base = builder.inttoptr(address, data_type.as_pointer())
-        array = make_array(array_type)(context, builder)
-        populate_array(
-            array,
-            data=builder.gep(base, [start]),
-            shape=cgutils.pack_array(builder, [size]),
-            strides=cgutils.pack_array(builder, [itemsize]),
-            itemsize=itemsize,
-            meminfo=None,
-        )
-        return array._getvalue()
-
-    return array_type(types.int64, types.int64, types.int64, like), codegen
 
 
 class BlockLike:
@@ -382,8 +355,10 @@ def grouped_block_loops(rule, flags, signature, used):
                 rule(i, arrays, hyper, flags)
             for s in range(n_slots):
                 if used[s]:
-                    codes = view_at(load_int64(entry + 8 * (2 + s)), b0, k, codes_like)
-                    scale = view_at(load_int64(entry + 8 * (2 + n_slots + s)), block, 1, scale_like)
+                    codes = as_array_from(load_int64(entry + 8 * (2 + s)), b0, k, codes_like)
+                    scale = as_array_from(
+                        load_int64(entry + 8 * (2 + n_slots + s)), block, 1, scale_like
+                    )
                     values = scratch[BLOCK * s : BLOCK * s + k]
                     scale[0] = quantize_block(values, codes, k, signs[s])
 

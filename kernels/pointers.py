@@ -59,7 +59,7 @@ def as_array_from(typingctx, address, start, size, like):
     unknown ``start``, Numba would wrap negative indices on every access and the loop would
     not vectorize (4.8x slower, measured).
     """
-    if not isinstance(like, types.Float):
+    if not isinstance(like, types.Number):  # float columns, and int8 state's uint8 codes
         return None
     array_type = types.Array(like, 1, "C")
 
