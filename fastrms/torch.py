@@ -98,7 +98,7 @@ def _extra_doc(extra: dict) -> str:
 def declare(spec: Spec, base: type[FusedOptimizer] = FusedOptimizer) -> type[FusedOptimizer]:
     """The class of ``spec`` (which has a :class:`fastrms.specs.TorchFace`): torch's name,
     signature and defaults, the spec's docstring, and the rest from :class:`FusedOptimizer`
-    (through ``base``, the class of the face's ``base`` spec where it names one)."""
+    (through ``base``: the class of the spec that ``spec.base`` names, if any)."""
     face = spec.torch
     defaults = {**spec.defaults, **face.extra}
     names = (*face.positional, *face.keyword_only)
@@ -142,8 +142,8 @@ def declare(spec: Spec, base: type[FusedOptimizer] = FusedOptimizer) -> type[Fus
         "Parameters\n----------\n"
         "params : iterable of tensors, of (name, tensor) pairs, or of param-group dicts\n"
         f"{options}\n    ``lr`` (and ``betas``) may be 1-element tensors.{extra}\n"
-        "state_dtype, rounding, seed\n    Keyword-only: how the state is held "
-        "(see :mod:`fastrms.torch`)."
+        "state_dtype, rounding, seed\n    Keyword-only: how the state is held, and how "
+        "bfloat16 parameters are rounded (see :mod:`fastrms.torch`)."
     )
     namespace = {
         "__init__": __init__,
