@@ -88,29 +88,18 @@ _cast = cast  # the name the tests and benchmarks used
 def _step(name: str, param, grad, state: dict, backend: str, step: int, options: dict) -> None:
     spec = SPECS[name]
     state_dtype = options.pop("state_dtype", None)
-    # The float parameters' path first, with as little as can be: it is a step's whole cost
-    # for small arrays.
-    if not _LOW_PRECISION_OPTIONS.isdisjoint(options) or _precision.is_bf16(
-        getattr(param, "dtype", None)
+    # The float path first, with as little as can be: it is a step's whole cost for small
+    # arrays. Anything held through a codec runs as a grouped step of one array.
+    if (
+        state_dtype is not None
+        or not _LOW_PRECISION_OPTIONS.isdisjoint(options)
+        or _precision.is_bf16(getattr(param, "dtype", None))
     ):
         low = {k: options.pop(k) for k in _LOW_PRECISION_OPTIONS if k in options}
         _low_precision_step(spec, param, grad, state, backend, step, state_dtype, low, options)
         return
     _check_step_options(spec, options)
-    setup = spec.setup(step, **options)
-    if state_dtype is None:
-        plan(setup, param, grad, state, backend).run()
-        return
-    # State held in another dtype (bfloat16) runs through the grouped kernels, whose columns
-    # load and store it through its codec: a group of one array.
-    check_state_dtype(state_dtype)
-    for s in setup.state:
-        if state.get(s) is None:
-            raise ValueError(f"{s} is required by these options of {setup.rule}")
-    arrays = {s: [state[s]] for s in setup.state}
-    StepPlan(setup, [param], arrays, ["param"], backend, ["grad"], state_dtype=state_dtype).run(
-        [grad], setup
-    )
+    plan(spec.setup(step, **options), param, grad, state, backend).run()
 
 
 #: The options of a bfloat16 parameter's step (see :func:`multi_tensor_step`): ``stream`` is
@@ -120,9 +109,10 @@ _LOW_PRECISION_OPTIONS = frozenset(("rounding", "seed", "stream", "kahan_comp"))
 
 
 def _low_precision_step(spec, param, grad, state, backend, step, state_dtype, low, options):
-    """One step of a bfloat16 parameter (or a refusal of ``rounding=`` and the like for
-    another): a grouped step of one array, whose kernel loads and stores it through its
-    codec."""
+    """One step of a parameter whose arrays go through a codec (a bfloat16 parameter, or
+    state held as ``state_dtype`` says), or the refusal of ``rounding=`` and the like for
+    another: a grouped step of one array, whose kernel loads and stores them through their
+    codecs."""
     if not spec.counts_steps and "step" in options:
         step = options.pop("step")
     elif not spec.counts_steps:

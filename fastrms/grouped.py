@@ -124,11 +124,8 @@ class StepPlan:
         streams: list[int] | None = None,
     ) -> None:
         check_state_dtype(state_dtype)
-        check_rounding(rounding, seed)
         low = frozenset(i for i, p in enumerate(params) if is_bf16(getattr(p, "dtype", None)))
-        if (rounding is not None or seed is not None) and not low:
-            what = "rounding=" if rounding is not None else "seed="
-            raise ValueError(f"{what} applies to bfloat16 parameters only, and none is bfloat16")
+        check_rounding(rounding, seed, bool(low))
         self.rounding = (rounding or "stochastic") if low else None
         self.seed = 0 if seed is None else int(seed)
         self._streams = np.arange(len(params), dtype=np.int64)

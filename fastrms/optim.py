@@ -119,7 +119,8 @@ class Optimizer:
         if backend not in dispatch.CHOICES:
             raise ValueError(f"backend must be one of {dispatch.CHOICES}, got {backend!r}")
         storages = _state_storages(state_dtype, infos, self._pnames)
-        low = _check_rounding(rounding, seed, infos)
+        low = any(is_bf16(info.dtype) for info in infos)
+        check_rounding(rounding, seed, low)
         self.backend = backend
         #: How the state is held (None: as the parameters are); fixed at construction.
         self.state_dtype = state_dtype
@@ -283,17 +284,6 @@ def _state_storages(state_dtype: str | None, infos: list, names: list[str]) -> l
             )
         storages.append(storage)
     return storages
-
-
-def _check_rounding(rounding: str | None, seed: int | None, infos: list) -> bool:
-    """Check ``rounding`` and ``seed``; return whether any parameter is bfloat16 (else they
-    are refused, ``ValueError``)."""
-    check_rounding(rounding, seed)
-    low = any(is_bf16(info.dtype) for info in infos)
-    if not low and (rounding is not None or seed is not None):
-        what = "rounding=" if rounding is not None else "seed="
-        raise ValueError(f"{what} applies to bfloat16 parameters only, and none is bfloat16")
-    return low
 
 
 # -- the optimizers: one class per spec, named spec.title, documented from the spec -------------

@@ -114,13 +114,17 @@ def is_bf16(dtype: np.dtype) -> bool:
     return dtype == BFLOAT16
 
 
-def check_rounding(rounding: str | None, seed: int | None) -> None:
+def check_rounding(rounding: str | None, seed: int | None, any_bf16: bool = True) -> None:
     """Refuse an unknown ``rounding`` (``ValueError``) or a ``seed`` that is no int
-    (``TypeError``); None means the default (``"stochastic"``, seed 0)."""
+    (``TypeError``); None means the default (``"stochastic"``, seed 0). Either given where
+    no parameter is bfloat16 (``any_bf16`` False) is refused too (``ValueError``)."""
     if rounding is not None and (not isinstance(rounding, str) or rounding not in ROUNDINGS):
         raise ValueError(f"rounding must be one of {ROUNDINGS} or None, got {rounding!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise TypeError(f"seed must be an int, got {seed!r}")
+    if not any_bf16 and (rounding is not None or seed is not None):
+        what = "rounding=" if rounding is not None else "seed="
+        raise ValueError(f"{what} applies to bfloat16 parameters only, and none is bfloat16")
 
 
 @dataclass(frozen=True)
