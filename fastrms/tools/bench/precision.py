@@ -129,7 +129,7 @@ def _torch_optimizer(module: str, cls: str, dtype: str, **options):
     return build
 
 
-def _needs(module: str, extra: Callable[[], str | None] | None = None):
+def _needs(module: str) -> Callable[[], str | None]:
     def why_not() -> str | None:
         try:
             importlib.import_module(module)
@@ -137,41 +137,9 @@ def _needs(module: str, extra: Callable[[], str | None] | None = None):
             return f"{module.split('.')[0]} is not installed"
         except Exception as error:  # a library that fails on import here (no GPU, say)
             return f"{module} does not import: {type(error).__name__}: {error}"
-        return extra() if extra else None
+        return None
 
     return why_not
-
-
-def _torchao_8bit(shapes: Shapes, values: dict) -> Runner:
-    from torchao.optim import AdamW8bit
-
-    params = _torch_tensors(values, "float32")
-    opt = AdamW8bit(params, **ADAM)
-    return _torch_runner(opt, params)
-
-
-def _torchao_bf16_sr(shapes: Shapes, values: dict) -> Runner:
-    from torchao.optim import _AdamW
-
-    params = _torch_tensors(values, "bfloat16")
-    opt = _AdamW(params, **ADAM, bf16_stochastic_round=True)
-    return _torch_runner(opt, params)
-
-
-def _optimi_kahan(shapes: Shapes, values: dict) -> Runner:
-    from optimi import AdamW
-
-    params = _torch_tensors(values, "bfloat16")
-    opt = AdamW(params, **ADAM, kahan_sum=True)
-    return _torch_runner(opt, params)
-
-
-def _bnb_8bit(shapes: Shapes, values: dict) -> Runner:
-    import bitsandbytes as bnb
-
-    params = _torch_tensors(values, "float32")
-    opt = bnb.optim.Adam8bit(params, **ADAM)
-    return _torch_runner(opt, params)
 
 
 def _torch_why_not() -> str | None:
@@ -181,78 +149,50 @@ def _torch_why_not() -> str | None:
 #: The baseline every ratio is taken against.
 BASELINE = "torch-fused-f32"
 
+
+def _ours(name: str, label: str, param_dtype: str, **options) -> PrecisionVariant:
+    """A fastrms variant: the NumPy Adam class on ``param_dtype`` parameters with ``options``."""
+    build, why_not = _fastrms(param_dtype, **options), _fastrms_why_not(param_dtype, **options)
+    return PrecisionVariant(name, label, build, why_not, param_dtype)
+
+
+def _theirs(name: str, label: str, module: str, cls: str, param_dtype: str, **options):
+    """A torch-side variant: ``module.cls`` (where installed) on ``param_dtype`` tensors."""
+    why_not = _torch_why_not if module == "torch.optim" else _needs(module)
+    build = _torch_optimizer(module, cls, param_dtype, **options)
+    return PrecisionVariant(name, label, build, why_not, param_dtype)
+
+
 PRECISION_VARIANTS: dict[str, PrecisionVariant] = {
     v.name: v
     for v in (
-        PrecisionVariant(
-            BASELINE,
-            "torch fused Adam, float32",
-            _torch_optimizer("torch.optim", "Adam", "float32", fused=True),
-            _torch_why_not,
-        ),
-        PrecisionVariant(
-            "fastrms-f32",
-            "fastrms, float32 params and state",
-            _fastrms("float32"),
-            _fastrms_why_not("float32"),
-        ),
-        PrecisionVariant(
-            "fastrms-f32-bf16state",
-            "fastrms, float32 params, bf16 state",
-            _fastrms("float32", state_dtype="bfloat16"),
-            _fastrms_why_not("float32", state_dtype="bfloat16"),
-        ),
-        PrecisionVariant(
-            "fastrms-f32-int8state",
-            "fastrms, float32 params, int8 state",
-            _fastrms("float32", state_dtype="int8"),
-            _fastrms_why_not("float32", state_dtype="int8"),
-        ),
-        PrecisionVariant(
-            "fastrms-bf16-bf16state",
-            "fastrms, bf16 params (stochastic), bf16 state",
-            _fastrms("bfloat16", state_dtype="bfloat16", rounding="stochastic"),
-            _fastrms_why_not("bfloat16", state_dtype="bfloat16", rounding="stochastic"),
-            "bfloat16",
-        ),
-        PrecisionVariant(
-            "fastrms-bf16-int8state",
-            "fastrms, bf16 params (stochastic), int8 state",
-            _fastrms("bfloat16", state_dtype="int8", rounding="stochastic"),
-            _fastrms_why_not("bfloat16", state_dtype="int8", rounding="stochastic"),
-            "bfloat16",
-        ),
-        PrecisionVariant(
-            "torch-fused-bf16",
-            "torch fused Adam, bf16 params (nearest)",
-            _torch_optimizer("torch.optim", "Adam", "bfloat16", fused=True),
-            _torch_why_not,
-            "bfloat16",
-        ),
-        PrecisionVariant(
-            "torchao-adamw8bit", "torchao AdamW8bit", _torchao_8bit, _needs("torchao.optim")
-        ),
-        PrecisionVariant(
-            "torchao-bf16-sr",
-            "torchao _AdamW, bf16 stochastic rounding",
-            _torchao_bf16_sr,
-            _needs("torchao.optim"),
-            "bfloat16",
-        ),
-        PrecisionVariant(
-            "optimi-kahan",
-            "optimi AdamW, bf16 + Kahan",
-            _optimi_kahan,
-            _needs("optimi"),
-            "bfloat16",
-        ),
-        PrecisionVariant(
-            "bnb-adam8bit", "bitsandbytes Adam8bit", _bnb_8bit, _needs("bitsandbytes")
-        ),
+        _theirs(BASELINE, "torch fused Adam, float32", "torch.optim", "Adam", "float32",
+                fused=True),
+        _ours("fastrms-f32", "fastrms, float32 params and state", "float32"),
+        _ours("fastrms-f32-bf16state", "fastrms, float32 params, bf16 state", "float32",
+              state_dtype="bfloat16"),
+        _ours("fastrms-f32-int8state", "fastrms, float32 params, int8 state", "float32",
+              state_dtype="int8"),
+        _ours("fastrms-bf16-bf16state", "fastrms, bf16 params (stochastic), bf16 state",
+              "bfloat16", state_dtype="bfloat16", rounding="stochastic"),
+        _ours("fastrms-bf16-int8state", "fastrms, bf16 params (stochastic), int8 state",
+              "bfloat16", state_dtype="int8", rounding="stochastic"),
+        _theirs("torch-fused-bf16", "torch fused Adam, bf16 params (nearest)", "torch.optim",
+                "Adam", "bfloat16", fused=True),
+        _theirs("torchao-adamw8bit", "torchao AdamW8bit", "torchao.optim", "AdamW8bit",
+                "float32"),
+        _theirs("torchao-bf16-sr", "torchao _AdamW, bf16 stochastic rounding", "torchao.optim",
+                "_AdamW", "bfloat16", bf16_stochastic_round=True),
+        _theirs("optimi-kahan", "optimi AdamW, bf16 + Kahan", "optimi", "AdamW", "bfloat16",
+                kahan_sum=True),
+        _theirs("bnb-adam8bit", "bitsandbytes Adam8bit", "bitsandbytes.optim", "Adam8bit",
+                "float32"),
     )
-}
+}  # fmt: skip
 
-#: The issue's targets: variant -> least ratio to torch fused float32 Adam.
+#: The model the targets are set on (GPT-2 small's shapes: memory-bound, unlike the small ones).
+TARGET_MODEL = "gpt2"
+#: The issue's targets: variant -> least ratio to torch fused float32 Adam over TARGET_MODEL.
 TARGETS = {
     "fastrms-f32-bf16state": 1.3,
     "fastrms-f32-int8state": 1.5,
@@ -368,6 +308,8 @@ def format_precision(result: dict, markdown: bool = False) -> str:
         verdict = ""
         if target is not None and x is not None:
             verdict = f">= {target}x: {'met' if x >= target else 'missed'}"
+            if result["model"] != TARGET_MODEL:  # small models run in cache: no verdict
+                verdict = f">= {target}x on {TARGET_MODEL}"
         rows.append(
             (
                 r["label"],
