@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import lowprecision
-from .precision import Storage, check_state_dtype, state_storage
+from .precision import Storage, check_rounding, check_state_dtype, state_storage
 from .torch_layout import KERNEL_DTYPE, flat, real, zeros_like
 
 #: The torch dtype that holds each storage that is not a parameter's own dtype (int8: the
@@ -59,10 +59,7 @@ def check_options(state_dtype: str | None, rounding: str | None, seed: int | Non
     """Refuse an unknown ``state_dtype`` or ``rounding``, or a ``seed`` that is not an int
     (``ValueError``/``TypeError`` naming the option)."""
     check_state_dtype(state_dtype)
-    if rounding is not None and (not isinstance(rounding, str) or rounding not in ROUNDINGS):
-        raise ValueError(f"rounding must be one of {ROUNDINGS} or None, got {rounding!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    check_rounding(rounding, seed)
 
 
 def storage_for(
