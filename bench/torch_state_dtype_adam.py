@@ -1,11 +1,12 @@
 """fastrms.torch.Adam with bfloat16 state (``state_dtype="bfloat16"``) against float32 state
 and ``torch.optim.Adam(fused=True)`` in float32, in one process, interleaved (issue 18).
 
-As ``bench/state_dtype_adam.py``, through fastrms.torch's step (its repeat route, on torch's
-OpenMP team): every variant steps its own copy of the float32 parameters with the same float32
-gradients; only the optimizer and the state differ. Each repetition runs every variant once,
-in a rotating order; the report gives each variant's median and, per repetition, its speed-up
-over torch fused (torch's time in that repetition / the variant's), as a range.
+As the bf16-state row of ``fastrms bench --precision``, through fastrms.torch's step (its
+repeat route, on torch's OpenMP team): every variant steps its own copy of the float32
+parameters with the same float32 gradients; only the optimizer and the state differ. Each
+repetition runs every variant once, in a rotating order; the report gives each variant's median
+and, per repetition, its speed-up over torch fused (torch's time in that repetition / the
+variant's), as a range.
 
 Usage::
 

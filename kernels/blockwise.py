@@ -26,7 +26,7 @@ pattern to 3 mantissa bits is rounding the value to the map's nearest (a binade'
 to the next exponent by itself), so the encoder is about 15 branch-free vector instructions
 per 16 elements, about 8x cheaper than the dynamic map's closed form. Decoding is the inverse
 shift. Even so the step is bound by computation, not memory: the codec's work about equals
-Adam's own (``bench/int8_state_adam.py --phases``; figures in the README).
+Adam's own (``bench/int8_phases.py``; figures in the README).
 
 The kernels are closures defined in this file (Numba's ``cache=True`` keys them on it), and
 bind :data:`TOKEN` as :mod:`fastrms.kernels.elementwise` does.

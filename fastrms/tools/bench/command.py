@@ -101,10 +101,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--precision",
         nargs="?",
         const="gpt2",
-        type=_model,
+        type=_precision_shapes,
         metavar="MODEL",
         help="instead of the sweep, time Adam at each precision (float32, bf16 and int8 state, "
-        "bf16 parameters) over a model's tensors (default gpt2: GPT-2 small, about 8 GB) "
+        "bf16 parameters) over a model's tensors (default gpt2: GPT-2 small, about 8 GB; or a "
+        "number of elements, e.g. 1e7, for one array), with each variant's memory and compute "
+        "bounds, "
         "against torch fused Adam and, where installed, torchao, optimi and bitsandbytes",
     )
     p.set_defaults(func=run)
@@ -138,6 +140,17 @@ def _models(text: str) -> tuple[str, ...]:
 
 def _model(text: str) -> str:
     return _names(text, M.MODELS, "model")[0] if "," not in text else _models(text)[0]
+
+
+def _precision_shapes(text: str) -> str:
+    """A model's name, or a number of elements (one array), for ``--precision``."""
+    try:
+        n = float(text)
+    except ValueError:
+        return _model(text)
+    if not n.is_integer() or n < 1:
+        raise argparse.ArgumentTypeError(f"a number of elements must be an integer >= 1: {text}")
+    return str(int(n))
 
 
 def _model_algos(text: str) -> tuple[str, ...]:

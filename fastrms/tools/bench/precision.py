@@ -248,15 +248,29 @@ def state_bytes(opt) -> int:
     return total
 
 
+def shapes_of(model: str) -> Shapes:
+    """The shapes ``fastrms bench --precision`` steps: a model of
+    :data:`fastrms.tools.bench.models.MODELS`, or one array of ``model`` elements (``"1e7"``)."""
+    if model in M.MODELS:
+        return M.MODELS[model]()
+    return {"array": (int(float(model)),)}
+
+
 def measure_precision(model: str, names: tuple[str, ...], repeat: int) -> dict:
-    """Build every available variant of ``names`` over ``model``'s shapes, time them
-    interleaved, and return the report's rows (and the reasons for those left out)."""
+    """Build every available variant of ``names`` over ``model``'s shapes (:func:`shapes_of`),
+    time them interleaved with the flat memory ceiling, and return the report's rows (and the
+    reasons for those left out). Each fastrms variant's row also gives its bounds
+    (:mod:`fastrms.tools.bench.precision_bounds`) on the current thread count."""
+    from numba import get_num_threads
+
+    from ...optim import Optimizer
+    from . import precision_bounds as B
     from .measure import _interleave
 
-    shapes = M.MODELS[model]()
+    shapes = shapes_of(model)
     size = M.model_size(shapes)
     values = values_for(shapes)
-    runners, rows, skipped, errors = {}, [], {}, {}
+    runners, rows, skipped, errors, per_element = {}, [], {}, {}, {}
     for name in names:
         v = PRECISION_VARIANTS[name]
         why = v.why_not()
@@ -269,36 +283,50 @@ def measure_precision(model: str, names: tuple[str, ...], repeat: int) -> dict:
         runner.step()  # the first step allocates lazily made state
         errors[name] = first_step_error(v, values, runner.result())
         runners[name] = runner
-    print(f"  timing {len(runners)} variants x {repeat} repetitions", file=sys.stderr, flush=True)
+        if isinstance(runner.keep, Optimizer):
+            per_element[name] = B.compute_floor(v.build, values_for, get_num_threads())
+    runners[B.CEILING] = B.flat_ceiling(size)
+    print(f"  timing {len(runners)} rows x {repeat} repetitions", file=sys.stderr, flush=True)
     times = _interleave(runners, repeat)
+    ceiling_best = float(min(times.pop(B.CEILING)[1]))
     base = np.median(times[BASELINE][1]) if BASELINE in times else None
     for name, (inner, ts) in times.items():
         median = float(np.median(ts))
-        rows.append(
-            {
-                "variant": name,
-                "label": PRECISION_VARIANTS[name].label,
-                "median_s": median,
-                "best_s": float(min(ts)),
-                "times_s": [float(t) for t in ts],
-                "inner": inner,
-                "x_torch_fused_f32": float(base / median) if base else None,
-                "state_bytes_per_param": state_bytes(runners[name].keep) / size,
-                "target": TARGETS.get(name),
-                "first_step_error": errors[name],
-            }
-        )
-    return {"model": model, "size": size, "tensors": len(shapes), "rows": rows, "skipped": skipped}
+        v = PRECISION_VARIANTS[name]
+        row = {
+            "variant": name,
+            "label": v.label,
+            "median_s": median,
+            "best_s": float(min(ts)),
+            "times_s": [float(t) for t in ts],
+            "inner": inner,
+            "x_torch_fused_f32": float(base / median) if base else None,
+            "state_bytes_per_param": state_bytes(runners[name].keep) / size,
+            "target": TARGETS.get(name),
+            "first_step_error": errors[name],
+        }
+        if name in per_element:
+            width = 2 if v.param_dtype == "bfloat16" else 4
+            moved = B.bytes_moved(width * size, width * size, state_bytes(runners[name].keep))
+            row |= B.bound_fields(size, moved, per_element[name], ceiling_best, base)
+        rows.append(row)
+    ceiling = {"label": B.CEILING_LABEL, "best_s": ceiling_best,
+               "gb_per_s": B.CEILING_BYTES * size / ceiling_best / 1e9}  # fmt: skip
+    return {"model": model, "size": size, "tensors": len(shapes), "rows": rows,
+            "ceiling": ceiling, "skipped": skipped}  # fmt: skip
 
 
 def format_precision(result: dict, markdown: bool = False) -> str:
     """The report: a table of the variants, then those left out and why. "first step" says
-    whether the variant's first step matched Adam's (:func:`first_step_error`)."""
+    whether the variant's first step matched Adam's (:func:`first_step_error`); "at best"
+    is the most a fastrms variant's "x torch" could be here, and "bound by" what sets it
+    (:mod:`fastrms.tools.bench.precision_bounds`)."""
     head = (
         f"Adam over {result['model']} ({result['tensors']} tensors, {result['size']:,} "
         "parameters), one step, interleaved in one process"
     )
-    cols = ("variant", "ms/step", "x torch fused f32", "state B/param", "first step", "target")
+    cols = ("variant", "ms/step", "x torch fused f32", "state B/param", "first step", "target",
+            "at best", "bound by")  # fmt: skip
     lines = [head, ""]
     sep = " | " if markdown else "  "
     rows = [cols]
@@ -318,6 +346,8 @@ def format_precision(result: dict, markdown: bool = False) -> str:
                 f"{r['state_bytes_per_param']:.2f}",
                 "ok" if r["first_step_error"] <= 1 else f"WRONG ({r['first_step_error']:.3g} tol)",
                 verdict,
+                f"{r['bound_x_torch_fused_f32']:.2f}" if r.get("bound_x_torch_fused_f32") else "",
+                r.get("bound_by", ""),
             )
         )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(cols))]
@@ -326,6 +356,11 @@ def format_precision(result: dict, markdown: bool = False) -> str:
         lines.append(("| " + sep.join(cells) + " |") if markdown else sep.join(cells))
         if markdown and k == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    ceiling = result.get("ceiling")
+    if ceiling:
+        lines.append("")
+        lines.append(f"{ceiling['label']}: {ceiling['best_s'] * 1e3:.1f} ms, "
+                     f"{ceiling['gb_per_s']:.1f} GB/s (best repetition)")  # fmt: skip
     if result["skipped"]:
         lines.append("")
         lines.append("not available here:")
