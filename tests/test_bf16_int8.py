@@ -28,6 +28,7 @@ from conftest import FULL_STATE, Snapshot, assert_same_bits
 
 import fastrms
 from fastrms import functional, lowprecision, precision, reference
+from fastrms import threads as threads_layer
 from fastrms.grouped import StepPlan
 from fastrms.lowprecision import MIN_8BIT_SIZE, Quantized
 from fastrms.specs import SPECS
@@ -79,9 +80,9 @@ def _copy(a):
     return Quantized(a.codes.copy(), a.scales.copy()) if isinstance(a, tuple) else a.copy()
 
 
-def reference_steps(name, options, params, grads, rounding, seed=0):
+def reference_steps(name, options, params, grads, rounding, seed=0, offset=0):
     """Parameters and state after ``len(grads)`` steps by the NumPy reference (see the module
-    docstring)."""
+    docstring); ``offset``: the index of each parameter's element 0 in its whole tensor."""
     spec = SPECS[name]
     slots = spec.layout.slots
     params = [p.copy() for p in params]
@@ -116,7 +117,7 @@ def reference_steps(name, options, params, grads, rounding, seed=0):
                 flat[...] = lowprecision.round_nearest(p32).view(BF16)
             elif rounding == "stochastic":
                 key = lowprecision.step_key(seed, step, i)
-                flat[...] = lowprecision.round_stochastic(p32, key, 0).view(BF16)
+                flat[...] = lowprecision.round_stochastic(p32, key, offset).view(BF16)
             else:
                 comp = state[KAHAN][i].reshape(-1)
                 with np.errstate(all="ignore"):
@@ -210,6 +211,7 @@ def test_one_and_two_threads_give_the_same_bits(rounding):
     """The parallel kernel, cut into parts on block boundaries, on 1 and 2 threads."""
     params, grads = _problem(3, shapes=((70_001,), (30_000,), (7,)))
     want_params, want_state = reference_steps("adam", {}, params, grads, rounding)
+    threads_layer.configure()  # fastrms chooses Numba's threading layer, before numba starts it
     before = numba.get_num_threads()
     try:
         for threads in (1, 2):
@@ -224,6 +226,28 @@ def test_one_and_two_threads_give_the_same_bits(rounding):
             _check(f"{threads} threads", ps, state, want_params, want_state)
     finally:
         numba.set_num_threads(before)
+
+
+def test_the_key_words_high_half_offsets_the_index_of_the_random_bits():
+    """The keyed column's table word holds the key in its low 32 bits and, in its high 32, the
+    index of the array's element 0 in its whole tensor (a shard's offset; the convention of
+    :func:`fastrms.kernels.pointers.codec_extra`): the blockwise kernel adds it to each
+    element's index, block after block."""
+    params, grads = _problem(11, shapes=((70_001,),), steps=1)
+    offset = 123_457
+    want, _ = reference_steps("adam", {}, params, grads, "stochastic", offset=offset)
+    unshifted, _ = reference_steps("adam", {}, params, grads, "stochastic")
+    assert not np.array_equal(want[0].view(np.uint16), unshifted[0].view(np.uint16))
+    ps = [params[0].copy()]
+    state = _fresh_state("adam", {}, ps, "stochastic")
+    setup = SPECS["adam"].setup(1)
+    plan = StepPlan(setup, ps, state, ["a"], "cpu", parallel_threshold=0, team=None,
+                    state_dtype="int8", rounding="stochastic")  # fmt: skip
+    hypers = plan.check(grads[0], setup, 1)  # sets the keys
+    (group,) = plan.groups
+    group.table[:, 1 + len(group.signature.storages)] |= offset << 32
+    plan.launch(hypers, grads[0])
+    assert_same_bits(ps[0].view(np.uint16), want[0].view(np.uint16))
 
 
 # -- the NumPy classes and the one-array functions ---------------------------------------------
