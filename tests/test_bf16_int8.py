@@ -344,8 +344,21 @@ def test_torch_matches_the_numpy_class(rounding):
         for k, v in topt.state[t].items():
             assert v.dtype == twin.state[u][k].dtype and torch.equal(v, twin.state[u][k]), k
 
-    # Exported as float32, it loads into torch.optim.AdamW (params cast to float32 there).
+    # Exported as float32, it loads back into int8 state quantized from the float32 values
+    # (not from torch's cast of them to the parameters' bfloat16), as the NumPy class loads it.
     sd = topt.state_dict(dequantize=True)
+    back = ft.AdamW([torch.nn.Parameter(t.detach().clone()) for t in tps], state_dtype="int8",
+                    rounding=rounding, seed=9, **options)  # fmt: skip
+    back.load_state_dict(copy.deepcopy(sd))
+    np_back = fastrms.AdamW([p.copy() for p in mine], state_dtype="int8", rounding=rounding,
+                            seed=9, **options)  # fmt: skip
+    np_back.load_state_dict(opt.state_dict(dequantize=True))
+    for s in ("exp_avg", "exp_avg_sq"):
+        x, q = back.state[back.param_groups[0]["params"][0]], np_back.state[s][0]
+        assert_same_bits(x[s].numpy(), q.codes, f"{s} codes loaded from float32")
+        assert_same_bits(x[s + "_scales"].numpy(), q.scales, f"{s} scales loaded from float32")
+
+    # And it loads into torch.optim.AdamW (params cast to float32 there).
     ref = torch.optim.AdamW([torch.nn.Parameter(t.detach().float()) for t in tps], **options)
     ref.load_state_dict(sd)
     got = ref.state[ref.param_groups[0]["params"][0]]["exp_avg"]
