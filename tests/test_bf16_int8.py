@@ -19,17 +19,20 @@ tensor, block after block) and three of them under the other two roundings.
 from __future__ import annotations
 
 import copy
+import re
 
 import ml_dtypes
 import numba
 import numpy as np
 import pytest
 from conftest import FULL_STATE, Snapshot, assert_same_bits
+from numba import njit
 
 import fastrms
 from fastrms import functional, lowprecision, precision, reference
 from fastrms import threads as threads_layer
 from fastrms.grouped import StepPlan
+from fastrms.kernels import blockwise, rules
 from fastrms.lowprecision import MIN_8BIT_SIZE, Quantized
 from fastrms.specs import SPECS
 
@@ -248,6 +251,27 @@ def test_the_key_words_high_half_offsets_the_index_of_the_random_bits():
     group.table[:, 1 + len(group.signature.storages)] |= offset << 32
     plan.launch(hypers, grads[0])
     assert_same_bits(ps[0].view(np.uint16), want[0].view(np.uint16))
+
+
+def test_the_block_loops_stay_float32_and_vectorized():
+    """With a keyed bfloat16 parameter column in the block loop, the rule's loop still runs
+    on float32 vectors, stores the parameter as 16-bit vectors, and the codes are encoded and
+    decoded as vectors (the kernel compiled afresh, its LLVM IR inspected)."""
+    s, u = precision.STORAGES["int8_signed"], precision.STORAGES["int8_unsigned"]
+    sig = precision.signature("adam", BF16, (s, u, u), rounding="stochastic")
+    serial = blockwise.grouped_block_loops(rules.adam, (False,), sig, (True, True, False))[1]
+    inner = [getattr(c.cell_contents, "py_func", None) for c in serial.py_func.__closure__]
+    piece = next(f for f in inner if getattr(f, "__name__", "") == "piece")
+    fresh = njit(cache=False, error_model="numpy")(piece)
+    table = np.zeros((1, sig.table_width), np.int64)
+    hyper = precision.cast("adam", SPECS["adam"].setup(1).scalars, F32)
+    fresh(table.ctypes.data + 8, 0, 0, 0, hyper, np.zeros(3 * blockwise.BLOCK, F32))  # no work
+    llvm = next(iter(fresh.inspect_llvm().values()))
+    assert re.search(r"llvm\.sqrt\.v\d+f32", llvm), "the rule's loop was not vectorized"
+    assert re.search(r"store <\d+ x i16>", llvm), "the bf16 param was not stored as vectors"
+    assert re.search(r"store <\d+ x i8>", llvm), "the codes were not encoded as vectors"
+    assert re.search(r"zext <\d+ x i8>", llvm), "the codes were not decoded as vectors"
+    assert not re.search(r"\bfpext\b|llvm\.sqrt\.f64", llvm)
 
 
 # -- the NumPy classes and the one-array functions ---------------------------------------------
