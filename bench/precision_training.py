@@ -11,14 +11,16 @@ Two tasks, both on data that ships with the installed packages (nothing is downl
 Each variant trains the same model from the same initial weights on the same batches with
 ``fastrms.torch.AdamW``; only how the parameters and the state are held differs:
 
-==========================  ========================================================
-``float32``                 float32 parameters and state (the baseline)
-``int8 state``              float32 parameters, ``state_dtype="int8"``
-``bf16 state``              float32 parameters, ``state_dtype="bfloat16"``
-``bf16 params, stochastic``  bfloat16 parameters, ``rounding="stochastic"``
-``bf16 params, nearest``     bfloat16 parameters, ``rounding="nearest"``
-``bf16 params, kahan``       bfloat16 parameters, ``rounding="kahan"``
-==========================  ========================================================
+=========================================  ===============================================
+``float32``                                float32 parameters and state (the baseline)
+``int8 state``                             float32 parameters, ``state_dtype="int8"``
+``bf16 state``                             float32 parameters, ``state_dtype="bfloat16"``
+``bf16 params, stochastic``                bfloat16 parameters, ``rounding="stochastic"``
+``bf16 params, nearest``                   bfloat16 parameters, ``rounding="nearest"``
+``bf16 params, kahan``                     bfloat16 parameters, ``rounding="kahan"``
+``bf16 params + int8 state (stochastic)``  bfloat16 parameters, ``rounding="stochastic"``,
+                                           ``state_dtype="int8"``
+=========================================  ===============================================
 
 A bfloat16 model runs its forward and backward passes in bfloat16 (its loss in float32). The
 report gives each variant's final held-out loss and its ratio to float32's, and the plot
@@ -53,7 +55,9 @@ VARIANTS = (
     ("bf16 params, stochastic", torch.bfloat16, {"rounding": "stochastic"}),
     ("bf16 params, nearest", torch.bfloat16, {"rounding": "nearest"}),
     ("bf16 params, kahan", torch.bfloat16, {"rounding": "kahan"}),
-)
+    ("bf16 params + int8 state (stochastic)", torch.bfloat16,
+     {"rounding": "stochastic", "state_dtype": "int8"}),
+)  # fmt: skip
 
 
 @dataclass

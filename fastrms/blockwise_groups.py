@@ -106,24 +106,36 @@ def _used(group) -> tuple[bool, ...]:
 
 class BlockwiseNumpyGroup(NumpyGroup):
     """The reference: per array, each used slot dequantized into float32, the NumPy rule, then
-    quantized back into the same codes and scales arrays."""
+    quantized back into the same codes and scales arrays. A bfloat16 parameter and its
+    gradient are widened to float32 first, and the parameter is stored back as
+    :class:`~fastrms.launch_groups.NumpyGroup` stores it (:meth:`NumpyGroup._store_param`:
+    rounded to nearest, stochastically, or with its Kahan compensation)."""
 
     def launch(self, hyper, grads):
         view = self.backend.view
         rule, flags = self.setup.rule, self.setup.flags
         storages = self.signature.storages
+        coded_param = storages[0].codec is not None
+        n_state = len(storages) - 2
         used = _used(self)
-        for i, arrays in zip(self.rows, self.arrays):
-            p = view(arrays[0])
-            views = [p, view(grads[i])]
-            for k, a in enumerate(arrays[2:]):
+        for r, (i, arrays) in enumerate(zip(self.rows, self.arrays)):
+            p, g = view(arrays[0]), view(grads[i])
+            if coded_param:
+                bits = lowprecision.bf16_bits(p)
+                p, g = lowprecision.bf16_to_float32(bits), lowprecision.bf16_to_float32(g)
+                before = p.copy()
+            state = arrays[2 : 2 + n_state]
+            views = [p, g]
+            for k, a in enumerate(state):
                 views.append(a.dequantize(storages[2 + k].signed).ravel() if used[k] else p)
             self.backend.launch(rule, flags, tuple(views), hyper)
-            for k, a in enumerate(arrays[2:]):
+            for k, a in enumerate(state):
                 if used[k]:
                     new = Quantized.of(views[2 + k], storages[2 + k].signed)
                     a.codes.reshape(-1)[...] = new.codes.reshape(-1)
                     a.scales[...] = new.scales
+            if coded_param:
+                self._store_param(bits, p, before, arrays[2 + n_state :], int(self.keys[r]))
 
 
 class BlockwiseCpuGroup(CpuGroup):
@@ -136,17 +148,23 @@ class BlockwiseCpuGroup(CpuGroup):
 
     def _table(self) -> np.ndarray:
         """One int64 row per array: element count, the addresses of param, grad (per step),
-        each slot's codes, then each slot's scales (an unused slot: the param's, never read)."""
-        slots = len(self.signature.storages) - 2
+        each slot's codes, the param's extra word if it has one (a bfloat16 parameter's key of
+        stochastic rounding, set per step, or its Kahan compensation's address, the last of
+        its arrays), then each slot's scales (an unused slot: the param's, never read)."""
+        storages = self.signature.storages
+        slots = len(storages) - 2
+        scales = 3 + slots + storages[0].words
         table = np.zeros((len(self.rows), self.signature.table_width), np.int64)
         for r, arrays in enumerate(self.arrays):
             p = arrays[0]
             table[r, 0] = p.size
             table[r, 1:] = extent(p)[0]
-            for k, a in enumerate(arrays[2:]):
+            for k, a in enumerate(arrays[2 : 2 + slots]):
                 if isinstance(a, Quantized):
                     table[r, 3 + k] = extent(a.codes)[0]
-                    table[r, 3 + slots + k] = extent(a.scales)[0]
+                    table[r, scales + k] = extent(a.scales)[0]
+            if storages[0].codec == "bf16_kahan":
+                table[r, 3 + slots] = extent(arrays[-1])[0]
         return table
 
     def _kernels(self):

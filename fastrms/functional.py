@@ -430,7 +430,7 @@ def multi_tensor_step(
         ``"bfloat16"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state arrays
         are ``ml_dtypes.bfloat16`` arrays (or ``uint16`` views of them); each element is
         loaded into float32, updated in float32 and stored rounded to nearest even.
-        ``"int8"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state of a
+        ``"int8"`` (float32 or bfloat16 parameters, ``cpu`` and ``numpy``): the state of a
         parameter of at least 4096 elements is a :class:`fastrms.lowprecision.Quantized`
         ``(codes, scales)`` pair per state array, 8-bit blockwise (see
         :mod:`fastrms.kernels.blockwise`); a smaller parameter's state is float32 arrays.

@@ -50,6 +50,7 @@ from .lowprecision import BFLOAT16, step_keys
 from .precision import (
     KAHAN_COMP,
     SLOTS,
+    STORAGES,
     check_rounding,
     check_state_dtype,
     is_bf16,
@@ -90,16 +91,17 @@ class StepPlan:
         How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
-        ``cpu`` and ``numpy`` backends only. ``"int8"`` (float32 parameters, ``cpu`` and
-        ``numpy``): :class:`fastrms.lowprecision.Quantized` pairs for parameters of at least
-        4096 elements, float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
+        ``cpu`` and ``numpy`` backends only. ``"int8"`` (float32 or bfloat16 parameters,
+        ``cpu`` and ``numpy``): :class:`fastrms.lowprecision.Quantized` pairs for parameters
+        of at least 4096 elements, float32 arrays for smaller ones
+        (:mod:`fastrms.blockwise_groups`).
     rounding : {None, "stochastic", "nearest", "kahan"}, optional
         How ``ml_dtypes.bfloat16`` parameters are stored after their float32 update (None:
         ``"stochastic"``; see :data:`fastrms.precision.PARAM_STORAGES`). Their gradients are
         bfloat16 too (or ``uint16`` patterns), their state float32 unless ``state_dtype``
-        says ``"bfloat16"``; ``cpu`` and ``numpy`` backends only. ``"kahan"`` takes one
-        bfloat16 compensation array per bfloat16 parameter, ``state["kahan_comp"]`` (None
-        beside other parameters). Refused (``ValueError``) if no parameter is bfloat16.
+        says ``"bfloat16"`` or ``"int8"``; ``cpu`` and ``numpy`` backends only. ``"kahan"``
+        takes one bfloat16 compensation array per bfloat16 parameter, ``state["kahan_comp"]``
+        (None beside other parameters). Refused (``ValueError``) if no parameter is bfloat16.
     seed : int, optional
         The seed of stochastic rounding (None: 0). Element ``j`` of parameter ``i`` at step
         ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), j)``.
@@ -155,6 +157,10 @@ class StepPlan:
             if i in low:
                 slots, held = self._bf16_storages(setup, p, names[i], labels, state_dtype,
                                                   comps and comps[i])  # fmt: skip
+                if slots[0].blockwise:  # int8: (codes, scales) pairs
+                    named, scales = split_state(named, labels, _shape_of(p), held[0].option)
+                elif state_dtype == "int8":
+                    refuse_pairs(named, labels, _size_of(p), f"state_dtype={state_dtype!r}")
                 if comps is not None:
                     named[f"{KAHAN_COMP} of {names[i]}"] = comps[i]
             else:
@@ -252,17 +258,26 @@ class StepPlan:
         setup: Setup, p: Any, name: str, labels: tuple, state_dtype: str | None, comp: Any
     ) -> tuple[tuple, tuple]:
         """As :meth:`_state_storages`, for a bfloat16 parameter: its state's storages, and
-        what :func:`check_arrays` accepts for its state and Kahan compensation."""
+        what :func:`check_arrays` accepts for its state (``state_dtype="int8"``: the codes of
+        a parameter of at least 4096 elements, float32 arrays for a smaller one) and Kahan
+        compensation."""
         info = describe(p, name)
         check_updatable(info, name, allow_bf16=True)
         storage = state_storage(state_dtype, info.dtype, name)
+        size = int(np.prod(info.shape, dtype=np.int64))
+        slots = slot_storages(setup.rule, storage, size)
+        if slots is None:  # as a bfloat16 parameter's state is held by default: float32
+            slots = (STORAGES["float32"],) * len(SLOTS[setup.rule])
         option = f"state_dtype={state_dtype!r}" if state_dtype else "bfloat16 parameters"
-        dtypes = LOW_PRECISION_DTYPES if storage.codec else (np.dtype(storage.dtype),)
+        if slots[0].blockwise:
+            dtypes = (np.dtype(np.uint8),)
+        else:
+            dtypes = LOW_PRECISION_DTYPES if slots[0].codec else (np.dtype(slots[0].dtype),)
         held = [Held(frozenset(labels), dtypes, option)]
         if comp is not None:
             label = f"{KAHAN_COMP} of {name}"
             held.append(Held(frozenset([label]), LOW_PRECISION_DTYPES, "rounding='kahan'"))
-        return (storage,) * len(SLOTS[setup.rule]), tuple(held)
+        return slots, tuple(held)
 
     def matches(self, setup: Setup, state: dict[str, list], backend: str) -> bool:
         """Whether this plan still serves ``setup`` over the same state arrays."""
@@ -419,7 +434,11 @@ class _Blockwise(NamedTuple):
 
 
 def _size_of(p: Any) -> int:
-    return int(np.prod(describe(p, "param").shape, dtype=np.int64))
+    return int(np.prod(_shape_of(p), dtype=np.int64))
+
+
+def _shape_of(p: Any) -> tuple:
+    return describe(p, "param").shape
 
 
 def _kind(a: Any) -> str:

@@ -71,12 +71,14 @@ class Optimizer:
     the parameters are; ``"bfloat16"`` (float32 host parameters): ``ml_dtypes.bfloat16``
     arrays, each element loaded into float32, updated in float32 and stored rounded to
     nearest even, so the state takes half the memory and a step moves fewer bytes;
-    ``"int8"`` (float32 host parameters): each state array of a parameter of at least 4096
-    elements a :class:`fastrms.lowprecision.Quantized` pair (``uint8`` codes and one float32
-    scale per 256 elements, about a quarter of the memory), float32 arrays for smaller ones.
+    ``"int8"`` (float32 or bfloat16 host parameters): each state array of a parameter of at
+    least 4096 elements a :class:`fastrms.lowprecision.Quantized` pair (``uint8`` codes and
+    one float32 scale per 256 elements, about a quarter of the memory), float32 arrays for
+    smaller ones.
 
     Host parameters may be ``ml_dtypes.bfloat16`` (their gradients too): each step computes
-    them in float32, with float32 state (``state_dtype="bfloat16"``: bfloat16 state), and
+    them in float32, with float32 state (``state_dtype="bfloat16"``: bfloat16 state;
+    ``"int8"``: 8-bit state as above), and
     stores them as ``rounding`` says: ``"stochastic"`` (default; random bits keyed by
     ``seed``, the step count and the parameter's position, see
     :func:`fastrms.functional.multi_tensor_step`), ``"nearest"``, or ``"kahan"`` (a bfloat16

@@ -181,17 +181,16 @@ def state_storage(state_dtype: str | None, param: np.dtype, name: str = "params"
 
     None (the default) holds the state as the parameter is held. ``"bfloat16"`` holds it as
     bfloat16 patterns, loaded into float32 and stored rounded to nearest even, so it needs
-    float32 parameters; so does ``"int8"`` (blockwise 8-bit, see :func:`slot_storages`);
-    ``"float32"``/``"float64"`` must be the parameter's own dtype (no codec
-    converts between them). Raises ``ValueError`` naming ``state_dtype`` and ``name`` otherwise.
+    float32 (or bfloat16) parameters; so does ``"int8"`` (blockwise 8-bit, see
+    :func:`slot_storages`); ``"float32"``/``"float64"`` must be the parameter's own dtype (no
+    codec converts between them), but a bfloat16 parameter, computed in float32, holds float32
+    state by default. Raises ``ValueError`` naming ``state_dtype`` and ``name`` otherwise.
     """
     check_state_dtype(state_dtype)
     if is_bf16(np.dtype(param)):  # computed in float32: float32 state unless asked otherwise
-        if state_dtype in ("float64", "int8"):
-            needs = "float64" if state_dtype == "float64" else "float32"
+        if state_dtype == "float64":
             raise ValueError(
-                f"state_dtype={state_dtype!r} needs {needs} parameters, but {name} has dtype "
-                "bfloat16"
+                f"state_dtype='float64' needs float64 parameters, but {name} has dtype bfloat16"
             )
         return STORAGES[state_dtype or "float32"]
     held = storage_of(param)

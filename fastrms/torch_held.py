@@ -100,8 +100,9 @@ class HeldState(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``; state held in another dtype than its
-        parameter's (a bfloat16 parameter's float32 state) loads from the checkpoint's own
-        tensors, which torch's load would have cast to the parameter's dtype first."""
+        parameter's (a bfloat16 parameter's float32 state, or the float32 scales of its 8-bit
+        state) loads from the checkpoint's own tensors, which torch's load would have cast to
+        the parameter's dtype first."""
         saved = [i for g in state_dict.get("param_groups", ()) for i in g.get("params", ())]
         mine = [p for g in self.param_groups for p in g["params"]]
         low = {
@@ -112,15 +113,36 @@ class HeldState(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for p, st in low.items():
             try:
-                held = self._held(p)
+                held, int8 = self._held(p), self._int8(p)
             except (TypeError, ValueError):  # the step refuses it, naming it
                 continue
             for n in self._slots:
-                t = st.get(n)
-                if torch.is_tensor(t) and t.is_floating_point() and n in self.state[p]:
-                    self.state[p][n] = to_held(t.detach().to("cpu"), held).clone()
+                self._reload(p, n, st.get(n), st.get(n + SCALES), held, int8)
         self._views = {}
         self._last = None
+
+    def _reload(self, p: torch.Tensor, n: str, t: Any, scales: Any, held, int8: bool) -> None:
+        """Load state ``n`` of bfloat16 parameter ``p`` again from the checkpoint's tensor
+        ``t`` (and ``scales``, if it was stored in 8 bits), as :meth:`_hold` does from the
+        tensors torch's load cast to bfloat16."""
+        mine = self.state[p]
+        if not torch.is_tensor(t) or n not in mine:
+            return
+        t = t.detach().to("cpu")
+        if t.shape != p.shape:  # as _hold, left for the step to refuse, naming it
+            if not int8 and t.is_floating_point():
+                mine[n] = to_held(t, held).clone()
+        elif torch.is_tensor(scales):  # stored in 8 bits: its scales as they were saved
+            scales = scales.detach().to("cpu", torch.float32)
+            if int8:
+                mine[n + SCALES] = scales.clone()
+            else:
+                mine[n] = to_held(dequantized(t.to(torch.uint8), scales, self._signed(n)), held)
+        elif t.is_floating_point():
+            if int8 and n + SCALES in mine:  # quantized from the saved values, not bfloat16's
+                quantize_into(mine[n], mine[n + SCALES], t, self._signed(n))
+            elif not int8:
+                mine[n] = to_held(t, held).clone()
 
     def state_dict(self, dequantize: bool = False) -> dict[str, Any]:
         """torch's ``state_dict()``: the state tensors as they are held (bfloat16 state as
@@ -153,12 +175,13 @@ class HeldState(torch.optim.Optimizer):
         return out
 
     def _names_of(self, p: torch.Tensor, names: tuple) -> tuple:
-        """The torch names of ``p``'s state tensors for a step using state ``names``: with
-        the Kahan compensation of a bfloat16 parameter under ``rounding="kahan"``."""
+        """The torch names of ``p``'s state tensors for a step using state ``names``: the
+        scales beside 8-bit codes, then the Kahan compensation of a bfloat16 parameter under
+        ``rounding="kahan"`` (last: the step takes it as the last of its state)."""
+        if self.state_dtype == "int8" and self._int8(p):  # the codes, then their scales
+            names = (*names, *(n + SCALES for n in names))
         if self.rounding == "kahan" and p.dtype is torch.bfloat16:
             return (*names, KAHAN_COMP)
-        if self.state_dtype == "int8" and self._int8(p):  # the codes, then their scales
-            return (*names, *(n + SCALES for n in names))
         return names
 
     def _int8(self, p: torch.Tensor) -> bool:

@@ -22,7 +22,8 @@ out as the parameter, and ``opt.state[p][n + SCALES]`` the float32 scales, one p
 ``rounding=`` and ``seed=`` choose how ``torch.bfloat16`` *parameters* are stored back
 (refused, naming the parameter, on any other parameter: :func:`storage_for`). Such a
 parameter goes to the kernels as its ``uint16`` patterns viewed as ``ml_dtypes.bfloat16``
-(:func:`param_view`), its state is float32 unless ``state_dtype="bfloat16"``, and
+(:func:`param_view`), its state is float32 unless ``state_dtype="bfloat16"`` or ``"int8"``
+(codes and scales as above, for a tensor of at least 4096 elements), and
 ``rounding="kahan"`` keeps a bfloat16 compensation tensor, ``opt.state[p]["kahan_comp"]``.
 """
 
@@ -72,7 +73,7 @@ def storage_for(
 
     Raises ``ValueError`` for ``rounding=``/``seed=`` on a parameter that is not bfloat16 and
     for a ``state_dtype`` the parameter's dtype cannot hold (bfloat16 and int8 state need
-    float32 parameters, so int8 state is refused beside bfloat16 parameters), ``TypeError``
+    float32 or bfloat16 parameters), ``TypeError``
     for a held form fastrms.torch cannot step (a complex or CUDA parameter with low-precision
     state, a bfloat16 CUDA parameter). Other parameter problems are left to the step's checks.
     """
@@ -99,7 +100,8 @@ def storage_for(
             f"{owner}: {option} not supported on {p.device.type} tensors yet (CPU only): {what}"
         )
     if storage.name == "int8" and not lowprecision.uses_8bit(p.numel()):
-        return None  # a small tensor keeps float32 state, as bitsandbytes does
+        # A small tensor keeps float32 state, as bitsandbytes does (a bfloat16 one too).
+        return state_storage(None, _NUMPY_OF[kdtype], what) if low else None
     return storage
 
 

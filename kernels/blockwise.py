@@ -8,7 +8,8 @@ and E4M3) for first moments, unsigned (E5M3) for second moments, as each layout'
 
 Per block of 256 elements, the kernels here:
 
-1. run the rule, unchanged, on the parameter's and gradient's block and a :class:`BlockColumn`
+1. run the rule, unchanged, on the parameter's and gradient's block (plain float32 arrays, or
+   a bfloat16 parameter's codec columns, :mod:`fastrms.kernels.columns`) and a :class:`BlockColumn`
    per state slot, which decodes each code as the rule reads it (``code -> value * scale``)
    and takes what the rule writes into a float32 scratch block (a rule reads each element of
    its state once, before writing it), so the decoder's integer work runs in the rule's loop,
@@ -55,7 +56,15 @@ from . import columns
 from ._options import FASTMATH
 from .elementwise import TOKEN as ELEMENTWISE_TOKEN
 from .elementwise import _column_likes
-from .pointers import _column_type, address_of, as_array_from, load_int64, scalars_at
+from .pointers import (
+    _column_type,
+    address_of,
+    as_array_from,
+    codec_extra,
+    load_int64,
+    scalars_at,
+    takes_word,
+)
 
 #: Elements per block (one scale each): fastrms.lowprecision.BLOCK.
 BLOCK = 256
@@ -259,8 +268,10 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
     """``block_columns(entry, start, size, block, scratch, likes)``: the rule's tuple for the
     ``size`` elements from ``start`` (block number ``block``) of the table row whose param
     column is at ``entry``: param and grad as :func:`~fastrms.kernels.pointers.arrays_at`
-    makes them, then a :class:`BlockColumn` per slot over its codes, its block's scale and its
-    part of ``scratch`` (the address of ``BLOCK`` float32 per slot)."""
+    makes them (plain arrays, or codec columns: a bfloat16 parameter's, keyed or paired by
+    the row's extra word after the codes' addresses, :func:`~fastrms.kernels.pointers.
+    codec_extra`), then a :class:`BlockColumn` per slot over its codes, its block's scale and
+    its part of ``scratch`` (the address of ``BLOCK`` float32 per slot)."""
     if not isinstance(likes, types.BaseTuple) or len(likes) < 2:
         return None
     heads = [_column_type(like) for like in likes[:2]]
@@ -280,20 +291,32 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
             return builder.load(builder.gep(base, [ir.Constant(word, j)]))
 
         values = []
+        extra_word = 2 + n_slots  # the head columns' extra words follow the addresses
         for j, column_type in enumerate(heads):
             codec = isinstance(column_type, columns.CodecColumn)
             array_type = column_type.array if codec else column_type
-            data_type = context.get_data_type(array_type.dtype)
-            data = builder.gep(builder.inttoptr(word_at(j), data_type.as_pointer()), [start])
-            value = _array_value(context, builder, array_type, data, size)
-            values.append(columns.wrap(context, builder, column_type, value) if codec else value)
+
+            def array_at(address, array_type=array_type):
+                data_type = context.get_data_type(array_type.dtype)
+                data = builder.gep(builder.inttoptr(address, data_type.as_pointer()), [start])
+                return _array_value(context, builder, array_type, data, size)
+
+            value = array_at(word_at(j))
+            if not codec:
+                values.append(value)
+                continue
+            extra = None
+            if takes_word(column_type):
+                extra = codec_extra(builder, column_type, word_at(extra_word), start, array_at)
+                extra_word += 1
+            values.append(columns.wrap(context, builder, column_type, value, extra))
         f32 = context.get_data_type(types.float32)
         for s, column_type in enumerate(column_types[2:]):
             codes = builder.gep(builder.inttoptr(word_at(2 + s), ir.IntType(8).as_pointer()),
                                 [start])  # fmt: skip
             at = builder.add(scratch, ir.Constant(word, 4 * BLOCK * s))
             out = builder.inttoptr(at, f32.as_pointer())
-            scale_at = builder.gep(builder.inttoptr(word_at(2 + n_slots + s), f32.as_pointer()),
+            scale_at = builder.gep(builder.inttoptr(word_at(extra_word + s), f32.as_pointer()),
                                    [block])  # fmt: skip
             proxy = cgutils.create_struct_proxy(column_type)(context, builder)
             proxy.codes = _array_value(context, builder, column_type.codes, codes, size)
@@ -309,7 +332,8 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
 def _shape(signature, used):
     """What the kernels close over: the likes of the rule's columns (param and grad as their
     storages say, the state slots float32 scratch), the scalars' likes, the table's row stride,
-    each slot's signedness and whether the options use it."""
+    each slot's signedness, whether the options use it, and the row word of the first slot's
+    scales (after the addresses and the param's and grad's extra words)."""
     slots = signature.storages[2:]
     if not all(s.blockwise for s in slots):
         raise ValueError("a blockwise kernel needs every state slot held blockwise")
@@ -317,7 +341,8 @@ def _shape(signature, used):
     columns = (*_column_likes(signature.storages[:2]), *(BlockLike(s.signed) for s in slots))
     scalars = (compute,) * signature.scalars
     signs = tuple(s.signed for s in slots)
-    return columns, scalars, 8 * signature.table_width, signs, tuple(used)
+    scales = 2 + len(slots) + sum(s.words for s in signature.storages[:2])
+    return columns, scalars, 8 * signature.table_width, signs, tuple(used), scales
 
 
 @cache
@@ -327,15 +352,18 @@ def grouped_block_loops(rule, flags, signature, used):
     :func:`fastrms.kernels.elementwise.grouped_loops` does for plain state.
 
     ``table`` holds one int64 row per array of ``signature.table_width`` words: element
-    count, the addresses of param and grad, of each slot's codes (``uint8``), then of each
-    slot's scales (float32). ``used`` says, per slot, whether the options use it (a slot they
-    leave unused is never read or written: its addresses may be anything). Each piece of
-    ``items`` must start at a multiple of :data:`BLOCK` (:func:`fastrms.blockwise_groups.
-    block_schedule`). The results are bit for bit those of the NumPy reference step on the
-    dequantized state, quantized again (:mod:`fastrms.lowprecision`).
+    count, the addresses of param and grad, of each slot's codes (``uint8``), the param's
+    extra word if its storage takes one (a bfloat16 parameter's stochastic-rounding key or
+    Kahan compensation's address, as in :func:`fastrms.kernels.elementwise.grouped_loops`),
+    then the addresses of each slot's scales (float32). ``used`` says, per slot, whether the
+    options use it (a slot they leave unused is never read or written: its addresses may be
+    anything). Each piece of ``items`` must start at a multiple of :data:`BLOCK`
+    (:func:`fastrms.blockwise_groups.block_schedule`). The results are bit for bit those of
+    the NumPy reference step on the dequantized state, quantized again
+    (:mod:`fastrms.lowprecision`).
     """
     token = TOKEN  # read below only so that it is part of the closure, hence the cache key
-    columns, scalar_likes, stride, signs, used = _shape(signature, used)
+    columns, scalar_likes, stride, signs, used, scales_word = _shape(signature, used)
     n_slots = len(signs)
     codes_like, scale_like = np.uint8(0), np.float32(0)
 
@@ -357,7 +385,7 @@ def grouped_block_loops(rule, flags, signature, used):
                 if used[s]:
                     codes = as_array_from(load_int64(entry + 8 * (2 + s)), b0, k, codes_like)
                     scale = as_array_from(
-                        load_int64(entry + 8 * (2 + n_slots + s)), block, 1, scale_like
+                        load_int64(entry + 8 * (scales_word + s)), block, 1, scale_like
                     )
                     values = scratch[BLOCK * s : BLOCK * s + k]
                     scale[0] = quantize_block(values, codes, k, signs[s])

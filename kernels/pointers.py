@@ -169,6 +169,30 @@ def _column_type(like):
     return None
 
 
+def takes_word(column_type) -> bool:
+    """Whether a table column of ``column_type`` takes an extra word of its row (after the
+    addresses): a keyed or paired :class:`~fastrms.kernels.columns.CodecColumn`."""
+    return isinstance(column_type, columns.CodecColumn) and column_type.kind in ("keyed", "paired")
+
+
+def codec_extra(builder, column_type, word, start, array_at):
+    """Lower: what a keyed or paired codec column adds to its held array
+    (:func:`~fastrms.kernels.columns.wrap`'s ``extra``), from its extra table word ``word``
+    (an int64 value), for the column's piece from element ``start`` of its array.
+
+    Keyed: the key, ``word``'s low 32 bits, and the index of the piece's element 0 in its
+    whole tensor, ``start + (word >> 32)``: the high 32 bits hold the index of the array's
+    own element 0 in its tensor (0 but for a shard). Paired: ``array_at(word)``, the second
+    array's piece from the same element. The grouped kernels of every shape
+    (:func:`arrays_at`, :func:`fastrms.kernels.blockwise.block_columns`) build their codec
+    columns with it, so their random bits and compensations agree.
+    """
+    if column_type.kind == "keyed":
+        offset = builder.lshr(word, ir.Constant(word.type, 32))
+        return builder.trunc(word, ir.IntType(32)), builder.add(start, offset)
+    return array_at(word)
+
+
 @intrinsic
 def arrays_at(typingctx, words, start, size, likes):
     """``arrays_at(words, start, size, likes)``: a tuple of 1-D arrays, one per element of the
@@ -177,7 +201,8 @@ def arrays_at(typingctx, words, start, size, likes):
     scalar), or a :class:`~fastrms.kernels.columns.CodecColumn` over it (for a
     :class:`~fastrms.kernels.columns.ColumnLike`: a storage with a codec). A keyed or paired
     codec column (:data:`~fastrms.kernels.columns.KINDS`) also takes the next of the row's
-    words after the addresses: its key (the low 32 bits), or its second array's address.
+    words after the addresses (:func:`codec_extra`): its key (the low 32 bits; the high 32
+    the index offset of the array in its tensor), or its second array's address.
 
     The grouped kernels build their arrays from a table row with it, so the number of columns
     and their types come from the rule's signature, not from code written per width. It is one
@@ -227,11 +252,12 @@ def arrays_at(typingctx, words, start, size, likes):
                 values.append(value)
                 continue
             extra = None
-            if column_type.kind == "keyed":  # the key, and the index of the piece's start
-                extra = (builder.trunc(word(extra_word), ir.IntType(32)), start)
-                extra_word += 1
-            elif column_type.kind == "paired":  # the second array, from the same element
-                extra = piece(array_type, word(extra_word))
+            if takes_word(column_type):
+
+                def array_at(address, array_type=array_type):
+                    return piece(array_type, address)
+
+                extra = codec_extra(builder, column_type, word(extra_word), start, array_at)
                 extra_word += 1
             values.append(columns.wrap(context, builder, column_type, value, extra))
         return context.make_tuple(builder, tuple_type, values)
