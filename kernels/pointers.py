@@ -177,7 +177,9 @@ def arrays_at(typingctx, words, start, size, likes):
     scalar), or a :class:`~fastrms.kernels.columns.CodecColumn` over it (for a
     :class:`~fastrms.kernels.columns.ColumnLike`: a storage with a codec). A keyed or paired
     codec column (:data:`~fastrms.kernels.columns.KINDS`) also takes the next of the row's
-    words after the addresses: its key (the low 32 bits), or its second array's address.
+    words after the addresses: its key (the low 32 bits) and the index of its array's first
+    element in its whole tensor (the high 32 bits: the keyed column's element ``i`` has index
+    ``start + i + (word >> 32)``, mod 2^32), or its second array's address.
 
     The grouped kernels build their arrays from a table row with it, so the number of columns
     and their types come from the rule's signature, not from code written per width. It is one
@@ -228,7 +230,9 @@ def arrays_at(typingctx, words, start, size, likes):
                 continue
             extra = None
             if column_type.kind == "keyed":  # the key, and the index of the piece's start
-                extra = (builder.trunc(word(extra_word), ir.IntType(32)), start)
+                key_word = word(extra_word)  # key | offset << 32 (fastrms.grouped.key_words)
+                offset = builder.lshr(key_word, ir.Constant(word_type, 32))
+                extra = (builder.trunc(key_word, ir.IntType(32)), builder.add(start, offset))
                 extra_word += 1
             elif column_type.kind == "paired":  # the second array, from the same element
                 extra = piece(array_type, word(extra_word))
