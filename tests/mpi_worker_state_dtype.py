@@ -248,15 +248,28 @@ def bf16_reduced(all_grads: list[dict]) -> dict:
     return out
 
 
-def run_bf16_case(rounding: str, shapes: dict, dtypes: dict, name: str = "Adam") -> None:
+def run_bf16_case(
+    rounding: str,
+    shapes: dict,
+    dtypes: dict,
+    name: str = "Adam",
+    reduce="reduce_scatter",
+    flat: bool = False,
+) -> None:
+    """``flat``: the parameters are views of one buffer (all-gathered in place)."""
     cls = getattr(fastrms, name)
-    what = f"{name} bf16 params {rounding} {shapes}"
+    what = f"{name} bf16 params {rounding} {shapes} {reduce} flat={flat}"
     rng = np.random.default_rng(17)
     p0 = {k: rng.standard_normal(s).astype(dtypes[k]) for k, s in shapes.items()}
     params = {k: v.copy() for k, v in p0.items()}
+    if flat:
+        buffer = np.concatenate([v.reshape(-1) for v in p0.values()])
+        ends = np.cumsum([v.size for v in p0.values()]).tolist()
+        params = {k: buffer[e - v.size : e].reshape(v.shape)
+                  for (k, v), e in zip(p0.items(), ends)}  # fmt: skip
     ref_params = {k: v.copy() for k, v in p0.items()}
     low = dict(rounding=rounding, seed=12345)
-    opt = ShardedOptimizer(cls, params, lr=0.01, **low)
+    opt = ShardedOptimizer(cls, params, lr=0.01, reduce=reduce, **low)
     ref = cls(ref_params, lr=0.01, **low)
     assert opt.rounding == rounding
     for k in range(STEPS):
@@ -296,6 +309,9 @@ def run_bf16_cases() -> None:
     dtypes = {"w": BF16, "f": np.float32, "v": BF16}
     for rounding in ("stochastic", "nearest", "kahan"):
         run_bf16_case(rounding, BF16_SHAPES, dtypes)
+    # One MPI_Reduce per rank's range; bfloat16 parameters in one buffer, gathered in place.
+    run_bf16_case("stochastic", {"w": (5000,), "v": (7, 3)}, {"w": BF16, "v": BF16},
+                  reduce="reduce", flat=True)  # fmt: skip
     # Two bfloat16 elements on N ranks: a rank whose shard is float32 only (no Kahan
     # compensation of its own), and with 3 ranks, one rank that holds no bf16 element at all.
     run_bf16_case("kahan", {"x": (2,), "f": (40,)}, {"x": BF16, "f": np.float32})
