@@ -102,7 +102,7 @@ class StepPlan:
         beside other parameters). Refused (``ValueError``) if no parameter is bfloat16.
     seed : int, optional
         The seed of stochastic rounding (None: 0). Element ``j`` of parameter ``i`` at step
-        ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), j)``.
+        ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), offsets[i] + j)``.
     streams : list of int, optional
         Each parameter's stream of random bits (default: its position, ``0, 1, ...``).
         Stochastic rounding needs the step: pass ``step=`` to :meth:`run` / :meth:`check`.
