@@ -21,17 +21,19 @@ import re
 import time
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import lowprecision
 from .arrays import DEVICE, check_no_overlap, describe
-from .lowprecision import BFLOAT16
+from .blockwise_groups import check_pair
+from .lowprecision import BFLOAT16, BLOCK
 from .optim import Optimizer
-from .precision import state_dtype_of, state_storage
+from .precision import KAHAN_COMP, check_rounding, is_bf16, state_dtype_of, state_storage
 from .shard_memory import memory_for
 from .shard_partition import Group, Piece, bounds, make_groups, partition, size_of
-from .state import checked_entry, convert
+from .state import CODES, SCALES, checked_entry, convert
 from .tree import Params, Tree, state_names
 
 __all__ = ["REDUCTIONS", "Piece", "ShardedOptimizer", "bounds", "partition"]
@@ -50,8 +52,9 @@ class ShardedOptimizer:
     params : array, list/tuple of arrays, or dict of str -> array
         As for ``optimizer``: float32/float64 arrays, C-contiguous, writeable; NumPy arrays,
         or CUDA arrays with a CUDA-aware MPI (the device is synchronized around each MPI
-        call). Every rank passes the same structure, shapes and dtypes (checked) and the same
-        values (not checked: after the first step every rank holds the owners' values).
+        call); or ``ml_dtypes.bfloat16`` NumPy arrays (see ``rounding``). Every rank passes
+        the same structure, shapes and dtypes (checked) and the same values (not checked:
+        after the first step every rank holds the owners' values).
     comm : mpi4py.MPI.Intracomm, optional
         The communicator; default ``MPI.COMM_WORLD``.
     average : bool
@@ -62,12 +65,31 @@ class ShardedOptimizer:
         bandwidth-optimal algorithms as the ranks grow), or one ``MPI_Reduce`` per rank's
         range, rooted at its owner: the same bytes sent, in N calls. With Open MPI 5 on one
         machine the latter was several times faster (see the README); the sums are the same.
-    state_dtype : {None, "float32", "float64", "bfloat16"}, optional
+    state_dtype : {None, "float32", "float64", "bfloat16", "int8"}, optional
         How each rank's shard of the state is held, as for ``optimizer``: None (default) as
         the parameters are; ``"bfloat16"`` (float32 host parameters) holds it as bfloat16,
-        half the memory. :meth:`state_dict` gathers it as it is held (or, with
-        ``dequantize=True``, as float32) and :meth:`load_state_dict` converts what it loads.
-        ``"int8"`` is refused (``ValueError``): blockwise state is not sharded yet.
+        half the memory; ``"int8"`` (float32 host parameters) holds the state of each tensor
+        of at least 4096 elements (the whole tensor's size decides) as ``uint8`` codes and one
+        float32 scale per block of 256 elements, and smaller tensors' state as float32. Cuts
+        between the ranks' shards fall on block boundaries inside such a tensor, so each rank
+        holds and quantizes whole blocks, bit for bit as the single-process optimizer does.
+        :meth:`state_dict` gathers the state as it is held (int8: the ``":codes"`` and
+        ``":scales"`` entries of the single-process class) or, with ``dequantize=True``, as
+        float32; :meth:`load_state_dict` converts (quantizes) what it loads. CUDA arrays take
+        None only (``TypeError`` otherwise).
+    rounding : {None, "stochastic", "nearest", "kahan"}, optional
+        How bfloat16 parameters are stored after their float32 update, as for ``optimizer``
+        (None: ``"stochastic"``; refused unless a parameter is bfloat16). MPI has no bfloat16
+        sum: their gradients are reduced as float32 (widened exactly, summed, averaged) and
+        the local step reads that reduced gradient rounded to nearest even, so the update is
+        the single-process one with the bfloat16-rounded mean gradient, bit for bit, for any
+        number of ranks (where the float32 sum does not depend on MPI's order of addition).
+        Stochastic rounding draws each element's bits from ``seed``, the step, the tensor's
+        position in ``params`` and the element's index in its whole tensor, as the
+        single-process class does; ``"kahan"`` compensation arrays are sharded as the state
+        is. The parameters are all-gathered as their ``uint16`` patterns.
+    seed : int, optional
+        The seed of stochastic rounding (None: 0).
     **hyperparameters
         As for ``optimizer`` (``lr=...``, ``backend=...``); each is an attribute, changeable
         between steps on every rank alike.
@@ -97,6 +119,8 @@ class ShardedOptimizer:
         reduce: str = "reduce_scatter",
         *,
         state_dtype: str | None = None,
+        rounding: str | None = None,
+        seed: int | None = None,
         **hyperparameters: Any,
     ) -> None:
         from mpi4py import MPI
@@ -128,6 +152,11 @@ class ShardedOptimizer:
             self._mem = memory_for(self._params, self._names)
             self.state_dtype = state_dtype
             self._held = _held_dtypes(state_dtype, self._params, self._names)
+            low = any(is_bf16(_dtype(p)) for p in self._params)
+            check_rounding(rounding, seed, low)
+            #: As the optimizer classes' (None without bfloat16 parameters); fixed.
+            self.rounding = (rounding or "stochastic") if low else None
+            self.seed = 0 if seed is None else int(seed)
             # What the step writes, for the gradients' overlap check.
             self._written = [(name, p, True) for name, p in zip(self._names, self._params)]
         except (TypeError, ValueError) as exc:
@@ -137,11 +166,15 @@ class ShardedOptimizer:
             signature = (
                 optimizer.__name__, self._tree.structure, self._tree.keys, self.average,
                 self.reduce, self._mem.kind, [(_shape(p), _dtype(p).str) for p in self._params],
-                repr(sorted(hyperparameters.items())), state_dtype,
+                repr(sorted(hyperparameters.items())), state_dtype, self.rounding, self.seed,
             )  # fmt: skip
         self._agree(error, repr(signature), "params, optimizer and options")
-        self._groups = make_groups(self._mem, self._params, self.size, self.rank)
-        self.pieces = [p for g in self._groups for p in g.pieces[self.rank]]
+        aligns = [BLOCK if h.blockwise else 1 for h in self._held]
+        self._groups = make_groups(self._mem, self._params, self.size, self.rank, aligns)
+        #: Every rank's pieces, in the order of its inner optimizer's parameters.
+        self._all_pieces = [[p for g in self._groups for p in g.pieces[r]]
+                            for r in range(self.size)]  # fmt: skip
+        self.pieces = self._all_pieces[self.rank]
         self._shard = [v for g in self._groups for v in g.mine]
         self._grad_shard = [v for g in self._groups for v in g.grad_shard]
         self._dummy = not self._shard  # a rank with no element steps one empty array
@@ -150,12 +183,25 @@ class ShardedOptimizer:
             self._grad_shard = [self._mem.empty(0, _dtype(self._params[0]))]
         error = None
         try:
-            inner = optimizer(self._shard, state_dtype=state_dtype, **hyperparameters)
-            object.__setattr__(self, "_inner", inner)
+            object.__setattr__(self, "_inner", self._new_inner(hyperparameters))
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(error, "", "hyperparameters")
         self.last_step_times: dict[str, float] = {}
+
+    def _new_inner(self, hyperparameters: dict[str, Any]) -> Optimizer:
+        """The optimizer of this rank's pieces (as pieces of their tensors: the random bits of
+        stochastic rounding and the 8-bit threshold are the whole tensors')."""
+        low = {}
+        if any(is_bf16(_dtype(a)) for a in self._shard):
+            low = {"rounding": self.rounding, "seed": self.seed}
+        inner = self.optimizer(self._shard, state_dtype=self.state_dtype, **low,
+                               **hyperparameters)  # fmt: skip
+        if not self._dummy:
+            sizes = [size_of(self._params[p.index]) for p in self.pieces]
+            inner._as_pieces([p.index for p in self.pieces], [p.start for p in self.pieces],
+                             sizes)  # fmt: skip
+        return inner
 
     # -- hyperparameters as attributes -------------------------------------------------------
 
@@ -220,6 +266,7 @@ class ShardedOptimizer:
                         self.comm.Reduce(mem.mpi(send[at : at + n]), mine, op=MPI.SUM, root=r)
             if self.average and self.size > 1:
                 mem.divide(g.recv, self.size)
+            g.round_grads()  # bfloat16 parameters: the float32 sum rounded, to step with
         t2 = time.perf_counter()
         take_local_step()
         mem.sync()
@@ -243,15 +290,18 @@ class ShardedOptimizer:
                 mem.copy(dst, src)
             mem.sync()
         if g.total:
-            buffer = [mem.mpi(g.gathered), g.counts, g.displs, self._mpitype(g.dtype)]
+            bits = g.gathered_bits  # bfloat16 as its uint16 patterns
+            buffer = [mem.mpi(bits), g.counts, g.displs, self._mpitype(bits.dtype)]
             self.comm.Allgatherv(self._MPI.IN_PLACE, buffer)
         if g.param_flat is None:
             for dst, src in g.unpack:
                 mem.copy(dst, src)
 
     def _mpitype(self, dtype: np.dtype):
-        if dtype == np.uint16:  # bfloat16 state, moved as its patterns
+        if dtype == np.uint16:  # bfloat16 parameters and state, moved as their patterns
             return self._MPI.UINT16_T
+        if dtype == np.uint8:  # int8 state's codes
+            return self._MPI.UINT8_T
         return self._MPI.FLOAT if dtype == np.float32 else self._MPI.DOUBLE
 
     def _match_grads(self, grads: Params) -> list:
@@ -287,7 +337,8 @@ class ShardedOptimizer:
     # -- state ---------------------------------------------------------------------------------
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state held by this rank (its shard's state arrays)."""
+        """Bytes of optimizer state held by this rank (its shard's state arrays: int8 state's
+        codes and scales, a Kahan compensation's bfloat16)."""
         return 0 if self._dummy else self._inner._store.nbytes()
 
     def state_dict(
@@ -300,9 +351,11 @@ class ShardedOptimizer:
         It loads into the single-process class over the same ``params``, and into a
         ShardedOptimizer over any number of ranks, with any ``state_dtype``.
 
-        The state is gathered as it is held (bfloat16 state as ``ml_dtypes.bfloat16``
-        arrays, bit for bit); with ``dequantize=True`` low-precision state comes as float32
-        (exact), the arrays of the parameters' dtype that any fastrms optimizer loads.
+        The state is gathered as it is held, bit for bit: bfloat16 state (and Kahan
+        compensations) as ``ml_dtypes.bfloat16`` arrays, int8 state as the single-process
+        class's ``"<key>:codes"`` and ``"<key>:scales"`` entries. With ``dequantize=True``
+        low-precision state comes as float32 instead (bfloat16 exactly, int8 dequantized),
+        which any fastrms optimizer loads.
         """
         error = None
         if root is not None and (
@@ -311,41 +364,103 @@ class ShardedOptimizer:
         ):  # fmt: skip
             error = ValueError(f"root must be None or a rank in [0, {self.size}), got {root!r}")
         inner_sd = self._inner.state_dict() if error is None else {}
-        buffers = sorted(state_names(inner_sd))
-        self._agree(error, repr((root, buffers, self._step_signature())), "state_dict arguments")
+        self._agree(error, repr((root, self._step_signature())), "state_dict arguments")
+        # Every name any rank holds (a Kahan compensation only where a shard has bfloat16).
+        mine = set() if self._dummy else state_names(inner_sd)
+        names = sorted(set().union(*self.comm.allgather(mine)))
         receive = root is None or root == self.rank
         sd: dict[str, Any] = {k: v for k, v in inner_sd.items() if not k.startswith("state.")}
-        for name in buffers:
-            for g in self._groups:
-                held = self._held_of(g)  # the dtype of the state's shards: moved as its bits
-                bits = np.dtype(np.uint16) if held == BFLOAT16 else held
-                g_full = np.empty(g.total if receive else 0, bits)
-                key = self._inner._tree.state_key
-                shard = [_bits(inner_sd[key(name, j)]) for j in self._shard_indices(g)]
-                mine = np.concatenate(shard) if shard else np.empty(0, bits)
-                mpitype = self._mpitype(bits)
-                if g.total:
-                    if root is None:
-                        self.comm.Allgatherv(mine, [g_full, g.counts, g.displs, mpitype])
+        for name in names:
+            gathered = self._gather_state(name, inner_sd, root, receive)
+            for i, entry in gathered.items():
+                key = self._tree.state_key(name, i)
+                if isinstance(entry, lowprecision.Quantized):
+                    if dequantize:
+                        sd[key] = entry.dequantize(self._signed(name))
                     else:
-                        self.comm.Gatherv(mine, [g_full, g.counts, g.displs, mpitype], root)
-                if receive:
-                    g_full = g_full.view(held)
-                    if dequantize and held != g.dtype:
-                        g_full = convert(g_full, g.dtype)
-                    for i, off in zip(g.indices, g.offsets):
-                        shape = _shape(self._params[i])
-                        n = int(np.prod(shape, dtype=np.int64))
-                        sd[self._tree.state_key(name, i)] = g_full[off : off + n].reshape(shape)
+                        sd[key + CODES], sd[key + SCALES] = entry
+                else:
+                    is_low = dequantize and entry.dtype == BFLOAT16
+                    sd[key] = convert(entry, np.dtype(np.float32)) if is_low else entry
         if not receive:
             return None
         state = sorted((k for k in sd if k.startswith("state.")), key=self._tree.state_order)
         return {**{k: v for k, v in sd.items() if not k.startswith("state.")},
                 **{k: sd[k] for k in state}}  # fmt: skip
 
+    def _gather_state(
+        self, name: str, inner_sd: dict, root: int | None, receive: bool
+    ) -> dict[int, Any]:
+        """State ``name`` of every parameter that has it, gathered from the ranks' pieces:
+        ``{index: array as held, or Quantized pair}`` where ``receive``, else ``{}``.
+
+        One collective per column (the arrays of one held dtype; int8's codes; its scales):
+        each rank sends its pieces' entries (``inner_sd``) end to end, and the receivers cut
+        every rank's part back into the tensors, knowing all ranks' pieces."""
+        key = self._inner._tree.state_key
+        columns: dict[tuple, list[int]] = {}  # (suffix, dtype as moved, per block) -> params
+        for i in range(len(self._params)):
+            for column in self._columns(name, i):
+                columns.setdefault(column, []).append(i)
+        parts: dict[tuple[int, str], np.ndarray] = {}
+        for (suffix, bits, per_block), members in sorted(columns.items(), key=repr):
+            member = set(members)
+            extent = _block_extent if per_block else _element_extent
+            counts = [sum(z - a for p in pieces if p.index in member for a, z in [extent(p)])
+                      for pieces in self._all_pieces]  # fmt: skip
+            displs = np.cumsum([0, *counts]).tolist()[:-1]
+            send = [_bits(inner_sd[key(name, j) + suffix]).reshape(-1)
+                    for j, p in enumerate(self.pieces) if p.index in member]  # fmt: skip
+            send = np.concatenate(send) if send else np.empty(0, bits)
+            full = np.empty(sum(counts) if receive else 0, bits)
+            if sum(counts):
+                buffer = [full, counts, displs, self._mpitype(np.dtype(bits))]
+                if root is None:
+                    self.comm.Allgatherv(send, buffer)
+                else:
+                    self.comm.Gatherv(send, buffer, root)
+            if not receive:
+                continue
+            for i in members:
+                n = size_of(self._params[i])
+                parts[i, suffix] = np.empty(lowprecision.n_blocks(n) if per_block else n, bits)
+            for pieces, at in zip(self._all_pieces, displs):
+                for p in pieces:
+                    if p.index in member:
+                        a, z = extent(p)
+                        parts[p.index, suffix][a:z] = full[at : at + z - a]
+                        at += z - a
+        out: dict[int, Any] = {}
+        for (i, suffix), a in parts.items():
+            shape = _shape(self._params[i])
+            if suffix == CODES:
+                out[i] = lowprecision.Quantized(a.reshape(shape), parts[i, SCALES])
+            elif suffix == "":
+                held = self._held[i].dtype if name != KAHAN_COMP else BFLOAT16
+                out[i] = a.view(held).reshape(shape)
+        return out
+
+    def _columns(self, name: str, i: int) -> list[tuple[str, np.dtype, bool]]:
+        """How state ``name`` of parameter ``i`` is gathered: ``(key suffix, dtype as MPI
+        moves it, one element per block)`` for each of its state-dict entries (none for a
+        Kahan compensation of a parameter that is not bfloat16)."""
+        if name == KAHAN_COMP:
+            return [("", np.dtype(np.uint16), False)] if is_bf16(_dtype(self._params[i])) else []
+        held = self._held[i]
+        if held.blockwise:
+            return [(CODES, np.dtype(np.uint8), False), (SCALES, np.dtype(np.float32), True)]
+        return [("", np.dtype(np.uint16) if held.dtype == BFLOAT16 else held.dtype, False)]
+
+    def _signed(self, name: str) -> bool:
+        """Whether int8 state ``name`` is held in the signed map (its slot's sign)."""
+        layout = self.optimizer.spec.layout
+        return layout.slot_specs[layout.slots.index(name)].sign == "signed"
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a full state dict (from this class or the single-process one, saved with any
-        number of ranks) on every rank; each rank keeps its shard of it.
+        number of ranks, any ``state_dtype``) on every rank; each rank keeps its shard of it,
+        converted to how it holds its state (float32 into int8 state: quantized; int8 into
+        float state: dequantized).
 
         Collective: every rank passes the same dict. If it is invalid on any rank, every rank
         raises ``ValueError`` and nothing changes.
@@ -353,9 +468,7 @@ class ShardedOptimizer:
         error, new = None, None
         try:
             inner_sd = self._shard_state_dict(state_dict)
-            new = self.optimizer(self._shard, state_dtype=self.state_dtype,
-                                 **{h: getattr(self._inner, h)
-                                    for h in self._inner.hyperparameters})  # fmt: skip
+            new = self._new_inner({h: getattr(self._inner, h) for h in self._inner.hyperparameters})
             new.backend = self._inner.backend
             try:
                 new.load_state_dict(inner_sd)
@@ -374,28 +487,61 @@ class ShardedOptimizer:
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         by_key = self._tree.state_keys(sorted(state_names(state_dict)))
         out: dict[str, Any] = {}
-        full: dict[tuple[str, int], np.ndarray] = {}
+        full: dict[tuple[str, int], Any] = {}
+        pairs: dict[tuple[str, int], dict[str, Any]] = {}
         for key, value in state_dict.items():
             if not (isinstance(key, str) and key.startswith("state.")):
                 out[key] = value
                 continue
-            if key not in by_key:
+            suffix = next((x for x in (CODES, SCALES) if key.endswith(x)), "")
+            base = key[: len(key) - len(suffix)]
+            if base not in by_key:
                 raise ValueError(f"state_dict has unexpected key {key!r} for these params")
-            s, i = by_key[key]
+            s, i = by_key[base]
+            if suffix:
+                pairs.setdefault((s, i), {})[suffix] = value
+                continue
             # bfloat16 or the parameter's dtype: the inner optimizer converts it to its own.
             full[s, i] = checked_entry(key, value, self._params[i], convertible=True).reshape(-1)
+        for (s, i), entries in pairs.items():
+            full[s, i] = self._checked_pair(s, i, entries, (s, i) in full)
         for s in {s for s, _ in full}:
             missing = [
-                self._tree.state_key(s, i) for i in range(len(self._params)) if (s, i) not in full
-            ]
+                self._tree.state_key(s, i) for i in range(len(self._params))
+                if (s, i) not in full and (s != KAHAN_COMP or is_bf16(_dtype(self._params[i])))
+            ]  # fmt: skip
             if missing:
                 raise ValueError(f"state_dict lacks {missing[0]!r} (it has {s} for other params)")
             key = self._inner._tree.state_key  # the inner optimizer's keys: one per piece
             if self._dummy:
-                out[key(s, 0)] = np.empty(0, _dtype(self._shard[0]))
+                dummy = _dtype(self._shard[0])
+                if s != KAHAN_COMP or is_bf16(dummy):
+                    out[key(s, 0)] = np.empty(0, dummy)
             for j, p in enumerate(self.pieces):
-                out[key(s, j)] = full[s, p.index][p.start : p.stop]
+                entry = full.get((s, p.index))
+                if isinstance(entry, lowprecision.Quantized):
+                    out[key(s, j) + CODES] = entry.codes[p.start : p.stop]
+                    scales = entry.scales[p.start // BLOCK : lowprecision.n_blocks(p.stop)]
+                    out[key(s, j) + SCALES] = scales
+                elif entry is not None:
+                    out[key(s, j)] = entry[p.start : p.stop]
         return out
+
+    def _checked_pair(self, s: str, i: int, entries: dict, plain_too: bool):
+        """The ``":codes"``/``":scales"`` entries of state ``s`` of parameter ``i``, checked:
+        a flat :class:`~fastrms.lowprecision.Quantized` pair where this optimizer holds that
+        state in 8 bits (each rank takes its blocks), else its float32 values (dequantized
+        whole, since the ranks' cuts need not fall on blocks there)."""
+        key = self._tree.state_key(s, i)
+        if plain_too:
+            raise ValueError(f"state_dict has both {key!r} and its {CODES!r} entries")
+        if s not in self.optimizer.spec.layout.slots:
+            raise ValueError(f"state_dict[{key + CODES!r}]: {s} is not held in 8 bits")
+        codes, scales = (np.asarray(entries.get(x)) for x in (CODES, SCALES))
+        shape = _shape(self._params[i])
+        pair = check_pair((codes, scales), shape, f"state_dict[{key!r}]", "int8 state", False)
+        flat = lowprecision.Quantized(pair.codes.reshape(-1), pair.scales)
+        return flat if self._held[i].blockwise else flat.dequantize(self._signed(s))
 
     def _outer_keys(self, message: str) -> str:
         """An inner optimizer's message, with its piece keys named as the full keys."""
@@ -404,21 +550,9 @@ class ShardedOptimizer:
             j = int(m.group(2))
             if self._dummy or j >= len(self.pieces):
                 return m.group(0)
-            return repr(self._tree.state_key(m.group(1), self.pieces[j].index))
+            return repr(self._tree.state_key(m.group(1), self.pieces[j].index) + m.group(3))
 
-        return re.sub(r"'state\.(\w+)\.(\d+)'", full_key, message)
-
-    def _held_of(self, g: Group) -> np.dtype:
-        """The dtype group ``g``'s state is held in (its parameters' unless ``state_dtype``
-        says another)."""
-        return g.dtype if self._held is None else self._held[g.indices[0]]
-
-    def _shard_indices(self, g: Group) -> list[int]:
-        """Positions in the inner optimizer's list of this rank's pieces of group ``g``."""
-        if self._dummy:
-            return []
-        start = sum(len(h.pieces[self.rank]) for h in self._groups[: self._groups.index(g)])
-        return list(range(start, start + len(g.pieces[self.rank])))
+        return re.sub(r"'state\.(\w+)\.(\d+)((?::codes|:scales)?)'", full_key, message)
 
     # -- collective checks ---------------------------------------------------------------------
 
@@ -453,28 +587,46 @@ class ShardedOptimizer:
         )
 
 
-def _held_dtypes(state_dtype: str | None, params: list, names: list[str]) -> list | None:
-    """The NumPy dtype each parameter's state is held in under ``state_dtype`` (None: each
-    parameter's own), refused as the single-process class refuses it: ``ValueError`` for a
-    value or a parameter dtype the option does not fit, ``TypeError`` for CUDA arrays."""
-    if state_dtype is None:
-        return None
+class _Held(NamedTuple):
+    """How one parameter's state arrays are held: ``dtype`` (float32, float64 or
+    ``ml_dtypes.bfloat16``), or, if ``blockwise``, as int8 codes and scales."""
+
+    dtype: np.dtype
+    blockwise: bool = False
+
+
+def _held_dtypes(state_dtype: str | None, params: list, names: list[str]) -> list[_Held]:
+    """How each parameter's state is held under ``state_dtype`` (None: as each parameter
+    is; float32 beside bfloat16 parameters), refused as the single-process class refuses it:
+    ``ValueError`` for a value or a parameter dtype the option does not fit, ``TypeError``
+    for CUDA arrays. int8 state is blockwise for a tensor of at least 4096 elements (its
+    whole size: the ranks' pieces follow it), float32 for a smaller one."""
     held = []
     for p, name in zip(params, names):
         info = describe(p, name)
         storage = state_storage(state_dtype, info.dtype, name)
-        if storage.name == "int8":  # codes and scales per shard: not yet
-            raise ValueError(
-                f"state_dtype='int8' is not supported by the sharded optimizer yet ({name}); "
-                "use 'bfloat16' or None"
-            )
         if storage.codec is not None and info.kind == DEVICE:
             raise TypeError(
                 f"state_dtype={state_dtype!r} is not supported for CUDA arrays yet ({name}); "
                 "use NumPy arrays"
             )
-        held.append(state_dtype_of(storage))
+        if storage.name == "int8":
+            size = int(np.prod(info.shape, dtype=np.int64))
+            blockwise = lowprecision.uses_8bit(size)
+            held.append(_Held(np.dtype(np.float32), blockwise))
+        else:
+            held.append(_Held(state_dtype_of(storage)))
     return held
+
+
+def _element_extent(p: Piece) -> tuple[int, int]:
+    """The elements of a piece in its tensor."""
+    return p.start, p.stop
+
+
+def _block_extent(p: Piece) -> tuple[int, int]:
+    """The blocks (scales) of a piece of a tensor held in 8 bits: its cuts are on blocks."""
+    return p.start // BLOCK, lowprecision.n_blocks(p.stop)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

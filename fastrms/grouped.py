@@ -104,10 +104,21 @@ class StepPlan:
         (None beside other parameters). Refused (``ValueError``) if no parameter is bfloat16.
     seed : int, optional
         The seed of stochastic rounding (None: 0). Element ``j`` of parameter ``i`` at step
-        ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), j)``.
+        ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), offsets[i] + j)``.
     streams : list of int, optional
         Each parameter's stream of random bits (default: its position, ``0, 1, ...``).
         Stochastic rounding needs the step: pass ``step=`` to :meth:`run` / :meth:`check`.
+    offsets : list of int, optional
+        Where the parameters are pieces of whole tensors (the sharded optimizer's shards):
+        the index of each piece's first element in its tensor (default: 0), so that element
+        ``j`` of the piece draws the random bits of element ``offsets[i] + j`` (mod 2^32) of
+        its tensor, and a tensor stepped in pieces (with its stream) rounds as stepped whole.
+        A group's table carries it beside the key (:func:`key_words`).
+    sizes : list of int, optional
+        Likewise, each piece's whole tensor's element count (default: the piece's own):
+        ``state_dtype="int8"`` holds a piece's state in 8 bits iff its tensor has at least
+        :data:`fastrms.lowprecision.MIN_8BIT_SIZE` elements (pieces must then start on
+        multiples of 256 of their tensor, so that their blocks are the tensor's).
     """
 
     def __init__(
@@ -124,6 +135,8 @@ class StepPlan:
         rounding: str | None = None,
         seed: int | None = None,
         streams: list[int] | None = None,
+        offsets: list[int] | None = None,
+        sizes: list[int] | None = None,
     ) -> None:
         check_state_dtype(state_dtype)
         low = frozenset(i for i, p in enumerate(params) if is_bf16(getattr(p, "dtype", None)))
@@ -135,6 +148,8 @@ class StepPlan:
             if len(streams) != len(params):
                 raise ValueError(f"streams has {len(streams)} entries but params {len(params)}")
             self._streams = np.asarray(streams, np.int64)
+        self._offsets = _per_param(offsets, "offsets", params, 0)
+        sizes = _per_param(sizes, "sizes", params, None)
         comps = self._comps(state, params, names, low)
         if team == "auto":
             team = teams.default_team()
@@ -164,7 +179,8 @@ class StepPlan:
                 if comps is not None:
                     named[f"{KAHAN_COMP} of {names[i]}"] = comps[i]
             else:
-                slots, held = self._state_storages(setup, p, names[i], labels, state_dtype)
+                whole = None if sizes is None else int(sizes[i])
+                slots, held = self._state_storages(setup, p, names[i], labels, state_dtype, whole)
                 if slots is not None and slots[0].blockwise:  # int8: (codes, scales) pairs
                     named, scales = split_state(named, labels, held.shape, held.option)
                     held = Held(held.names, held.dtypes, held.option)
@@ -215,16 +231,17 @@ class StepPlan:
 
     @staticmethod
     def _state_storages(
-        setup: Setup, p: Any, name: str, labels: tuple, state_dtype: str | None
+        setup: Setup, p: Any, name: str, labels: tuple, state_dtype: str | None, whole=None
     ) -> tuple[tuple | None, Held | None]:
         """The storage of each state slot of parameter ``p`` (None: as ``p`` is held) and
-        what :func:`check_arrays` must accept for its state arrays (``labels``)."""
+        what :func:`check_arrays` must accept for its state arrays (``labels``); ``whole``:
+        the element count of the tensor ``p`` is a piece of (None: ``p``'s own)."""
         if state_dtype is None:
             return None, None
         info = describe(p, name)
         check_updatable(info, name)
         storage = state_storage(state_dtype, info.dtype, name)
-        size = int(np.prod(info.shape, dtype=np.int64))
+        size = int(np.prod(info.shape, dtype=np.int64)) if whole is None else whole
         slots = slot_storages(setup.rule, storage, size)
         if slots is None:
             return None, None
@@ -317,7 +334,7 @@ class StepPlan:
         if not self._ready:
             self._prepare()
         if self.rounding == "stochastic":
-            keys = step_keys(self.seed, int(step), self._streams)
+            keys = key_words(step_keys(self.seed, int(step), self._streams), self._offsets)
             for group in self.groups:
                 group.set_keys(keys)
         return [g.cast(setup) for g in self.groups]
@@ -408,6 +425,27 @@ class StepPlan:
         # Compiled groups take gradients by address; the numpy group needs arrays.
         self._compiled = all(isinstance(g, CpuGroup) for g in self.groups)
         self._ready = True
+
+
+def key_words(keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The keyed codec's table word of each parameter (int64): its step key (32 bits,
+    :func:`fastrms.lowprecision.step_keys`) in the low half, its offset mod 2^32 (the index
+    of its first element in its whole tensor) in the high half. A kernel's keyed column
+    reads element ``j``'s index as ``j + (word >> 32)``, a logical shift
+    (:func:`fastrms.kernels.pointers.arrays_at`); the numpy group splits it the same way."""
+    high = (np.asarray(offsets, np.int64) & 0xFFFFFFFF).astype(np.uint64) << np.uint64(32)
+    return (np.asarray(keys, np.int64).astype(np.uint64) | high).view(np.int64)
+
+
+def _per_param(values, name: str, params: list, default) -> np.ndarray | None:
+    """``values`` (one int >= 0 per parameter) as an int64 array; None: ``default`` for
+    each (None: no array). Raises ``ValueError`` naming ``name``."""
+    if values is None:
+        return None if default is None else np.full(len(params), default, np.int64)
+    out = np.asarray(values)
+    if out.shape != (len(params),) or out.dtype.kind not in "iu" or (out < 0).any():
+        raise ValueError(f"{name} must hold one int >= 0 per parameter ({len(params)})")
+    return out.astype(np.int64)
 
 
 class _AddressViews:

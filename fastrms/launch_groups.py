@@ -135,13 +135,16 @@ class NumpyGroup(Group):
 
     def _store_param(self, bits, new, before, extra, key) -> None:
         """Store a bfloat16 parameter's float32 result ``new`` into its patterns ``bits``
-        (its value was ``before``): rounded to nearest, stochastically with ``key``, or with
-        the Kahan compensation ``extra[0]`` and the increment ``new - before``."""
+        (its value was ``before``): rounded to nearest, stochastically with ``key`` (the
+        table word: the step key in the low 32 bits, the index of the array's first element
+        in its whole tensor in the high 32, :func:`fastrms.grouped.key_words`), or with the
+        Kahan compensation ``extra[0]`` and the increment ``new - before``."""
         codec = self.signature.storages[0].codec
         if codec == "bf16":
             bits[...] = lowprecision.round_nearest(new)
         elif codec == "bf16_stochastic":
-            bits[...] = lowprecision.round_stochastic(new, key, 0)
+            word = key & 0xFFFFFFFFFFFFFFFF  # the int64 word's bits, unsigned
+            bits[...] = lowprecision.round_stochastic(new, word & 0xFFFFFFFF, word >> 32)
         else:
             comp = lowprecision.bf16_bits(self.backend.view(extra[0]))
             with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf propagate

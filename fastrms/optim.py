@@ -90,6 +90,9 @@ class Optimizer:
     #: Hyperparameter names, in ``__init__`` order; each is an attribute.
     hyperparameters: ClassVar[tuple[str, ...]]
     rule: ClassVar[str]
+    #: Set by :meth:`_as_pieces` (the sharded optimizer's shards); None: whole tensors.
+    _streams: list[int] | None = None
+    _offsets: list[int] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -196,13 +199,24 @@ class Optimizer:
             plan = StepPlan(
                 setup, self._params, state, self._pnames, self.backend, self._gnames,
                 state_dtype=self.state_dtype, rounding=self.rounding,
-                seed=self.seed if self.rounding else None,
+                seed=self.seed if self.rounding else None, streams=self._streams,
+                offsets=self._offsets, sizes=self._store.sizes,
             )  # fmt: skip
         except (TypeError, ValueError):
             self._forget_created()
             raise
         self._plan = plan
         return plan
+
+    def _as_pieces(self, streams: list[int], offsets: list[int], sizes: list[int]) -> None:
+        """Step the parameters as pieces of whole tensors (for :mod:`fastrms.distributed`):
+        piece ``i`` is elements ``offsets[i]`` on of a tensor of ``sizes[i]`` elements at
+        position ``streams[i]`` of the whole list. Stochastic rounding then draws the whole
+        tensor's bits, and ``state_dtype="int8"`` decides 8 bits on the whole size
+        (:class:`fastrms.grouped.StepPlan`). Call it before the first step."""
+        self._streams, self._offsets = list(streams), list(offsets)
+        self._store.sizes = list(sizes)
+        self._plan = None
 
     def _state_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """The state arrays a step with state ``names`` uses, the Kahan compensation with them."""

@@ -22,7 +22,7 @@ from .arrays import DEVICE, check_params
 
 def memory_for(params: list, names: list[str]):
     """Check the parameters; return how to allocate, copy and communicate their memory."""
-    infos = check_params(params, names, one_side=True)
+    infos = check_params(params, names, one_side=True, allow_bf16=True)
     return Device() if infos[0].kind == DEVICE else Host()
 
 
@@ -46,10 +46,15 @@ class Host:
         np.copyto(dst, src)
 
     def pack(self, dst, grad) -> None:
-        np.copyto(dst.reshape(grad.shape), grad)
+        np.copyto(dst.reshape(grad.shape), grad)  # bfloat16 into float32: exact
 
     def divide(self, a, n: int) -> None:
         np.divide(a, n, out=a)
+
+    def round_bf16(self, dst, src) -> None:
+        """float32 ``src`` into bfloat16 ``dst``, rounded to nearest even (ml_dtypes' cast:
+        the bits of :func:`fastrms.lowprecision.round_nearest`, in place)."""
+        np.copyto(dst, src, casting="unsafe")
 
     def sync(self) -> None:
         pass

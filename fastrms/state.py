@@ -45,13 +45,16 @@ class StateStore:
         ``{state name: [array or None for each parameter]}``: the optimizer's ``state``.
     """
 
-    __slots__ = ("spec", "tree", "params", "arrays", "storages", "_created")
+    __slots__ = ("spec", "tree", "params", "arrays", "storages", "sizes", "_created")
 
     def __init__(self, spec: specs.Spec, tree: Tree, storages: list | None = None) -> None:
         self.spec, self.tree, self.params = spec, tree, tree.arrays
         #: How each parameter's state is held (a :class:`fastrms.precision.Storage`; None:
         #: as the parameter is).
         self.storages = storages or [None] * len(self.params)
+        #: Each parameter's whole tensor's size where the parameters are pieces of tensors
+        #: (the sharded optimizer's; None: their own): it decides 8-bit state.
+        self.sizes: list[int] | None = None
         self.arrays: dict[str, list] = {}
         self._created: list[tuple[str, int]] = []  # made for a step not yet taken
 
@@ -73,7 +76,8 @@ class StateStore:
             value = self.initial_value(name, hyper)
             storage = self.storages[i]
             if storage is not None and storage.name == "int8":
-                arrays[i] = _int8_full_like(self.params[i], value, self._signed(name))
+                whole = None if self.sizes is None else self.sizes[i]
+                arrays[i] = _int8_full_like(self.params[i], value, self._signed(name), whole)
             else:
                 arrays[i] = _full_like(self.params[i], value, slot, storage)
         return arrays[i]
@@ -204,12 +208,13 @@ class StateStore:
 CODES, SCALES = ":codes", ":scales"
 
 
-def _int8_full_like(p, value: float, signed: bool):
+def _int8_full_like(p, value: float, signed: bool, whole: int | None = None):
     """The state of a float32 host parameter ``p`` under ``state_dtype="int8"``, at ``value``:
-    a :class:`fastrms.lowprecision.Quantized` pair if ``p`` has at least ``MIN_8BIT_SIZE``
-    elements, else a float32 array (as bitsandbytes keeps small tensors' state)."""
+    a :class:`fastrms.lowprecision.Quantized` pair if ``p`` (or the whole tensor of ``whole``
+    elements that ``p`` is a piece of) has at least ``MIN_8BIT_SIZE`` elements, else a
+    float32 array (as bitsandbytes keeps small tensors' state)."""
     full = np.full(p.shape, value, np.float32)
-    if not lowprecision.uses_8bit(p.size):
+    if not lowprecision.uses_8bit(p.size if whole is None else whole):
         return full
     return lowprecision.Quantized.of(full, signed)
 
