@@ -266,7 +266,11 @@ class CudaGroup(Group):
 
     The table holds device addresses; numba-cuda's grouped kernel turns them back into arrays
     (:func:`fastrms.kernels.cuda.launch_grouped`). The stream is read from the first
-    parameter at every step (a PyTorch tensor names torch's current stream)."""
+    parameter at every step (a PyTorch tensor names torch's current stream). A group of
+    bfloat16 parameters or state runs the kernel generated for its signature, whose rows
+    carry the storages' extra words as the CPU table's do: stochastic rounding's key word is
+    written at every step (:meth:`set_keys`), so its table, cached on the device by its
+    bytes, is uploaded anew at every step."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -275,13 +279,18 @@ class CudaGroup(Group):
     def set_grads(self, addresses):
         self.table[:, 2] = addresses[self._rows]
 
+    def set_keys(self, keys):
+        super().set_keys(keys)
+        if self.signature.storages[0].codec == "bf16_stochastic":  # the row's first extra word
+            self.table[:, 1 + len(self.signature.storages)] = self.keys
+
     def prepare(self):
         self._launch = self.backend.grouped_launcher()
         return self
 
     def launch(self, hyper, grads):
         stream = self.backend.stream_of(self.arrays[0][0])
-        self._launch(self.setup.rule, self.setup.flags, self.table, hyper, stream)
+        self._launch(self.setup.rule, self.setup.flags, self.table, hyper, stream, self.signature)
 
 
 def _size(a: Any) -> int:
