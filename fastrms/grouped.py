@@ -90,17 +90,19 @@ class StepPlan:
         How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
-        every backend (CUDA arrays as ``uint16`` patterns). ``"int8"`` (float32 parameters, ``cpu`` and
-        ``numpy``): :class:`fastrms.lowprecision.Quantized` pairs for parameters of at least
-        4096 elements, float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
+        every backend (CUDA arrays as ``uint16`` patterns).
+        ``"int8"`` (float32 parameters, ``cpu`` and ``numpy``):
+        :class:`fastrms.lowprecision.Quantized` pairs for parameters of at least 4096 elements,
+        float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
     rounding : {None, "stochastic", "nearest", "kahan"}, optional
         How ``ml_dtypes.bfloat16`` parameters are stored after their float32 update (None:
         ``"stochastic"``; see :data:`fastrms.precision.PARAM_STORAGES`). Their gradients are
         bfloat16 too (or ``uint16`` patterns), their state float32 unless ``state_dtype``
         says ``"bfloat16"``; every backend. On ``cuda`` a ``uint16`` device array (the
-        patterns: CUDA's array interface has no bfloat16) is a bfloat16 parameter. ``"kahan"`` takes one
-        bfloat16 compensation array per bfloat16 parameter, ``state["kahan_comp"]`` (None
-        beside other parameters). Refused (``ValueError``) if no parameter is bfloat16.
+        patterns: CUDA's array interface has no bfloat16) is a bfloat16 parameter.
+        ``"kahan"`` takes one bfloat16 compensation array per bfloat16 parameter,
+        ``state["kahan_comp"]`` (None beside other parameters). Refused (``ValueError``) if no
+        parameter is bfloat16.
     seed : int, optional
         The seed of stochastic rounding (None: 0). Element ``j`` of parameter ``i`` at step
         ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), j)``.
