@@ -289,8 +289,10 @@ def cuda_grouped(rule, flags, k):
 # the unchanged rule at index 0, and stored back through the codec, so the rules and the float
 # kernels above stay as they are and numba-cuda needs no column type of its own. A state slot
 # the options leave unused repeats the parameter's address in the table: it is neither loaded
-# nor stored (the rule gets the parameter's local in its place, as the CPU kernels get the
-# parameter itself). ``{...}`` fields are filled per signature by :func:`cuda_grouped_codecs`.
+# nor stored, and the rule never touches its local (handing it the parameter's local instead,
+# as the CPU kernels hand it the parameter, would select between two locals and keep them in
+# local memory rather than registers: 9 local loads and stores in the PTX of an Adam step).
+# ``{...}`` fields are filled per signature by :func:`cuda_grouped_codecs`.
 _CUDA_CODEC_SOURCE = """
 def make(device_rule, as_device_array, codecs, flags, token):
 {bindings}
@@ -331,7 +333,7 @@ def _codec_source(signature):
         state = j >= 2  # the gradient is only read, and param and grad are always used
         if state:
             columns_.append(f"used{j} = meta[row + {j + 1}] != meta[row + 1]")
-        arrays.append(f"v{j} if used{j} else v0" if state else f"v{j}")
+        arrays.append(f"v{j}")
         if storage.codec is None:
             load, store = f"v{j}[0] = a{j}[i]", f"a{j}[i] = v{j}[0]"
         else:
