@@ -37,7 +37,7 @@ import numpy as np
 
 from . import dispatch, specs
 from . import precision as _precision
-from .arrays import check_arrays
+from .arrays import check_arrays, is_bf16_array
 from .grouped import StepPlan
 from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array, check_state_dtype  # noqa: F401
 from .specs import SPECS, Setup
@@ -93,7 +93,7 @@ def _step(name: str, param, grad, state: dict, backend: str, step: int, options:
     if (
         state_dtype is not None
         or not _LOW_PRECISION_OPTIONS.isdisjoint(options)
-        or _precision.is_bf16(getattr(param, "dtype", None))
+        or is_bf16_array(param)  # ml_dtypes.bfloat16, or a CUDA array's uint16 patterns
     ):
         low = {k: options.pop(k) for k in _LOW_PRECISION_OPTIONS if k in options}
         _low_precision_step(spec, param, grad, state, backend, step, state_dtype, low, options)
