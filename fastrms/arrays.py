@@ -53,8 +53,9 @@ def is_bf16_array(a: Any) -> bool:
     so a device array comes as a 16-bit view). Anything that is no array is not."""
     if isinstance(a, np.ndarray):
         return a.dtype == LOW_PRECISION_DTYPES[0]
-    if not is_device_array(a):
-        return False
+    dtype = getattr(a, "dtype", None)
+    if (isinstance(dtype, np.dtype) and dtype in FLOAT_DTYPES) or not is_device_array(a):
+        return False  # the float arrays' common case first: no description needed
     try:
         return describe(a, "array").dtype in LOW_PRECISION_DTYPES
     except (TypeError, ValueError):  # the checks that follow name what is wrong with it
