@@ -141,6 +141,8 @@ class _Plan(NamedTuple):
 #: Both are least recently used first. Only the lock's holder reads or changes them.
 _plans: OrderedDict = OrderedDict()
 _copies: OrderedDict = OrderedDict()
+#: Device buffers of stochastic rounding's key words, by the key of their table's copy.
+_words: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -193,6 +195,41 @@ def _device_copy(key, plan, stream):
     return meta
 
 
+def _device_words(key, words, stream):
+    """``words`` on the current device, in a buffer kept per table and stream (at most
+    :data:`TABLE_CACHE_SIZE`) and rewritten at every step: the copy is queued on ``stream``,
+    after the launches that read the buffer's last contents, and a host copy from pageable
+    memory is staged before it returns, so ``words`` may change afterwards."""
+    key = (*key, _device_id(), _stream_key(stream))
+    with _lock:
+        buffer = _words.get(key)
+        if buffer is None:
+            buffer = cuda.device_array(words.size, np.int64, stream=stream)
+            _words[key] = buffer
+            if len(_words) > TABLE_CACHE_SIZE:
+                old = next(iter(_words))
+                _synchronize(old[-2])
+                del _words[old]
+        else:
+            _words.move_to_end(key)
+        buffer.copy_to_device(words, stream=stream)
+    return buffer
+
+
+def _key_words(words, signature, rows):
+    """The checked key words of a launch (an int64 array of ``rows`` times the signature's
+    keyed columns), or None for a signature without keyed columns."""
+    n = elementwise.cuda_keyed_columns(signature) if signature is not None else 0
+    if not n:
+        return None
+    words = np.ascontiguousarray(words if words is not None else (), dtype=np.int64).ravel()
+    if words.size != rows * n:
+        raise ValueError(
+            f"words must hold {n} key word(s) per table row ({rows * n}), got {words.size}"
+        )
+    return words
+
+
 def _synchronize(device):
     """Wait for ``device``'s work, so that an evicted table is not freed under a kernel still
     reading it (with an external memory pool, freed memory can be reused at once)."""
@@ -202,7 +239,7 @@ def _synchronize(device):
         cuda.synchronize()
 
 
-def launch_grouped(rule, flags, table, hyper, stream=0, signature=None):
+def launch_grouped(rule, flags, table, hyper, stream=0, signature=None, words=None):
     """Run one step of ``rule`` over many tensors in as few launches as possible, on ``stream``.
 
     Parameters
@@ -221,6 +258,13 @@ def launch_grouped(rule, flags, table, hyper, stream=0, signature=None):
         :attr:`~fastrms.precision.Signature.table_width` words, the addresses followed by the
         storages' extra words (see :func:`fastrms.kernels.elementwise.cuda_grouped_codecs`).
         None: every array holds ``hyper``'s dtype.
+    words : numpy.ndarray of int64, optional
+        Stochastic rounding's key words, for a signature with keyed columns (a bfloat16
+        parameter rounded stochastically): one per table row and keyed column, the key in the
+        low 32 bits, the index of the array's element 0 in its whole tensor in the high 32.
+        They change every step, so they travel apart from the table (whose key column is not
+        read): the table's device copy is reused, and only these words are copied, into a
+        buffer kept per table and stream.
 
     Notes
     -----
@@ -238,10 +282,7 @@ def launch_grouped(rule, flags, table, hyper, stream=0, signature=None):
     whatever became of the arrays it names: it holds the same addresses and counts. It is
     keyed by stream because its upload is ordered only before work queued on that stream.
     Evicting a copy first waits for its device, so that no kernel still reads freed memory;
-    only a loop over more distinct tables than the cache holds pays for that. Stochastically
-    rounded bfloat16 parameters are such a loop: their keys, in the table, change every step,
-    so each step uploads a new table, and past :data:`TABLE_CACHE_SIZE` steps each also
-    evicts one (waiting for the device).
+    only a loop over more distinct tables than the cache holds pays for that.
     """
     _check_table(table)
     if signature is not None and table.shape[1] != signature.table_width:
@@ -249,6 +290,7 @@ def launch_grouped(rule, flags, table, hyper, stream=0, signature=None):
             f"table has {table.shape[1]} columns but signature's rows are "
             f"{signature.table_width} words"
         )
+    words = _key_words(words, signature, table.shape[0])
     if not table.shape[0]:
         return
     key = (table.shape[1], GROUP_CHUNK, MAX_CHUNKS_PER_LAUNCH, table.tobytes())
@@ -257,5 +299,6 @@ def launch_grouped(rule, flags, table, hyper, stream=0, signature=None):
         return
     meta = _device_copy(key, plan, stream)
     kernel = grouped_kernel(rule, flags, table.shape[1] - 1, signature)
+    extra = () if words is None else (_device_words(key, words, stream),)
     for first, count in plan.launches:
-        kernel[count, GROUP_THREADS, stream](meta, first, count, GROUP_CHUNK, hyper)
+        kernel[count, GROUP_THREADS, stream](meta, first, count, GROUP_CHUNK, hyper, *extra)

@@ -296,7 +296,7 @@ def cuda_grouped(rule, flags, k):
 _CUDA_CODEC_SOURCE = """
 def make(device_rule, as_device_array, codecs, flags, token):
 {bindings}
-    def kernel(meta, first, count, chunk, hyper):
+    def kernel(meta, first, count, chunk, hyper{words}):
         token
 {locals}
         c = cuda.blockIdx.x
@@ -326,6 +326,7 @@ def _codec_source(signature):
     keyed codec's key and index base, a paired codec's second array), its loads and stores."""
     bindings, local_arrays, columns_, arrays, loads, stores = [], [], [], [], [], []
     extra = 1 + len(signature.storages)  # the row's first word after the addresses
+    keyed = _keyed(signature)
     for j, storage in enumerate(signature.storages):
         like = f"np.{np.dtype(storage.dtype).name}(0)"
         local_arrays.append(f"v{j} = cuda.local.array(1, compute)")
@@ -341,7 +342,8 @@ def _codec_source(signature):
             bindings += [f"load{j}, store{j} = codecs[{j}]"]
             load, store = f"v{j}[0] = load{j}(a{j}, i)", f"store{j}(a{j}, i, v{j}[0])"
             if kind == "keyed":  # the key in the word's low 32 bits, the index base above
-                columns_ += [f"word{j} = meta[row + {extra}]",
+                word = f"words[meta[at] * {len(keyed)} + {keyed.index(j)}]"
+                columns_ += [f"word{j} = {word}",
                              f"key{j} = np.uint32(word{j} & 0xFFFFFFFF)",
                              f"base{j} = word{j} >> 32"]  # fmt: skip
                 index = f"np.uint32((base{j} + i) & 0xFFFFFFFF)"
@@ -361,6 +363,7 @@ def _codec_source(signature):
         return "\n".join(" " * depth + line.replace("\n", "\n" + " " * depth) for line in lines)
 
     return dict(
+        words=", words" if keyed else "",
         bindings=block(bindings or ["pass"], 4),
         locals=block(local_arrays, 8),
         width=signature.table_width,
@@ -371,23 +374,42 @@ def _codec_source(signature):
     )
 
 
+def _keyed(signature) -> list[int]:
+    """The columns of ``signature`` whose codec is keyed (stochastic rounding's)."""
+    return [
+        j
+        for j, s in enumerate(signature.storages)
+        if s.codec is not None and columns.KINDS.get(s.codec) == "keyed"
+    ]
+
+
+def cuda_keyed_columns(signature) -> int:
+    """How many key words per tensor the kernel of ``signature`` takes (see
+    :func:`cuda_grouped_codecs`)."""
+    return len(_keyed(signature))
+
+
 @cache
 def cuda_grouped_codecs(rule, flags, signature):
     """Return the grouped CUDA kernel for ``rule`` over tensors of ``signature``, whose
     storages include codecs (bfloat16 parameters or state)::
 
         kernel[blocks, threads, stream](meta, first, count, chunk, hyper)
+        kernel[blocks, threads, stream](meta, first, count, chunk, hyper, words)  # keyed
 
     ``meta``, the launch and the chunks are those of :func:`cuda_grouped`; a tensor's row is
     :attr:`~fastrms.precision.Signature.table_width` words: its element count, the addresses
-    of its arrays, then the storages' extra words in the arrays' order (a stochastically
-    rounded parameter's word: its key in the low 32 bits, the index of its element 0 in its
-    whole tensor in the high 32 bits, mod 2^32; a Kahan parameter's: its compensation array's
-    address). Each element is loaded through its storage's codec
-    (:data:`fastrms.kernels.columns.CODECS`, the CPU kernels' own functions, compiled as device
-    functions) into a local of the compute dtype, stepped by the rule, and stored back through
-    the codec; element ``i`` of a chunk is element ``i`` of its whole tensor, so stochastic
-    rounding draws the same bits as on the CPU. Float signatures take :func:`cuda_grouped`.
+    of its arrays, then the storages' extra words in the arrays' order (a Kahan parameter's:
+    its compensation array's address). A keyed column's word (a stochastically rounded
+    parameter's: its key in the low 32 bits, the index of its element 0 in its whole tensor
+    in the high 32 bits, mod 2^32) changes every step, so it is read from ``words`` instead,
+    an int64 device array of :func:`cuda_keyed_columns` words per tensor row: the table stays
+    the same from step to step, and so does its copy on the device. Each element is loaded
+    through its storage's codec (:data:`fastrms.kernels.columns.CODECS`, the CPU kernels' own
+    functions, compiled as device functions) into a local of the compute dtype, stepped by the
+    rule, and stored back through the codec; element ``i`` of a chunk is element ``i`` of its
+    whole tensor, so stochastic rounding draws the same bits as on the CPU. Float signatures
+    take :func:`cuda_grouped`.
     """
     _import_cuda()
     from numba.np.numpy_support import from_dtype

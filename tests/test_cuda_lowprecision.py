@@ -169,9 +169,10 @@ def test_bf16_params_match_the_reference(ck, name, options, rounding, state_dtyp
 
 
 def test_stochastic_rounding_draws_by_index_in_the_whole_tensor(ck):
-    """The row's key word holds the key in its low 32 bits and, in its high 32 bits, the index
+    """A row's key word holds the key in its low 32 bits and, in its high 32 bits, the index
     of the array's element 0 in its whole tensor (the convention of the CPU kernels); element
-    ``i`` draws the bits of index ``high + i`` (mod 2^32), whichever chunk it falls in."""
+    ``i`` draws the bits of index ``high + i`` (mod 2^32), whichever chunk it falls in. On
+    CUDA the words travel beside the table (``words=``), whose key column is not read."""
     from fastrms.kernels import rules
 
     n, key, offset = 200, lowprecision.step_key(5, 3, 1), 2**32 - 70  # wraps inside the tensor
@@ -182,9 +183,9 @@ def test_stochastic_rounding_draws_by_index_in_the_whole_tensor(ck):
     setup = SPECS["sgd"].setup(1, lr=1e-3)
     hyper = functional._cast(setup.rule, setup.scalars, F32)
     dp, dg = _device(p), _device(g)
-    word = np.array(key | offset << 32, np.uint64).view(np.int64)  # the table's int64 word
-    table = np.array([[n, extent(dp)[0], extent(dg)[0], extent(dp)[0], word]], np.int64)
-    _quiet(ck.launch_grouped, rules.RULES["sgd"], setup.flags, table, hyper, 0, sig)
+    words = np.array([key | offset << 32], np.uint64).view(np.int64)
+    table = np.array([[n, extent(dp)[0], extent(dg)[0], extent(dp)[0], -1]], np.int64)
+    _quiet(ck.launch_grouped, rules.RULES["sgd"], setup.flags, table, hyper, 0, sig, words)
 
     p32, g32 = lowprecision.bf16_to_float32(p), lowprecision.bf16_to_float32(g)
     reference.RULES["sgd"]((p32, g32, p32), hyper, setup.flags)
@@ -201,13 +202,51 @@ def test_stochastic_rounding_draws_by_index_in_the_whole_tensor(ck):
     assert not np.array_equal(got, lowprecision.round_nearest(p32))
 
 
-def test_a_codec_table_of_the_wrong_width_is_refused(ck):
+@pytest.mark.parametrize(
+    ("columns", "words", "match"),
+    [
+        (4, [0], "table has 4 columns but signature's rows are 5"),
+        (5, None, r"words must hold 1 key word\(s\) per table row \(2\), got 0"),
+        (5, [1, 2, 3], r"words must hold .* \(2\), got 3"),
+    ],
+    ids=["table width", "no words", "too many words"],
+)
+def test_bad_codec_launches_are_refused(ck, columns, words, match):
     from fastrms.kernels import rules
 
     sig = precision.signature("sgd", BF16, None, rounding="stochastic")
     hyper = functional._cast("sgd", SPECS["sgd"].setup(1, lr=1e-3).scalars, F32)
-    with pytest.raises(ValueError, match="table has 4 columns but signature's rows are 5"):
-        ck.launch_grouped(rules.sgd, (False, False), np.zeros((1, 4), np.int64), hyper, 0, sig)
+    table = np.zeros((2, columns), np.int64)
+    with pytest.raises(ValueError, match=match):
+        ck.launch_grouped(rules.sgd, (False, False), table, hyper, 0, sig, words)
+
+
+def test_stochastic_steps_reuse_the_table_on_the_device(ck, monkeypatch):
+    """The keys change every step, the table does not: over several steps of a plan, the
+    table is uploaded once and its key words are copied into one reused buffer."""
+    from collections import OrderedDict
+
+    from numba import cuda
+
+    from fastrms.grouped import StepPlan
+
+    rng = np.random.default_rng(6)
+    params = [_device(rng.standard_normal(n).astype(BF16)) for n in (70, 5)]
+    grads = [_device(rng.standard_normal(n).astype(BF16)) for n in (70, 5)]
+    state = {"momentum_buffer": [_device(np.zeros(n, F32)) for n in (70, 5)]}
+    setup = SPECS["sgd"].setup(1, lr=0.1, momentum=0.9)
+    plan = StepPlan(setup, params, state, ["params[0]", "params[1]"], "cuda", seed=1)
+    monkeypatch.setattr(ck, "_copies", OrderedDict())
+    monkeypatch.setattr(ck, "_words", OrderedDict())
+    uploads, real = [], cuda.to_device
+    monkeypatch.setattr(
+        cuda, "to_device", lambda a, *args, **kw: uploads.append(a) or real(a, *args, **kw)
+    )
+    before = [p.copy_to_host() for p in params]
+    for step in (1, 2, 3):
+        _quiet(plan.run, grads, SPECS["sgd"].setup(step, lr=0.1, momentum=0.9), step)
+    assert len(uploads) == 1 and len(ck._copies) == 1 and len(ck._words) == 1
+    assert all(not np.array_equal(p.copy_to_host(), b) for p, b in zip(params, before))
 
 
 # -- the other entry points --------------------------------------------------------------------

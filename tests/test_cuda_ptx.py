@@ -20,7 +20,7 @@ from numba import types  # noqa: E402
 
 from fastrms import functional, precision  # noqa: E402
 from fastrms.kernels import cuda as cuda_kernels  # noqa: E402
-from fastrms.kernels import rules  # noqa: E402
+from fastrms.kernels import elementwise, rules  # noqa: E402
 from fastrms.lowprecision import BFLOAT16  # noqa: E402
 from fastrms.specs import LAYOUTS  # noqa: E402
 
@@ -111,6 +111,8 @@ def test_codec_grouped_kernels_are_float32_and_keep_their_locals_in_registers(ca
     kernel = cuda_kernels.grouped_kernel(rules.adam, flags, sig.table_width - 1, sig)
     scalars = types.UniTuple(types.float32, N_HYPER["adam"])
     args = (types.int64[::1], types.int64, types.int64, types.int64, scalars)
+    if elementwise.cuda_keyed_columns(sig):  # stochastic rounding's key words
+        args += (types.int64[::1],)
     try:
         ptx, _ = cuda.compile_ptx(kernel.py_func, args, cc=(9, 0))
     except Exception as exc:  # noqa: BLE001 - name what is missing instead of a traceback
