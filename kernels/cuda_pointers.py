@@ -34,8 +34,8 @@ else:
     @intrinsic
     def as_device_array(typingctx, address, size, like):
         """``as_device_array(address, size, like)`` in a kernel: the C-contiguous 1-D array of
-        ``size`` elements of ``like``'s type (float32 or float64; or an integer type, such as
-        the ``uint16`` patterns of bfloat16) at device ``address``.
+        ``size`` elements of ``like``'s type (a float, or an integer such as ``uint8``
+        codes) at device ``address``.
 
         The CUDA twin of :func:`fastrms.kernels.pointers.as_array`, registered with
         numba-cuda's own ``intrinsic`` and lowered with its own array helpers. The array

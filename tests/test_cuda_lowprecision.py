@@ -323,14 +323,3 @@ def test_optimizer_classes_still_refuse_low_precision_cuda_arrays(ck):
     bp = _adam_device()[0]
     with pytest.raises(TypeError, match="float32 or float64"):
         fastrms.Adam([bp])
-
-
-def test_int8_state_is_still_refused_on_cuda(ck):
-    from fastrms.lowprecision import MIN_8BIT_SIZE
-
-    p, g, m, v = _adam_device(MIN_8BIT_SIZE, F32, F32)
-    before = p.copy_to_host()
-    with pytest.raises(TypeError, match=r"state_dtype='int8' is not supported on the cuda"):
-        functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]},
-                                     state_dtype="int8")  # fmt: skip
-    assert_same_bits(p.copy_to_host(), before)
