@@ -47,6 +47,21 @@ def is_device_array(a: Any) -> bool:
     return hasattr(a, "__cuda_array_interface__") or hasattr(a, "__cuda_ndarray__")
 
 
+def is_bf16_array(a: Any) -> bool:
+    """Whether ``a`` is a bfloat16 parameter: an ``ml_dtypes.bfloat16`` array, or on a CUDA
+    device also its ``uint16`` patterns (``__cuda_array_interface__`` has no bfloat16 type,
+    so a device array comes as a 16-bit view). Anything that is no array is not."""
+    if isinstance(a, np.ndarray):
+        return a.dtype == LOW_PRECISION_DTYPES[0]
+    dtype = getattr(a, "dtype", None)
+    if (isinstance(dtype, np.dtype) and dtype in FLOAT_DTYPES) or not is_device_array(a):
+        return False  # the float arrays' common case first: no description needed
+    try:
+        return describe(a, "array").dtype in LOW_PRECISION_DTYPES
+    except (TypeError, ValueError):  # the checks that follow name what is wrong with it
+        return False
+
+
 def describe(a: Any, name: str) -> ArrayInfo:
     """Describe ``a``; raise ``TypeError`` naming ``name`` if it is no array fastrms knows."""
     if isinstance(a, np.ndarray):
@@ -132,14 +147,20 @@ def _host_arrays_ok(items: list, writes: tuple) -> bool:
 _WHERE = {HOST: "in host memory (NumPy)", DEVICE: "on a CUDA device"}
 
 
-def check_updatable(info: ArrayInfo, name: str, allow_bf16: bool = False) -> None:
+def check_updatable(
+    info: ArrayInfo, name: str, allow_bf16: bool = False, device_bf16: bool = False
+) -> None:
     """Refuse an array (described by ``info``, named ``name``) that a step cannot update in
     place: not float32/float64 (``TypeError``), not C-contiguous or read-only
     (``ValueError``). The check every frontend makes of a parameter. With ``allow_bf16``,
     ``ml_dtypes.bfloat16`` host arrays are accepted too (not their ``uint16`` views, which
-    would pass integer arrays as parameters)."""
+    would pass integer arrays as parameters); with ``device_bf16`` as well (the grouped
+    step's, which has CUDA kernels for them), bfloat16 CUDA arrays and their ``uint16``
+    patterns (see :func:`is_bf16_array`)."""
     if info.dtype not in FLOAT_DTYPES:
-        if allow_bf16 and info.dtype == LOW_PRECISION_DTYPES[0]:
+        if device_bf16 and info.kind == DEVICE and info.dtype in LOW_PRECISION_DTYPES:
+            pass
+        elif allow_bf16 and info.dtype == LOW_PRECISION_DTYPES[0]:
             if info.kind != HOST:
                 raise TypeError(f"{name}: bfloat16 parameters are supported on the host only")
         else:
@@ -190,7 +211,8 @@ def check_arrays(
 
     ``held`` names the arrays held in another dtype than the parameter's (low-precision
     state), with the dtypes each may have and the option that asked for them (:class:`Held`),
-    or a tuple of them; a parameter may then be bfloat16 too.
+    or a tuple of them; a parameter may then be bfloat16 too (a CUDA one as its ``uint16``
+    patterns, see :func:`is_bf16_array`).
     """
     items = list(named.items())
     if held is None and _host_arrays_ok(items, writes):
@@ -199,7 +221,7 @@ def check_arrays(
     helds = (held,) if isinstance(held, Held) else tuple(held or ())
     pname, param = items[0]
     ref = describe(param, pname)
-    check_updatable(ref, pname, allow_bf16=bool(helds))
+    check_updatable(ref, pname, allow_bf16=bool(helds), device_bf16=bool(helds))
     for name, a in items[1:]:
         info = describe(a, name)
         if info.kind != ref.kind:

@@ -228,12 +228,14 @@ class _CudaBackend(_Backend):
         self._kernels.launch(self._rules[rule], flags, arrays, hyper, _stream_of(arrays))
 
     def grouped_launcher(self) -> Callable:
-        """``launch(rule, flags, table, hyper, stream)`` over a table of device addresses."""
+        """``launch(rule, flags, table, hyper, stream, signature=None, words=None)`` over a
+        table of device addresses of arrays held as ``signature`` says, with stochastic
+        rounding's key ``words`` (see kernels.cuda.launch_grouped)."""
         self._module()
         kernels, rules = self._kernels, self._rules
 
-        def launch(rule, flags, table, hyper, stream):
-            kernels.launch_grouped(rules[rule], flags, table, hyper, stream)
+        def launch(rule, flags, table, hyper, stream, signature=None, words=None):
+            kernels.launch_grouped(rules[rule], flags, table, hyper, stream, signature, words)
 
         return launch
 

@@ -9,13 +9,13 @@ Every step function also takes ``state_dtype`` (see :func:`multi_tensor_step`):
 ``state_dtype="bfloat16"`` steps float32 parameters with ``ml_dtypes.bfloat16`` state arrays
 (or their ``uint16`` views), computed in float32 and stored rounded to nearest even.
 
-bfloat16 parameters (``ml_dtypes.bfloat16``, with bfloat16 gradients; ``cpu`` and ``numpy``
-backends) are computed in float32 and stored as the option ``rounding`` says
-(``"stochastic"`` by default, ``"nearest"``, ``"kahan"``; see :func:`multi_tensor_step`),
-with ``seed`` (default 0) and ``stream`` (default 0: the random bits' stream, which
-:func:`multi_tensor_step` sets to each parameter's position) and ``kahan_comp`` (the Kahan
-compensation array, bfloat16). Stochastic rounding needs the step: the functions of rules
-that count none (``rmsprop``, ``lion``) then take ``step=`` too.
+bfloat16 parameters (``ml_dtypes.bfloat16``, with bfloat16 gradients; on ``cuda``, CUDA
+arrays of their ``uint16`` patterns) are computed in float32 and stored as the option
+``rounding`` says (``"stochastic"`` by default, ``"nearest"``, ``"kahan"``; see
+:func:`multi_tensor_step`), with ``seed`` (default 0) and ``stream`` (default 0: the random
+bits' stream, which :func:`multi_tensor_step` sets to each parameter's position) and
+``kahan_comp`` (the Kahan compensation array, bfloat16). Stochastic rounding needs the step:
+the functions of rules that count none (``rmsprop``, ``lion``) then take ``step=`` too.
 
 NaN or Inf in a gradient propagate into the parameter and state, as in PyTorch; fastrms does
 not inspect array values.
@@ -37,7 +37,7 @@ import numpy as np
 
 from . import dispatch, specs
 from . import precision as _precision
-from .arrays import check_arrays
+from .arrays import check_arrays, is_bf16_array
 from .grouped import StepPlan
 from .precision import HYPER_WIDTH, SCALARS, SLOTS, cast, cast_array, check_state_dtype  # noqa: F401
 from .specs import SPECS, Setup
@@ -93,7 +93,7 @@ def _step(name: str, param, grad, state: dict, backend: str, step: int, options:
     if (
         state_dtype is not None
         or not _LOW_PRECISION_OPTIONS.isdisjoint(options)
-        or _precision.is_bf16(getattr(param, "dtype", None))
+        or is_bf16_array(param)  # ml_dtypes.bfloat16, or a CUDA array's uint16 patterns
     ):
         low = {k: options.pop(k) for k in _LOW_PRECISION_OPTIONS if k in options}
         _low_precision_step(spec, param, grad, state, backend, step, state_dtype, low, options)
@@ -427,7 +427,7 @@ def multi_tensor_step(
         See :mod:`fastrms.dispatch`.
     state_dtype : {None, "float32", "float64", "bfloat16", "int8"}
         How the state arrays are held; None (default): as each parameter is.
-        ``"bfloat16"`` (float32 parameters, ``cpu`` and ``numpy`` backends): the state arrays
+        ``"bfloat16"`` (float32 parameters, every backend): the state arrays
         are ``ml_dtypes.bfloat16`` arrays (or ``uint16`` views of them); each element is
         loaded into float32, updated in float32 and stored rounded to nearest even.
         ``"int8"`` (float32 or bfloat16 parameters, ``cpu`` and ``numpy``): the state of a
@@ -436,7 +436,7 @@ def multi_tensor_step(
         :mod:`fastrms.kernels.blockwise`); a smaller parameter's state is float32 arrays.
         Beside bfloat16 parameters, None and ``"float32"`` hold float32 state.
     rounding : {None, "stochastic", "nearest", "kahan"}
-        How ``ml_dtypes.bfloat16`` parameters (``cpu`` and ``numpy`` backends; their
+        How ``ml_dtypes.bfloat16`` parameters (CUDA arrays: their ``uint16`` patterns; their
         gradients bfloat16 too) are stored after their float32 update; None: ``"stochastic"``.
         Stochastic rounding adds 16 random bits below the bfloat16 mantissa and truncates:
         element ``j`` of ``params[i]`` draws ``lowprecision.random_bits(key, j)`` with

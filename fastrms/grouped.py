@@ -43,6 +43,7 @@ from .arrays import (
     describe,
     extent,
     host_addresses,
+    is_bf16_array,
 )
 from .blockwise_groups import BLOCKWISE_GROUPS, refuse_pairs, split_state
 from .launch_groups import GROUPS, CpuGroup, Team
@@ -53,7 +54,6 @@ from .precision import (
     STORAGES,
     check_rounding,
     check_state_dtype,
-    is_bf16,
     signature,
     slot_storages,
     state_storage,
@@ -91,17 +91,19 @@ class StepPlan:
         How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
-        ``cpu`` and ``numpy`` backends only. ``"int8"`` (float32 or bfloat16 parameters,
-        ``cpu`` and ``numpy``): :class:`fastrms.lowprecision.Quantized` pairs for parameters
-        of at least 4096 elements, float32 arrays for smaller ones
-        (:mod:`fastrms.blockwise_groups`).
+        every backend (CUDA arrays as ``uint16`` patterns). ``"int8"`` (float32 or bfloat16
+        parameters; bfloat16 ones on ``cpu`` and ``numpy`` only):
+        :class:`fastrms.lowprecision.Quantized` pairs for parameters of at least 4096 elements,
+        float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
     rounding : {None, "stochastic", "nearest", "kahan"}, optional
         How ``ml_dtypes.bfloat16`` parameters are stored after their float32 update (None:
         ``"stochastic"``; see :data:`fastrms.precision.PARAM_STORAGES`). Their gradients are
         bfloat16 too (or ``uint16`` patterns), their state float32 unless ``state_dtype``
-        says ``"bfloat16"`` or ``"int8"``; ``cpu`` and ``numpy`` backends only. ``"kahan"``
-        takes one bfloat16 compensation array per bfloat16 parameter, ``state["kahan_comp"]``
-        (None beside other parameters). Refused (``ValueError``) if no parameter is bfloat16.
+        says ``"bfloat16"`` or ``"int8"``; every backend. On ``cuda`` a ``uint16`` device array
+        (the patterns: CUDA's array interface has no bfloat16) is a bfloat16 parameter.
+        ``"kahan"`` takes one bfloat16 compensation array per bfloat16 parameter,
+        ``state["kahan_comp"]`` (None beside other parameters). Refused (``ValueError``) if no
+        parameter is bfloat16.
     seed : int, optional
         The seed of stochastic rounding (None: 0). Element ``j`` of parameter ``i`` at step
         ``t`` draws ``lowprecision.random_bits(step_key(seed, t, streams[i]), offsets[i] + j)``.
@@ -139,7 +141,7 @@ class StepPlan:
         sizes: list[int] | None = None,
     ) -> None:
         check_state_dtype(state_dtype)
-        low = frozenset(i for i, p in enumerate(params) if is_bf16(getattr(p, "dtype", None)))
+        low = frozenset(i for i, p in enumerate(params) if is_bf16_array(p))
         check_rounding(rounding, seed, bool(low))
         self.rounding = (rounding or "stochastic") if low else None
         self.seed = 0 if seed is None else int(seed)
@@ -192,14 +194,16 @@ class StepPlan:
                 chosen, auto = dispatch.resolve(backend, info.kind)
             except TypeError as exc:
                 raise TypeError(f"{names[i]}: {exc}") from None
-            if slots is not None and chosen.name == "cuda":
-                what = f"state_dtype={state_dtype!r}" if i not in low else "bfloat16 parameters"
+            # bfloat16 state and parameters run on cuda too (codec columns staged per element,
+            # kernels.elementwise.cuda_grouped_codecs); 8-bit blockwise state does not yet.
+            if slots is not None and chosen.name == "cuda" and slots[0].blockwise:
                 raise TypeError(
-                    f"{names[i]}: {what} is not supported on the cuda backend yet (cpu and "
-                    "numpy only)"
+                    f"{names[i]}: state_dtype={state_dtype!r} is not supported on the cuda "
+                    "backend yet (cpu and numpy only)"
                 )
             rounding_i = self.rounding if i in low else None
-            key = (chosen.name, auto, signature(setup.rule, info.dtype, slots, rounding=rounding_i))
+            dtype = BFLOAT16 if i in low else info.dtype  # a CUDA one may be uint16 patterns
+            key = (chosen.name, auto, signature(setup.rule, dtype, slots, rounding=rounding_i))
             groups.setdefault(key, []).append(i)
             written += [(label, a, True) for label, a in (named | scales).items()]
         check_no_overlap(written)
@@ -209,7 +213,9 @@ class StepPlan:
         self._all_host = all(info.kind == HOST for info in infos)
         self._shapes = [info.shape for info in infos]
         # The dtypes of NumPy's own float types are singletons, so `is` finds them.
-        self._dtypes = [BFLOAT16 if is_bf16(i.dtype) else np.dtype(i.dtype.str) for i in infos]
+        self._dtypes = [
+            BFLOAT16 if i in low else np.dtype(info.dtype.str) for i, info in enumerate(infos)
+        ]
         self._low = low
         self._nbytes = np.array([extent(p)[1] for p in params], np.int64)
         self._addresses = np.zeros(len(params), np.int64)
@@ -279,8 +285,8 @@ class StepPlan:
         a parameter of at least 4096 elements, float32 arrays for a smaller one) and Kahan
         compensation."""
         info = describe(p, name)
-        check_updatable(info, name, allow_bf16=True)
-        storage = state_storage(state_dtype, info.dtype, name)
+        check_updatable(info, name, allow_bf16=True, device_bf16=True)
+        storage = state_storage(state_dtype, BFLOAT16, name)
         size = int(np.prod(info.shape, dtype=np.int64))
         slots = slot_storages(setup.rule, storage, size)
         if slots is None:  # as a bfloat16 parameter's state is held by default: float32

@@ -269,14 +269,23 @@ class CudaGroup(Group):
 
     The table holds device addresses; numba-cuda's grouped kernel turns them back into arrays
     (:func:`fastrms.kernels.cuda.launch_grouped`). The stream is read from the first
-    parameter at every step (a PyTorch tensor names torch's current stream)."""
+    parameter at every step (a PyTorch tensor names torch's current stream). A group of
+    bfloat16 parameters or state runs the kernel generated for its signature, whose rows
+    carry the storages' extra words as the CPU table's do, but for stochastic rounding's key
+    words: they change every step, so they go to the launch apart (:meth:`set_keys`), and the
+    table, cached on the device by its bytes, stays the same."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.table = self._table()
+        self._words = None
 
     def set_grads(self, addresses):
         self.table[:, 2] = addresses[self._rows]
+
+    def set_keys(self, keys):
+        super().set_keys(keys)  # self.keys: the words kernels.cuda.launch_grouped takes
+        self._words = self.keys if self.signature.storages[0].codec == "bf16_stochastic" else None
 
     def prepare(self):
         self._launch = self.backend.grouped_launcher()
@@ -284,7 +293,8 @@ class CudaGroup(Group):
 
     def launch(self, hyper, grads):
         stream = self.backend.stream_of(self.arrays[0][0])
-        self._launch(self.setup.rule, self.setup.flags, self.table, hyper, stream)
+        rule, flags = self.setup.rule, self.setup.flags
+        self._launch(rule, flags, self.table, hyper, stream, self.signature, self._words)
 
 
 def _size(a: Any) -> int:

@@ -281,3 +281,150 @@ def cuda_grouped(rule, flags, k):
     return cuda.jit(fastmath=FASTMATH)(
         namespace["make"](device_rule, as_device_array, flags, token)
     )
+
+
+# A codec group's kernel (bfloat16 parameters or state): generated per signature. Each
+# element of every column is staged through a one-element local array of the compute dtype
+# (registers, after NVVM's scalar replacement): loaded through its storage's codec, stepped by
+# the unchanged rule at index 0, and stored back through the codec, so the rules and the float
+# kernels above stay as they are and numba-cuda needs no column type of its own. A state slot
+# the options leave unused repeats the parameter's address in the table: it is neither loaded
+# nor stored, and the rule never touches its local (handing it the parameter's local instead,
+# as the CPU kernels hand it the parameter, would select between two locals and keep them in
+# local memory rather than registers: 9 local loads and stores in the PTX of an Adam step).
+# ``{...}`` fields are filled per signature by :func:`cuda_grouped_codecs`.
+_CUDA_CODEC_SOURCE = """
+def make(device_rule, as_device_array, codecs, flags, token):
+{bindings}
+    def kernel(meta, first, count, chunk, hyper{words}):
+        token
+{locals}
+        c = cuda.blockIdx.x
+        while c < count:
+            at = first + 2 * c
+            row = meta[at] * {width}
+            start = meta[at + 1]
+            n = meta[row]
+            stop = min(start + chunk, n)
+{columns}
+            arrays = ({arrays},)
+            i = start + cuda.threadIdx.x
+            while i < stop:
+{loads}
+                device_rule(0, arrays, hyper, flags)
+{stores}
+                i += cuda.blockDim.x
+            c += cuda.gridDim.x
+
+    return kernel
+"""
+
+
+def _codec_source(signature):
+    """The fields of :data:`_CUDA_CODEC_SOURCE` for ``signature``: per column ``j``, its held
+    array ``a{j}``, its local ``v{j}``, whether it is used (state slots), its extra word (a
+    keyed codec's key and index base, a paired codec's second array), its loads and stores."""
+    bindings, local_arrays, columns_, arrays, loads, stores = [], [], [], [], [], []
+    extra = 1 + len(signature.storages)  # the row's first word after the addresses
+    keyed = _keyed(signature)
+    for j, storage in enumerate(signature.storages):
+        like = f"np.{np.dtype(storage.dtype).name}(0)"
+        local_arrays.append(f"v{j} = cuda.local.array(1, compute)")
+        columns_.append(f"a{j} = as_device_array(meta[row + {j + 1}], n, {like})")
+        state = j >= 2  # the gradient is only read, and param and grad are always used
+        if state:
+            columns_.append(f"used{j} = meta[row + {j + 1}] != meta[row + 1]")
+        arrays.append(f"v{j}")
+        if storage.codec is None:
+            load, store = f"v{j}[0] = a{j}[i]", f"a{j}[i] = v{j}[0]"
+        else:
+            kind = columns.KINDS.get(storage.codec, "plain")
+            bindings += [f"load{j}, store{j} = codecs[{j}]"]
+            load, store = f"v{j}[0] = load{j}(a{j}, i)", f"store{j}(a{j}, i, v{j}[0])"
+            if kind == "keyed":  # the key in the word's low 32 bits, the index base above
+                word = f"words[meta[at] * {len(keyed)} + {keyed.index(j)}]"
+                columns_ += [f"word{j} = {word}",
+                             f"key{j} = np.uint32(word{j} & 0xFFFFFFFF)",
+                             f"base{j} = word{j} >> 32"]  # fmt: skip
+                index = f"np.uint32((base{j} + i) & 0xFFFFFFFF)"
+                store = f"store{j}(a{j}, i, v{j}[0], key{j}, {index})"
+                extra += 1
+            elif kind == "paired":  # the second held array, at the word's address
+                columns_.append(f"comp{j} = as_device_array(meta[row + {extra}], n, {like})")
+                store = f"store{j}(a{j}, comp{j}, i, v{j}[0])"
+                extra += 1
+        if state:
+            load, store = f"if used{j}:\n    {load}", f"if used{j}:\n    {store}"
+        loads.append(load)
+        if j != 1:
+            stores.append(store)
+
+    def block(lines, depth):
+        return "\n".join(" " * depth + line.replace("\n", "\n" + " " * depth) for line in lines)
+
+    return dict(
+        words=", words" if keyed else "",
+        bindings=block(bindings or ["pass"], 4),
+        locals=block(local_arrays, 8),
+        width=signature.table_width,
+        columns=block(columns_, 12),
+        arrays=", ".join(arrays),
+        loads=block(loads, 16),
+        stores=block(stores, 16),
+    )
+
+
+def _keyed(signature) -> list[int]:
+    """The columns of ``signature`` whose codec is keyed (stochastic rounding's)."""
+    return [
+        j
+        for j, s in enumerate(signature.storages)
+        if s.codec is not None and columns.KINDS.get(s.codec) == "keyed"
+    ]
+
+
+def cuda_keyed_columns(signature) -> int:
+    """How many key words per tensor the kernel of ``signature`` takes (see
+    :func:`cuda_grouped_codecs`)."""
+    return len(_keyed(signature))
+
+
+@cache
+def cuda_grouped_codecs(rule, flags, signature):
+    """Return the grouped CUDA kernel for ``rule`` over tensors of ``signature``, whose
+    storages include codecs (bfloat16 parameters or state)::
+
+        kernel[blocks, threads, stream](meta, first, count, chunk, hyper)
+        kernel[blocks, threads, stream](meta, first, count, chunk, hyper, words)  # keyed
+
+    ``meta``, the launch and the chunks are those of :func:`cuda_grouped`; a tensor's row is
+    :attr:`~fastrms.precision.Signature.table_width` words: its element count, the addresses
+    of its arrays, then the storages' extra words in the arrays' order (a Kahan parameter's:
+    its compensation array's address). A keyed column's word (a stochastically rounded
+    parameter's: its key in the low 32 bits, the index of its element 0 in its whole tensor
+    in the high 32 bits, mod 2^32) changes every step, so it is read from ``words`` instead,
+    an int64 device array of :func:`cuda_keyed_columns` words per tensor row: the table stays
+    the same from step to step, and so does its copy on the device. Each element is loaded
+    through its storage's codec (:data:`fastrms.kernels.columns.CODECS`, the CPU kernels' own
+    functions, compiled as device functions) into a local of the compute dtype, stepped by the
+    rule, and stored back through the codec; element ``i`` of a chunk is element ``i`` of its
+    whole tensor, so stochastic rounding draws the same bits as on the CPU. Float signatures
+    take :func:`cuda_grouped`.
+    """
+    _import_cuda()
+    from numba.np.numpy_support import from_dtype
+
+    from .cuda_pointers import as_device_array
+
+    for storage in signature.storages:
+        if storage.codec is not None and storage.codec not in columns.CODECS:
+            raise ValueError(f"no codec {storage.codec!r} has CUDA kernels (kernels.columns)")
+    token = TOKEN
+    device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
+    codecs = tuple(columns.CODECS.get(s.codec) for s in signature.storages)
+    source = _CUDA_CODEC_SOURCE.format(**_codec_source(signature))
+    namespace = {"cuda": cuda, "np": np, "compute": from_dtype(np.dtype(signature.compute))}
+    exec(compile(source, f"<grouped codec kernel, {signature}>", "exec"), namespace)
+    return cuda.jit(fastmath=FASTMATH)(
+        namespace["make"](device_rule, as_device_array, codecs, flags, token)
+    )

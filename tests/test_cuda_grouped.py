@@ -474,51 +474,6 @@ def test_optimizer_class_steps_many_device_arrays_as_one_group(algo):
 
 
 @runs_kernels
-def test_bf16_state_is_refused_on_cuda_and_nothing_is_written():
-    """bfloat16 state (state_dtype="bfloat16") has no CUDA codec columns yet: refused with a
-    clear error before anything runs, by the functional step and by the classes."""
-    import ml_dtypes
-    from numba import cuda
-
-    rng = np.random.default_rng(0)
-    p, g = (cuda.to_device(randn(rng, 8, np.float32)) for _ in range(2))
-    m, v = (cuda.to_device(np.zeros(8, ml_dtypes.bfloat16).view(np.uint16)) for _ in range(2))
-    before = [a.copy_to_host() for a in (p, m, v)]
-    with pytest.raises(TypeError, match=r"params\[0\]: state_dtype='bfloat16' is not supported "
-                                        "on the cuda backend yet"):  # fmt: skip
-        functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]},
-                                     state_dtype="bfloat16")  # fmt: skip
-    with pytest.raises(TypeError, match=r"not supported for CUDA arrays yet \(params\[0\]\)"):
-        fastrms.Adam([p], state_dtype="bfloat16")
-    for a, b in zip((p, m, v), before):
-        assert_same_bits(a.copy_to_host(), b)
-
-
-@runs_kernels
-def test_bf16_params_are_refused_on_cuda_and_nothing_is_written():
-    """bfloat16 parameters have no CUDA kernels yet: a bfloat16 device array (the simulator
-    keeps the dtype; a real device takes its uint16 patterns, refused as integers) is refused
-    with a TypeError naming it, by the functional step and the classes, before anything runs."""
-    import ml_dtypes
-    from numba import cuda
-
-    host = np.ones(8, ml_dtypes.bfloat16)
-    try:
-        p, g = cuda.to_device(host), cuda.to_device(host.copy())
-    except Exception:  # a real device has no bfloat16 arrays in Numba: its patterns instead
-        p, g = cuda.to_device(host.view(np.uint16)), cuda.to_device(host.view(np.uint16))
-    m, v = (cuda.to_device(np.zeros(8, np.float32)) for _ in range(2))
-    before = [a.copy_to_host() for a in (p, m, v)]
-    match = r"params\[0\].*(bfloat16 parameters are supported on the host only|float32 or float64)"
-    with pytest.raises(TypeError, match=match):
-        functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]})
-    with pytest.raises(TypeError, match=match):
-        fastrms.Adam([p])
-    for a, b in zip((p, m, v), before):
-        assert_same_bits(a.copy_to_host(), b)
-
-
-@runs_kernels
 def test_int8_state_is_refused_on_cuda_and_nothing_is_written():
     """8-bit blockwise state (state_dtype="int8") has no CUDA kernels yet: refused with a clear
     error before anything runs, by the functional step and by the classes."""

@@ -1,4 +1,5 @@
-"""The float32 CUDA kernels compute in float32: no float64 instruction in their PTX.
+"""The float32 CUDA kernels compute in float32: no float64 instruction in their PTX (nor in
+the grouped kernels of bfloat16 state and parameters).
 
 Compiling to PTX needs numba-cuda and NVVM/NVRTC (the ``test`` extra installs them from PyPI),
 not a GPU, so this runs in CI. It cannot run under the simulator, which has no compiler.
@@ -8,6 +9,7 @@ import itertools
 import os
 import re
 
+import numpy as np
 import pytest
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
@@ -16,9 +18,10 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
 from numba import types  # noqa: E402
 
-from fastrms import functional  # noqa: E402
+from fastrms import functional, precision  # noqa: E402
 from fastrms.kernels import cuda as cuda_kernels  # noqa: E402
-from fastrms.kernels import rules  # noqa: E402
+from fastrms.kernels import elementwise, rules  # noqa: E402
+from fastrms.lowprecision import BFLOAT16  # noqa: E402
 from fastrms.specs import LAYOUTS  # noqa: E402
 
 #: Every rule (from fastrms.specs, so a new one is checked too): its flags and scalars.
@@ -83,3 +86,39 @@ def test_every_rule_is_checked():
 def test_float64_kernel_is_float64():
     # The check above would pass vacuously if the pattern never matched: it does match here.
     assert F64.search(_ptx("rmsprop", (True, True, False), types.float64))
+
+
+# -- the grouped kernels of bfloat16 state and parameters (codec columns) ----------------------
+
+_B = precision.STORAGES["bfloat16"]
+CODEC_SIGNATURES = {
+    "bf16-state": precision.signature("adam", np.dtype(np.float32), (_B, _B, _B)),
+    "bf16-params-stochastic": precision.signature("adam", BFLOAT16, rounding="stochastic"),
+    "bf16-params-kahan-bf16-state": precision.signature(
+        "adam", BFLOAT16, (_B, _B, _B), rounding="kahan"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CODEC_SIGNATURES))
+def test_codec_grouped_kernels_are_float32_and_keep_their_locals_in_registers(case):
+    """Adam (every slot in use) over bfloat16 state, bfloat16 parameters rounded
+    stochastically, and bfloat16 parameters with a Kahan compensation and bfloat16 state: the
+    kernels generated per signature compute in float32, load and store the 16-bit patterns,
+    and stage each element in registers, not local memory."""
+    sig = CODEC_SIGNATURES[case]
+    flags = (True,) * N_FLAGS["adam"]
+    kernel = cuda_kernels.grouped_kernel(rules.adam, flags, sig.table_width - 1, sig)
+    scalars = types.UniTuple(types.float32, N_HYPER["adam"])
+    args = (types.int64[::1], types.int64, types.int64, types.int64, scalars)
+    if elementwise.cuda_keyed_columns(sig):  # stochastic rounding's key words
+        args += (types.int64[::1],)
+    try:
+        ptx, _ = cuda.compile_ptx(kernel.py_func, args, cc=(9, 0))
+    except Exception as exc:  # noqa: BLE001 - name what is missing instead of a traceback
+        pytest.fail(f"cannot compile PTX here ({type(exc).__name__}: {exc}); "
+                    "install the test extra, which brings NVRTC and NVVM")  # fmt: skip
+    assert not F64.findall(ptx), "float64 instruction in a float32 kernel"
+    assert re.search(r"\bdiv\.rn\.f32\b", ptx) and re.search(r"\bsqrt\.rn\.f32\b", ptx)
+    assert re.search(r"\bld\.global\.u16\b", ptx) and re.search(r"\bst\.global\.u16\b", ptx)
+    assert not re.search(r"\b(ld|st)\.local\b", ptx), "an element's locals spilled to memory"
