@@ -90,9 +90,10 @@ class StepPlan:
         How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
-        ``cpu`` and ``numpy`` backends only. ``"int8"`` (float32 parameters, ``cpu`` and
-        ``numpy``): :class:`fastrms.lowprecision.Quantized` pairs for parameters of at least
-        4096 elements, float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
+        ``cpu`` and ``numpy`` backends only. ``"int8"`` (float32 parameters, every
+        backend): :class:`fastrms.lowprecision.Quantized` pairs (NumPy or CUDA arrays) for
+        parameters of at least 4096 elements, float32 arrays for smaller ones
+        (:mod:`fastrms.blockwise_groups`).
     rounding : {None, "stochastic", "nearest", "kahan"}, optional
         How ``ml_dtypes.bfloat16`` parameters are stored after their float32 update (None:
         ``"stochastic"``; see :data:`fastrms.precision.PARAM_STORAGES`). Their gradients are
@@ -170,7 +171,7 @@ class StepPlan:
                 chosen, auto = dispatch.resolve(backend, info.kind)
             except TypeError as exc:
                 raise TypeError(f"{names[i]}: {exc}") from None
-            if slots is not None and chosen.name == "cuda":
+            if slots is not None and chosen.name == "cuda" and not slots[0].blockwise:
                 what = f"state_dtype={state_dtype!r}" if i not in low else "bfloat16 parameters"
                 raise TypeError(
                     f"{names[i]}: {what} is not supported on the cuda backend yet (cpu and "
@@ -224,11 +225,6 @@ class StepPlan:
             return None, None
         option = f"state_dtype={state_dtype!r}"
         if slots[0].blockwise:  # the codes: uint8, shaped as p (split_state checks the pairs)
-            if info.kind != HOST:
-                raise TypeError(
-                    f"{name}: {option} is not supported on the cuda backend yet (cpu and numpy "
-                    "only)"
-                )
             return slots, _Blockwise(frozenset(labels), (np.dtype(np.uint8),), option, info.shape)
         return slots, Held(frozenset(labels), LOW_PRECISION_DTYPES, option)
 

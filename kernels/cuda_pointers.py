@@ -34,13 +34,14 @@ else:
     @intrinsic
     def as_device_array(typingctx, address, size, like):
         """``as_device_array(address, size, like)`` in a kernel: the C-contiguous 1-D array of
-        ``size`` elements of ``like``'s type (float32 or float64) at device ``address``.
+        ``size`` elements of ``like``'s type (a float, or an integer such as ``uint8``
+        codes) at device ``address``.
 
         The CUDA twin of :func:`fastrms.kernels.pointers.as_array`, registered with
         numba-cuda's own ``intrinsic`` and lowered with its own array helpers. The array
         borrows the memory (no reference count); the caller keeps it alive.
         """
-        if not isinstance(like, types.Float):
+        if not isinstance(like, (types.Float, types.Integer)):
             return None
         array_type = types.Array(like, 1, "C")
 
