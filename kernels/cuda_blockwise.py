@@ -61,15 +61,16 @@ def magnitude_bits(x):
 
 @register_jitable
 def block_scale(bits):
-    """``(scale, inv)`` of a block whose largest magnitude pattern is ``bits``: the absmax and
-    its reciprocal; ``(0, 0)`` for a block of zeros or subnormals, ``(NaN, 0)`` for one holding
-    NaN or Inf, whose codes are all zero (:func:`fastrms.kernels.blockwise.quantize_block`)."""
+    """``(scale, inv, normal)`` of a block whose largest magnitude pattern is ``bits``: its
+    absmax, the reciprocal and True if that is a normal float32; ``(0, 0, False)`` for a
+    block of zeros or subnormals, ``(NaN, 0, False)`` for one holding NaN or Inf, whose codes
+    are then all zero (:func:`fastrms.kernels.blockwise.quantize_block`)."""
     if bits < _NORMAL_BITS:
-        return np.float32(0), np.float32(0)
+        return np.float32(0), np.float32(0), False
     if bits >= _INF_BITS:
-        return np.float32(np.nan), np.float32(0)
+        return np.float32(np.nan), np.float32(0), False
     m = np.uint32(bits).view(np.float32)
-    return m, np.float32(1) / m
+    return m, np.float32(1) / m, True
 
 
 # Generated per (slot count, signs, used slots), so that the rule's tuple of arrays has a static
@@ -134,9 +135,9 @@ _PEAK = """\
 """
 
 _STORE = """\
-            scale, inv = block_scale(peaks[turn, {s}])
+            scale, inv, normal = block_scale(peaks[turn, {s}])
             if inside:
-                codes{s}[t] = encode{s}(scratch[{s}, t] * inv) if inv != 0 else uint8(0)
+                codes{s}[t] = encode{s}(scratch[{s}, t] * inv) if normal else uint8(0)
             if t == 0:
                 scale{s}[0] = scale
 """
