@@ -1,12 +1,14 @@
 """Grouped steps of parameters whose state is held blockwise in 8 bits (``state_dtype="int8"``).
 
 A state array of such a parameter is a :class:`fastrms.lowprecision.Quantized` pair: ``uint8``
-codes shaped as the parameter and float32 scales, one per block of 256 elements. This module
-checks the pairs (:func:`split_state`) and runs them:
+codes shaped as the parameter and float32 scales, one per block of 256 elements, both NumPy
+arrays or both CUDA arrays. This module checks the pairs (:func:`split_state`) and runs them:
 
 - :class:`BlockwiseCpuGroup`: the Numba kernels of :mod:`fastrms.kernels.blockwise`, over a
   table whose rows hold the codes' and then the scales' addresses, cut into parts on block
   boundaries (:func:`block_schedule`);
+- :class:`BlockwiseCudaGroup`: the CUDA kernel of :mod:`fastrms.kernels.cuda_blockwise`,
+  over the same table of device addresses, one thread block per block of 256 elements;
 - :class:`BlockwiseNumpyGroup`: the reference: dequantize, the NumPy rule, quantize
   (:mod:`fastrms.lowprecision`).
 
@@ -16,17 +18,24 @@ blockwise (:func:`fastrms.precision.slot_storages`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
 from . import lowprecision
-from .arrays import extent
-from .launch_groups import CpuGroup, NumpyGroup
+from .arrays import describe, extent
+from .launch_groups import CpuGroup, CudaGroup, NumpyGroup
 from .lowprecision import BLOCK, Quantized, n_blocks
 from .schedule import schedule
 
-__all__ = ["BlockwiseCpuGroup", "BlockwiseNumpyGroup", "block_schedule", "split_state"]
+__all__ = [
+    "BlockwiseCpuGroup",
+    "BlockwiseCudaGroup",
+    "BlockwiseNumpyGroup",
+    "block_schedule",
+    "split_state",
+]
 
 
 def block_schedule(sizes: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +53,9 @@ def check_pair(
     value: Any, shape: tuple, label: str, option: str, written: bool = True
 ) -> Quantized:
     """``value`` as a :class:`Quantized` pair for a parameter of ``shape``, checked: a pair of
-    NumPy arrays, codes ``uint8`` of ``shape``, scales float32 of ``n_blocks`` entries, both
-    C-contiguous and writeable (if ``written``). Raises ``TypeError``/``ValueError`` naming
-    ``label``."""
+    arrays on one side (NumPy arrays, or CUDA arrays on one device), codes ``uint8`` of
+    ``shape``, scales float32 of ``n_blocks`` entries, both C-contiguous and writeable (if
+    ``written``). Raises ``TypeError``/``ValueError`` naming ``label``."""
     if not isinstance(value, tuple) or len(value) != 2:
         raise TypeError(
             f"{label} must be a fastrms.lowprecision.Quantized (codes, scales) pair under "
@@ -54,24 +63,41 @@ def check_pair(
         )
     codes, scales = value
     size = int(np.prod(shape, dtype=np.int64))
+    infos = []
     for part, a, dtype, want in (
         ("codes", codes, np.uint8, tuple(shape)),
         ("scales", scales, np.float32, (n_blocks(size),)),
     ):
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{part} of {label} must be a NumPy array, got {type(a).__name__}")
-        if a.dtype != dtype:
+        try:
+            info = describe(a, f"{part} of {label}")
+        except TypeError:
             raise TypeError(
-                f"{part} of {label} has dtype {a.dtype}; {option} holds it as {dtype.__name__}"
+                f"{part} of {label} must be a NumPy array or a CUDA array, got {type(a).__name__}"
+            ) from None
+        if info.dtype != dtype:
+            raise TypeError(
+                f"{part} of {label} has dtype {info.dtype}; {option} holds it as {dtype.__name__}"
             )
-        if a.shape != want:
-            raise ValueError(f"{part} of {label} has shape {a.shape}, expected {want}")
+        if tuple(info.shape) != want:
+            raise ValueError(f"{part} of {label} has shape {tuple(info.shape)}, expected {want}")
+        infos.append(info)
         if not written:
             continue
-        if not a.flags.c_contiguous:
+        if not info.c_contiguous:
             raise ValueError(f"{part} of {label} must be C-contiguous")
-        if not a.flags.writeable:
+        if not info.writeable:
             raise ValueError(f"{part} of {label} is read-only")
+    codes_info, scales_info = infos
+    if codes_info.kind != scales_info.kind:
+        raise TypeError(
+            f"codes and scales of {label} must both be NumPy arrays or both CUDA arrays"
+        )
+    devices = (codes_info.device, scales_info.device)
+    if None not in devices and devices[0] != devices[1]:
+        raise ValueError(
+            f"scales of {label} are on CUDA device {devices[1]} but its codes on device "
+            f"{devices[0]}"
+        )
     return Quantized(codes, scales)
 
 
@@ -104,12 +130,44 @@ def _used(group) -> tuple[bool, ...]:
     return tuple(s in group.setup.state for s in SLOTS[group.setup.rule])
 
 
+def _pairs(arrays: list) -> list:
+    """The groups' arrays with each state pair as a :class:`Quantized` (a plain ``(codes,
+    scales)`` tuple passes :func:`check_pair` too)."""
+    return [[Quantized(*a) if isinstance(a, tuple) else a for a in row] for row in arrays]
+
+
+def block_table(signature, arrays: list) -> np.ndarray:
+    """One int64 row per array: element count, the addresses of param, grad (per step),
+    each slot's codes, the param's extra word if it has one (a bfloat16 parameter's key of
+    stochastic rounding, set per step, or its Kahan compensation's address, the last of its
+    arrays), then each slot's scales (an unused slot: the param's, never read). Host or
+    device addresses, as the arrays are (the CPU and CUDA kernels read the same table)."""
+    storages = signature.storages
+    slots = len(storages) - 2
+    scales = 3 + slots + storages[0].words
+    table = np.zeros((len(arrays), signature.table_width), np.int64)
+    for r, row in enumerate(arrays):
+        p = row[0]
+        table[r, 0] = int(np.prod(describe(p, "param").shape, dtype=np.int64))
+        table[r, 1:] = extent(p)[0]
+        for k, a in enumerate(row[2 : 2 + slots]):
+            if isinstance(a, Quantized):
+                table[r, 3 + k] = extent(a.codes)[0]
+                table[r, scales + k] = extent(a.scales)[0]
+        if storages[0].codec == "bf16_kahan":
+            table[r, 3 + slots] = extent(row[-1])[0]
+    return table
+
+
 class BlockwiseNumpyGroup(NumpyGroup):
     """The reference: per array, each used slot dequantized into float32, the NumPy rule, then
     quantized back into the same codes and scales arrays. A bfloat16 parameter and its
     gradient are widened to float32 first, and the parameter is stored back as
     :class:`~fastrms.launch_groups.NumpyGroup` stores it (:meth:`NumpyGroup._store_param`:
     rounded to nearest, stochastically, or with its Kahan compensation)."""
+
+    def __init__(self, setup, backend, auto, signature, rows, arrays):
+        super().__init__(setup, backend, auto, signature, rows, _pairs(arrays))
 
     def launch(self, hyper, grads):
         view = self.backend.view
@@ -142,30 +200,15 @@ class BlockwiseCpuGroup(CpuGroup):
     """The Numba kernels of :mod:`fastrms.kernels.blockwise`. Runs on Numba's threads (not on
     another library's team); cuts the work on block boundaries."""
 
+    def __init__(self, setup, backend, auto, signature, rows, arrays):
+        super().__init__(setup, backend, auto, signature, rows, _pairs(arrays))
+
     def prepare(self):
         self.team = None  # no team body is generated for blockwise kernels (yet)
         return super().prepare()
 
     def _table(self) -> np.ndarray:
-        """One int64 row per array: element count, the addresses of param, grad (per step),
-        each slot's codes, the param's extra word if it has one (a bfloat16 parameter's key of
-        stochastic rounding, set per step, or its Kahan compensation's address, the last of
-        its arrays), then each slot's scales (an unused slot: the param's, never read)."""
-        storages = self.signature.storages
-        slots = len(storages) - 2
-        scales = 3 + slots + storages[0].words
-        table = np.zeros((len(self.rows), self.signature.table_width), np.int64)
-        for r, arrays in enumerate(self.arrays):
-            p = arrays[0]
-            table[r, 0] = p.size
-            table[r, 1:] = extent(p)[0]
-            for k, a in enumerate(arrays[2 : 2 + slots]):
-                if isinstance(a, Quantized):
-                    table[r, 3 + k] = extent(a.codes)[0]
-                    table[r, scales + k] = extent(a.scales)[0]
-            if storages[0].codec == "bf16_kahan":
-                table[r, 3 + slots] = extent(arrays[-1])[0]
-        return table
+        return block_table(self.signature, self.arrays)
 
     def _kernels(self):
         return self.backend.blockwise_kernels(
@@ -182,5 +225,39 @@ class BlockwiseCpuGroup(CpuGroup):
         return BlockwiseNumpyGroup(self.setup, numpy, False, self.signature, self.rows, self.arrays)
 
 
-#: The group class of each backend for blockwise signatures (cuda refuses int8 state).
-BLOCKWISE_GROUPS = {"numpy": BlockwiseNumpyGroup, "cpu": BlockwiseCpuGroup}
+class BlockwiseCudaGroup(CudaGroup):
+    """The CUDA kernel of :mod:`fastrms.kernels.cuda_blockwise` over the same table of
+    (device) addresses as :class:`BlockwiseCpuGroup`: one thread block per block of
+    :data:`BLOCK` elements, one launch (or a few) for the group, on the parameters' stream."""
+
+    def __init__(self, setup, backend, auto, signature, rows, arrays):
+        super().__init__(setup, backend, auto, signature, rows, _pairs(arrays))
+
+    def _table(self) -> np.ndarray:
+        return block_table(self.signature, self.arrays)
+
+    def prepare(self):
+        self.backend.grouped_launcher()  # imports numba.cuda, or says why it cannot
+        from .kernels import cuda_blockwise, rules
+
+        signs = tuple(s.signed for s in self.signature.storages[2:])
+        self._launch = functools.partial(
+            cuda_blockwise.launch_blockwise,
+            rules.RULES[self.setup.rule],
+            self.setup.flags,
+            signs,
+            _used(self),
+        )
+        return self
+
+    def launch(self, hyper, grads):
+        stream = self.backend.stream_of(self.arrays[0][0])
+        self._launch(self.table, hyper, stream)
+
+
+#: The group class of each backend for blockwise signatures.
+BLOCKWISE_GROUPS = {
+    "numpy": BlockwiseNumpyGroup,
+    "cpu": BlockwiseCpuGroup,
+    "cuda": BlockwiseCudaGroup,
+}

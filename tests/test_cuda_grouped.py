@@ -474,9 +474,10 @@ def test_optimizer_class_steps_many_device_arrays_as_one_group(algo):
 
 
 @runs_kernels
-def test_int8_state_is_refused_on_cuda_and_nothing_is_written():
-    """8-bit blockwise state (state_dtype="int8") has no CUDA kernels yet: refused with a clear
-    error before anything runs, by the functional step and by the classes."""
+def test_int8_state_on_cuda_is_refused_with_host_pairs_and_by_the_classes():
+    """8-bit blockwise state (state_dtype="int8") on CUDA needs CUDA codes and scales
+    (tests/test_cuda_int8.py steps them); host pairs beside CUDA parameters are refused with a
+    clear error before anything runs, and the classes do not allocate it on CUDA yet."""
     from numba import cuda
 
     from fastrms.lowprecision import MIN_8BIT_SIZE, Quantized
@@ -486,8 +487,8 @@ def test_int8_state_is_refused_on_cuda_and_nothing_is_written():
     m = Quantized.of(np.zeros(MIN_8BIT_SIZE), True)
     v = Quantized.of(np.zeros(MIN_8BIT_SIZE), False)
     before = p.copy_to_host()
-    with pytest.raises(TypeError, match=r"params\[0\]: state_dtype='int8' is not supported on "
-                                        "the cuda backend yet"):  # fmt: skip
+    with pytest.raises(TypeError, match=r"exp_avg of params\[0\] is in host memory \(NumPy\) "
+                                        "but params"):  # fmt: skip
         functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]},
                                      state_dtype="int8")  # fmt: skip
     with pytest.raises(TypeError, match=r"not supported for CUDA arrays yet \(params\[0\]\)"):

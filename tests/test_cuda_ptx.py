@@ -122,3 +122,42 @@ def test_codec_grouped_kernels_are_float32_and_keep_their_locals_in_registers(ca
     assert re.search(r"\bdiv\.rn\.f32\b", ptx) and re.search(r"\bsqrt\.rn\.f32\b", ptx)
     assert re.search(r"\bld\.global\.u16\b", ptx) and re.search(r"\bst\.global\.u16\b", ptx)
     assert not re.search(r"\b(ld|st)\.local\b", ptx), "an element's locals spilled to memory"
+
+
+# -- the int8 blockwise kernel (kernels/cuda_blockwise.py) ---------------------------------------
+
+
+def _blockwise_ptx(name, options):
+    from fastrms import precision
+    from fastrms.kernels import cuda_blockwise
+    from fastrms.lowprecision import MIN_8BIT_SIZE
+    from fastrms.specs import SPECS
+
+    setup = SPECS[name].setup(1, **options)
+    storages = precision.slot_storages(setup.rule, precision.STORAGES["int8"], MIN_8BIT_SIZE)
+    signs = tuple(s.signed for s in storages)
+    used = tuple(s in setup.state for s in LAYOUTS[setup.rule].slots)
+    kernel = cuda_blockwise.block_kernel(rules.RULES[setup.rule], setup.flags, signs, used)
+    hyper = types.UniTuple(types.float32, N_HYPER[setup.rule])
+    ptx, _ = cuda.compile_ptx(kernel.py_func, (types.int64[::1], types.int64, types.int64, hyper),
+                              cc=(9, 0))  # fmt: skip
+    return ptx
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("adam", {}), ("rmsprop", {"momentum": 0.9})],
+    ids=["adam", "rmsprop-momentum"],
+)
+def test_int8_blockwise_kernel_compiles_to_float32_ptx(name, options):
+    try:
+        ptx = _blockwise_ptx(name, options)
+    except Exception as exc:  # noqa: BLE001 - name what is missing instead of a traceback
+        pytest.fail(f"cannot compile PTX here ({type(exc).__name__}: {exc}); "
+                    "install the test extra, which brings NVRTC and NVVM")  # fmt: skip
+    assert not F64.findall(ptx), "float64 instruction in the int8 blockwise kernel"
+    assert re.search(r"\bdiv\.rn\.f32\b", ptx) and re.search(r"\bsqrt\.rn\.f32\b", ptx)
+    assert re.search(r"\batom\.shared\.max\.u32\b", ptx), "the absmax is no shared atomic max"
+    assert re.search(r"\b(bar|barrier)\.sync\b", ptx), "no barrier"
+    assert re.search(r"\bst(\.global)?\.u8\b", ptx), "no codes stored"
+    assert re.search(r"\bst\.shared\.f32\b", ptx), "no shared scratch"
