@@ -171,9 +171,10 @@ class StepPlan:
             named = {names[i]: p} | {f"{s} of {names[i]}": state[s][i] for s in setup.state}
             labels = tuple(named)[1:]
             scales: dict = {}
+            whole = None if sizes is None else int(sizes[i])
             if i in low:
                 slots, held = self._bf16_storages(setup, p, names[i], labels, state_dtype,
-                                                  comps and comps[i])  # fmt: skip
+                                                  comps and comps[i], whole)  # fmt: skip
                 if slots[0].blockwise:  # int8: (codes, scales) pairs
                     named, scales = split_state(named, labels, _shape_of(p), held[0].option)
                 elif state_dtype == "int8":
@@ -181,7 +182,6 @@ class StepPlan:
                 if comps is not None:
                     named[f"{KAHAN_COMP} of {names[i]}"] = comps[i]
             else:
-                whole = None if sizes is None else int(sizes[i])
                 slots, held = self._state_storages(setup, p, names[i], labels, state_dtype, whole)
                 if slots is not None and slots[0].blockwise:  # int8: (codes, scales) pairs
                     named, scales = split_state(named, labels, held.shape, held.option)
@@ -274,16 +274,23 @@ class StepPlan:
 
     @staticmethod
     def _bf16_storages(
-        setup: Setup, p: Any, name: str, labels: tuple, state_dtype: str | None, comp: Any
+        setup: Setup,
+        p: Any,
+        name: str,
+        labels: tuple,
+        state_dtype: str | None,
+        comp: Any,
+        whole: int | None = None,
     ) -> tuple[tuple, tuple]:
         """As :meth:`_state_storages`, for a bfloat16 parameter: its state's storages, and
         what :func:`check_arrays` accepts for its state (``state_dtype="int8"``: the codes of
-        a parameter of at least 4096 elements, float32 arrays for a smaller one) and Kahan
+        a parameter of at least 4096 elements, float32 arrays for a smaller one; ``whole``,
+        where given, is the size of the tensor ``p`` is a piece of, which decides) and Kahan
         compensation."""
         info = describe(p, name)
         check_updatable(info, name, allow_bf16=True, device_bf16=True)
         storage = state_storage(state_dtype, BFLOAT16, name)
-        size = int(np.prod(info.shape, dtype=np.int64))
+        size = int(np.prod(info.shape, dtype=np.int64)) if whole is None else whole
         slots = slot_storages(setup.rule, storage, size)
         if slots is None:  # as a bfloat16 parameter's state is held by default: float32
             slots = (STORAGES["float32"],) * len(SLOTS[setup.rule])

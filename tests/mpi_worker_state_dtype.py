@@ -255,10 +255,11 @@ def run_bf16_case(
     name: str = "Adam",
     reduce="reduce_scatter",
     flat: bool = False,
+    state_dtype: str | None = None,
 ) -> None:
     """``flat``: the parameters are views of one buffer (all-gathered in place)."""
     cls = getattr(fastrms, name)
-    what = f"{name} bf16 params {rounding} {shapes} {reduce} flat={flat}"
+    what = f"{name} bf16 params {rounding} {shapes} {reduce} flat={flat} state={state_dtype}"
     rng = np.random.default_rng(17)
     p0 = {k: rng.standard_normal(s).astype(dtypes[k]) for k, s in shapes.items()}
     params = {k: v.copy() for k, v in p0.items()}
@@ -268,7 +269,7 @@ def run_bf16_case(
         params = {k: buffer[e - v.size : e].reshape(v.shape)
                   for (k, v), e in zip(p0.items(), ends)}  # fmt: skip
     ref_params = {k: v.copy() for k, v in p0.items()}
-    low = dict(rounding=rounding, seed=12345)
+    low = dict(rounding=rounding, seed=12345, state_dtype=state_dtype)
     opt = ShardedOptimizer(cls, params, lr=0.01, reduce=reduce, **low)
     ref = cls(ref_params, lr=0.01, **low)
     assert opt.rounding == rounding
@@ -281,7 +282,7 @@ def run_bf16_case(
     bits_equal(sd, ref_sd, what + " state_dict")
     assert (f"state.kahan_comp.{next(iter(shapes))}" in sd) == (rounding == "kahan")
     wide = opt.state_dict(dequantize=True)
-    for k in state_keys(sd):
+    for k in state_keys(sd) if state_dtype is None else ():  # int8: run_int8_case checks it
         want = lowprecision.bf16_to_float32(sd[k]) if sd[k].dtype == BF16 else sd[k]
         assert wide[k].dtype == np.float32 and np.array_equal(wide[k], want), (what, k)
     assert sum(COMM.allgather(opt.state_nbytes())) == sum(
@@ -295,7 +296,8 @@ def run_bf16_case(
     single.load_state_dict(sd)
     back = {k: v.copy() for k, v in ref_params.items()}
     resharded = ShardedOptimizer(cls, back, **low)
-    resharded.load_state_dict(wide if rounding == "kahan" else ref_sd)  # float32 comp: exact
+    # A float32 compensation loads exactly; int8 codes and scales load as held.
+    resharded.load_state_dict(wide if rounding == "kahan" and state_dtype is None else ref_sd)
     single.step(bf16_reduced(g))
     resharded.step(g[RANK])
     opt.step(g[RANK])
@@ -316,6 +318,10 @@ def run_bf16_cases() -> None:
     # compensation of its own), and with 3 ranks, one rank that holds no bf16 element at all.
     run_bf16_case("kahan", {"x": (2,), "f": (40,)}, {"x": BF16, "f": np.float32})
     run_bf16_case("stochastic", {"x": (2,)}, {"x": BF16}, "Lion")  # an empty rank with 3
+    # bfloat16 parameters with int8 state: blockwise beside the 5000-element one, float32
+    # beside the small ones (their whole size decides, not the pieces').
+    for rounding in ("stochastic", "kahan"):
+        run_bf16_case(rounding, BF16_SHAPES, dtypes, state_dtype="int8")
 
 
 def check_refusals() -> None:
@@ -323,8 +329,8 @@ def check_refusals() -> None:
     expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, p, state_dtype="int4"),
                "state_dtype must be one of")  # fmt: skip
     bf = {k: v.astype(BF16) for k, v in p.items()}
-    expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, bf, state_dtype="int8"),
-               "state_dtype='int8' needs float32 parameters, but params['w'] has dtype "
+    expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, bf, state_dtype="float64"),
+               "state_dtype='float64' needs float64 parameters, but params['w'] has dtype "
                "bfloat16")  # fmt: skip
     expect_all(ValueError, lambda: ShardedOptimizer(fastrms.Adam, p, rounding="nearest"),
                "rounding= applies to bfloat16 parameters only")  # fmt: skip
