@@ -73,10 +73,10 @@ def m(file: str, name: str, *edits: tuple[str, str]) -> Mutant:
     return Mutant(file, name, list(edits))
 
 
-SPECS_ADAM, SPECS_SGD, SPEC_TYPES, GROUPED, GROUPS, SCHEDULE, DIST, PART, RULES = (
+SPECS_ADAM, SPECS_SGD, SPEC_TYPES, GROUPED, GROUPS, SCHEDULE, DIST, PART, CKPT, RULES = (
     "fastrms/specs_adam.py", "fastrms/specs_sgd.py", "fastrms/spec_types.py", "fastrms/grouped.py",
     "fastrms/launch_groups.py", "fastrms/schedule.py", "fastrms/distributed.py",
-    "fastrms/shard_partition.py", "kernels/rules.py",
+    "fastrms/shard_partition.py", "fastrms/shard_checkpoint.py", "kernels/rules.py",
 )  # fmt: skip
 
 #: The listed mutants. The first of grouped.py, distributed.py and specs.py are the three the
@@ -178,13 +178,15 @@ MUTANTS: dict[str, list[Mutant]] = {
         m(DIST, "float32 sent as MPI DOUBLE",
           ("return self._MPI.FLOAT if dtype == np.float32 else self._MPI.DOUBLE",
            "return self._MPI.DOUBLE")),
-        m(DIST, "state_dict(root=r) delivered to the wrong ranks",
-          ("receive = root is None or root == self.rank", "receive = root is None or root != self.rank")),
         m(DIST, "reduce='reduce' takes the maximum",
           ("op=MPI.SUM, root=r)", "op=MPI.MAX, root=r)")),
         m(DIST, "a failed construction check not shared",
           ('        self._agree(error, repr(signature), "params, optimizer and options")\n',
            "")),
+    ],
+    CKPT: [
+        m(CKPT, "state_dict(root=r) delivered to the wrong ranks",
+          ("receive = root is None or root == self.rank", "receive = root is None or root != self.rank")),
     ],
     PART: [
         m(PART, "pieces end one element early",
@@ -238,6 +240,7 @@ TESTS = {
     SCHEDULE: ["tests/test_grouped.py", "tests/test_api.py"],
     DIST: ["tests/test_distributed.py"],
     PART: ["tests/test_distributed.py"],
+    CKPT: ["tests/test_distributed.py"],
     RULES: ["tests/test_specs.py", "tests/test_reference.py"],
     **dict.fromkeys(
         ["fastrms/torch.py", "fastrms/torch_optimizer.py", "fastrms/torch_buckets.py",
