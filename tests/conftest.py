@@ -4,6 +4,7 @@ bit-for-bit snapshots. Test modules import them with ``from conftest import ...`
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import os
 from dataclasses import dataclass
@@ -171,6 +172,38 @@ class Snapshot:
     def assert_unchanged(self) -> None:
         for k, a in self.arrays.items():
             assert_same_bits(a, self.copies[k], k)
+
+
+def npz_round_trip(state_dict: dict) -> dict:
+    """A NumPy optimizer's state dict saved with ``np.savez`` and loaded back (bfloat16 arrays
+    come back as 2-byte void, which the optimizers read as their patterns)."""
+    f = io.BytesIO()
+    np.savez(f, **state_dict)
+    f.seek(0)
+    return dict(np.load(f))
+
+
+def torch_round_trip(state_dict: dict) -> dict:
+    """A torch optimizer's state dict saved with ``torch.save`` and loaded back."""
+    import torch
+
+    f = io.BytesIO()
+    torch.save(state_dict, f)
+    f.seek(0)
+    return torch.load(f)
+
+
+class FullRouteCounter:
+    """Counts a ``fastrms.torch`` optimizer's full-route steps (its ``_buckets`` is called by
+    the full route only): ``FullRouteCounter(opt).calls``."""
+
+    def __init__(self, opt) -> None:
+        self.calls, self._buckets = 0, opt._buckets
+        opt._buckets = self
+
+    def __call__(self):
+        self.calls += 1
+        return self._buckets()
 
 
 #: Tolerance of the comparisons with other implementations (PyTorch, the formulas written out

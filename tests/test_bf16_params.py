@@ -21,14 +21,20 @@ Adam's under every rounding and state dtype), the numpy backend on every option 
 
 from __future__ import annotations
 
-import io
 import re
 
 import ml_dtypes
 import numba
 import numpy as np
 import pytest
-from conftest import FULL_STATE, OPTION_GRIDS, Snapshot, assert_same_bits, options_id
+from conftest import (
+    FULL_STATE,
+    OPTION_GRIDS,
+    Snapshot,
+    assert_same_bits,
+    npz_round_trip,
+    options_id,
+)
 from numba import njit, types
 
 import fastrms
@@ -398,20 +404,13 @@ def test_bf16_and_float32_parameters_in_one_optimizer():
 # -- state dicts ----------------------------------------------------------------------------------
 
 
-def _saved(sd: dict) -> dict:
-    f = io.BytesIO()
-    np.savez(f, **sd)
-    f.seek(0)
-    return dict(np.load(f))
-
-
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_state_dict_round_trips_with_the_kahan_buffer_and_step(rounding):
     params, grads = _problem(11, sizes=(5, 3000), steps=4)
     opt = fastrms.Adam([p.copy() for p in params], rounding=rounding, seed=3)
     for g in grads[:2]:
         opt.step(g)
-    sd = _saved(opt.state_dict())
+    sd = npz_round_trip(opt.state_dict())
     assert int(sd["step"]) == 2
     assert (f"state.{KAHAN}.1" in sd) == (rounding == "kahan")
     if rounding == "kahan":

@@ -19,12 +19,10 @@ half a code gap times the block's absmax.
 
 from __future__ import annotations
 
-import io
-
 import numba
 import numpy as np
 import pytest
-from conftest import FULL_STATE, OPTION_GRIDS, assert_same_bits, options_id, randn
+from conftest import FULL_STATE, OPTION_GRIDS, assert_same_bits, npz_round_trip, options_id, randn
 from numba import njit
 
 import fastrms
@@ -345,13 +343,6 @@ def test_adam_int8_state_takes_at_most_2_1_bytes_per_parameter():
     assert opt._store.nbytes() / p.size <= 2.1  # 2 codes + 2 scales per 256
 
 
-def _saved(sd: dict) -> dict:
-    f = io.BytesIO()
-    np.savez(f, **sd)
-    f.seek(0)
-    return dict(np.load(f))
-
-
 def _stepped(state_dtype, seed=7, name="adam", steps=2):
     params, grads = _problem(seed)
     opt = fastrms.optim.OPTIMIZERS[name]([p.copy() for p in params], state_dtype=state_dtype)
@@ -362,7 +353,7 @@ def _stepped(state_dtype, seed=7, name="adam", steps=2):
 
 def test_int8_state_dict_round_trips_bit_for_bit_and_steps_on_alike():
     opt, params, grads = _stepped("int8")
-    sd = _saved(opt.state_dict())
+    sd = npz_round_trip(opt.state_dict())
     assert "state.exp_avg.0:codes" in sd and "state.exp_avg.2" in sd  # the small one: float32
     other = fastrms.Adam([p.copy() for p in opt._params], state_dtype="int8")
     other.load_state_dict(sd)

@@ -20,14 +20,13 @@ Adamax), and for the others the default options and those that keep every state 
 from __future__ import annotations
 
 import importlib
-import io
 import os
 import re
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FULL_STATE, OPTION_GRIDS, assert_same_bits, options_id, randn
+from conftest import FULL_STATE, OPTION_GRIDS, assert_same_bits, npz_round_trip, options_id, randn
 from numba import njit, types
 
 import fastrms
@@ -191,13 +190,6 @@ def test_optimizer_classes_hold_bf16_state_and_match_the_reference(name, options
     assert opt._store.nbytes() == 2 * sum(p.size for p in params) * len(opt.state)
 
 
-def _saved(sd: dict) -> dict:
-    f = io.BytesIO()
-    np.savez(f, **sd)
-    f.seek(0)
-    return dict(np.load(f))
-
-
 @pytest.mark.parametrize("through_savez", [False, True])
 def test_bf16_state_dict_round_trips_bit_for_bit(through_savez):
     params, grads = _problem("adam", seed=3)
@@ -206,7 +198,7 @@ def test_bf16_state_dict_round_trips_bit_for_bit(through_savez):
         opt.step(g)
     sd = opt.state_dict()
     other = fastrms.Adam([p.copy() for p in opt._params], state_dtype="bfloat16")
-    other.load_state_dict(_saved(sd) if through_savez else sd)
+    other.load_state_dict(npz_round_trip(sd) if through_savez else sd)
     for s, arrays in opt.state.items():
         for a, b in zip(arrays, other.state[s]):
             assert b.dtype == BF16
@@ -230,7 +222,7 @@ def test_state_dicts_move_between_float32_and_bf16_state():
             assert_same_bits(_bits(b), lowprecision.round_nearest(a), s)
             assert_same_bits(_bits(b), a.astype(BF16).view(np.uint16), s)  # ml_dtypes agrees
     back = fastrms.Adam([p.copy() for p in params])
-    back.load_state_dict(_saved(low.state_dict()))  # widens exactly
+    back.load_state_dict(npz_round_trip(low.state_dict()))  # widens exactly
     for s, arrays in low.state.items():
         for a, b in zip(arrays, back.state[s]):
             assert b.dtype == np.float32

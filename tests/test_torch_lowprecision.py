@@ -22,7 +22,13 @@ import pytest
 
 torch = importlib.import_module("torch") if os.environ.get("CI") else pytest.importorskip("torch")
 
-from conftest import FULL_STATE, assert_same_bits, randn  # noqa: E402
+from conftest import (  # noqa: E402
+    FULL_STATE,
+    FullRouteCounter,
+    assert_same_bits,
+    randn,
+    torch_round_trip,
+)
 
 import fastrms  # noqa: E402
 import fastrms.torch as ft  # noqa: E402
@@ -62,24 +68,12 @@ def _problem(sizes, dtype, seed: int = 0):
     return params, grads
 
 
-class _Counter:
-    """Counts an optimizer's full-route steps (``_buckets`` is called by the full route only)."""
-
-    def __init__(self, opt) -> None:
-        self.calls, self._buckets = 0, opt._buckets
-        opt._buckets = self
-
-    def __call__(self):
-        self.calls += 1
-        return self._buckets()
-
-
 def _stepped(name, params, grads, route, options, low):
     """A fastrms.torch optimizer stepped through ``route`` and the NumPy class stepped on
     copies of the same data, both with ``low`` (rounding=/seed= or state_dtype=)."""
     tensors = [_tensor(p) for p in params]
     opt = CLASSES[name](tensors, lr=LR, **options, **low)
-    counter = _Counter(opt)
+    counter = FullRouteCounter(opt)
     ref = OPTIMIZERS[name]([p.copy() for p in params], lr=LR, **options, **low)
     for g in grads:
         for t, gg in zip(tensors, g):
@@ -384,18 +378,11 @@ def _trained_int8(seed=11, **options):
     return opt, tensors, grads[2]
 
 
-def _saved(sd):
-    f = io.BytesIO()
-    torch.save(sd, f)
-    f.seek(0)
-    return torch.load(f)
-
-
 def test_int8_state_dict_round_trips_bit_for_bit():
     opt, tensors, last = _trained_int8(**INT8)
     clones = [t.clone() for t in tensors]
     other = ft.Adam(clones, lr=LR, amsgrad=True, **INT8)
-    other.load_state_dict(_saved(opt.state_dict()))
+    other.load_state_dict(torch_round_trip(opt.state_dict()))
     for t, c in zip(tensors, clones):
         assert set(opt.state[t]) == set(other.state[c])
         for n, v in opt.state[t].items():
@@ -411,7 +398,7 @@ def test_int8_state_dict_round_trips_bit_for_bit():
 
 def test_int8_dequantized_export_loads_into_torch_optim():
     opt, tensors, last = _trained_int8(**INT8)
-    sd = _saved(opt.state_dict(dequantize=True))
+    sd = torch_round_trip(opt.state_dict(dequantize=True))
     assert opt.state[tensors[1]]["exp_avg"].dtype is torch.uint8  # its own state unchanged
     clones = [t.clone() for t in tensors]
     twin = torch.optim.Adam(clones, lr=LR, amsgrad=True, foreach=False)
@@ -439,7 +426,7 @@ def test_a_float32_checkpoint_loads_into_int8_state_quantized_and_back():
     f32, tensors, _ = _trained_int8(seed=12)
     clones = [t.clone() for t in tensors]
     low = ft.Adam(clones, lr=LR, amsgrad=True, **INT8)
-    low.load_state_dict(_saved(f32.state_dict()))
+    low.load_state_dict(torch_round_trip(f32.state_dict()))
     for t, c in zip(tensors, clones):
         for n, s in (("exp_avg", True), ("exp_avg_sq", False)):
             a = f32.state[t][n].numpy()
@@ -451,7 +438,7 @@ def test_a_float32_checkpoint_loads_into_int8_state_quantized_and_back():
             assert_same_bits(low.state[c][n + "_scales"].numpy(), q.scales, n)
     back_clones = [t.clone() for t in tensors]
     back = ft.Adam(back_clones, lr=LR, amsgrad=True)  # int8 into float32 state: dequantized
-    back.load_state_dict(_saved(low.state_dict()))
+    back.load_state_dict(torch_round_trip(low.state_dict()))
     want = low.state_dict(dequantize=True)["state"]
     for i, b in enumerate(back_clones):
         assert not any(n.endswith("_scales") for n in back.state[b])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import io
 import os
 import pickle
 
@@ -22,7 +21,13 @@ import pytest
 
 torch = importlib.import_module("torch") if os.environ.get("CI") else pytest.importorskip("torch")
 
-from conftest import FULL_STATE, assert_same_bits, randn  # noqa: E402
+from conftest import (  # noqa: E402
+    FULL_STATE,
+    FullRouteCounter,
+    assert_same_bits,
+    randn,
+    torch_round_trip,
+)
 
 import fastrms  # noqa: E402
 import fastrms.torch as ft  # noqa: E402
@@ -53,24 +58,12 @@ def _bits(t) -> np.ndarray:
     return lowprecision.bf16_bits(t)
 
 
-class _Counter:
-    """Counts an optimizer's full-route steps (``_buckets`` is called by the full route only)."""
-
-    def __init__(self, opt) -> None:
-        self.calls, self._buckets = 0, opt._buckets
-        opt._buckets = self
-
-    def __call__(self):
-        self.calls += 1
-        return self._buckets()
-
-
 def _stepped(name: str, params, grads, route: str, **options):
     """A fastrms.torch optimizer (bf16 state) stepped through ``route``, and the NumPy class
     stepped on copies of the same data."""
     tensors = [torch.from_numpy(p.copy()) for p in params]
     opt = CLASSES[name](tensors, lr=LR, **options, state_dtype="bfloat16")
-    counter = _Counter(opt)
+    counter = FullRouteCounter(opt)
     ref = OPTIMIZERS[name]([p.copy() for p in params], lr=LR, **options, state_dtype="bfloat16")
     for g in grads:
         for t, gg in zip(tensors, g):
@@ -176,13 +169,6 @@ def _trained(name="adam", state_dtype="bfloat16", seed=2, **options):
     return opt, tensors, grads[2]
 
 
-def _saved(sd):
-    f = io.BytesIO()
-    torch.save(sd, f)
-    f.seek(0)
-    return torch.load(f)
-
-
 def _state(opt, tensors, name):
     return [opt.state[t][name] for t in tensors]
 
@@ -190,7 +176,7 @@ def _state(opt, tensors, name):
 @pytest.mark.parametrize("name", ["adam", "rmsprop", "sgd"])
 def test_the_stored_form_round_trips_bit_for_bit(name):
     opt, tensors, last = _trained(name, **FULL_STATE[name])
-    sd = _saved(opt.state_dict())
+    sd = torch_round_trip(opt.state_dict())
     slots = [n for n in type(opt)._slots if n in opt.state[tensors[0]]]
     for n in slots:
         assert all(st[n].dtype is torch.bfloat16 for st in sd["state"].values())
@@ -211,7 +197,7 @@ def test_the_stored_form_round_trips_bit_for_bit(name):
 def test_dequantized_export_loads_into_torch_optim():
     opt, tensors, last = _trained("adam", amsgrad=True, weight_decay=0.1)
     held = {n: [t.clone() for t in _state(opt, tensors, n)] for n in ("exp_avg", "exp_avg_sq")}
-    sd = _saved(opt.state_dict(dequantize=True))
+    sd = torch_round_trip(opt.state_dict(dequantize=True))
     for n, tensors_held in held.items():  # the optimizer's own state is unchanged
         for a, b in zip(_state(opt, tensors, n), tensors_held):
             assert a.dtype is torch.bfloat16 and torch.equal(a, b)
@@ -238,7 +224,7 @@ def test_a_torch_optim_checkpoint_loads_rounded_to_nearest_even():
         twin.step()
     clones = [t.clone() for t in tensors]
     opt = ft.Adam(clones, lr=LR, amsgrad=True, state_dtype="bfloat16")
-    opt.load_state_dict(_saved(twin.state_dict()))
+    opt.load_state_dict(torch_round_trip(twin.state_dict()))
     for n in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         for a, b in zip(_state(twin, tensors, n), _state(opt, clones, n)):
             want = lowprecision.round_nearest(a.numpy())
@@ -254,7 +240,7 @@ def test_a_checkpoint_moves_between_state_dtypes():
     low, tensors, _ = _trained("adam")
     full_clones = [t.clone() for t in tensors]
     full = ft.Adam(full_clones, lr=LR)  # float32 state
-    full.load_state_dict(_saved(low.state_dict()))  # widens exactly
+    full.load_state_dict(torch_round_trip(low.state_dict()))  # widens exactly
     for n in ("exp_avg", "exp_avg_sq"):
         for a, b in zip(_state(low, tensors, n), _state(full, full_clones, n)):
             assert_same_bits(b.numpy(), lowprecision.bf16_to_float32(_bits(a)), n)
