@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +39,6 @@ from .arrays import (
     Held,
     check_arrays,
     check_no_overlap,
-    check_updatable,
     describe,
     extent,
     host_addresses,
@@ -48,15 +47,13 @@ from .arrays import (
 from .blockwise_groups import BLOCKWISE_GROUPS, refuse_pairs, split_state
 from .launch_groups import GROUPS, CpuGroup, Team
 from .lowprecision import BFLOAT16, step_keys
+from .plan_storages import bf16_storages, state_storages
 from .precision import (
     KAHAN_COMP,
     SLOTS,
-    STORAGES,
     check_rounding,
     check_state_dtype,
     signature,
-    slot_storages,
-    state_storage,
 )
 from .specs import Setup
 
@@ -173,7 +170,7 @@ class StepPlan:
             scales: dict = {}
             whole = None if sizes is None else int(sizes[i])
             if i in low:
-                slots, held = self._bf16_storages(setup, p, names[i], labels, state_dtype,
+                slots, held = bf16_storages(setup, p, names[i], labels, state_dtype,
                                                   comps and comps[i], whole)  # fmt: skip
                 if slots[0].blockwise:  # int8: (codes, scales) pairs
                     named, scales = split_state(named, labels, _shape_of(p), held[0].option)
@@ -182,7 +179,7 @@ class StepPlan:
                 if comps is not None:
                     named[f"{KAHAN_COMP} of {names[i]}"] = comps[i]
             else:
-                slots, held = self._state_storages(setup, p, names[i], labels, state_dtype, whole)
+                slots, held = state_storages(setup, p, names[i], labels, state_dtype, whole)
                 if slots is not None and slots[0].blockwise:  # int8: (codes, scales) pairs
                     named, scales = split_state(named, labels, held.shape, held.option)
                     held = Held(held.names, held.dtypes, held.option)
@@ -236,27 +233,6 @@ class StepPlan:
         self._grads: list | None = None
         self._ready = False
 
-    @staticmethod
-    def _state_storages(
-        setup: Setup, p: Any, name: str, labels: tuple, state_dtype: str | None, whole=None
-    ) -> tuple[tuple | None, Held | None]:
-        """The storage of each state slot of parameter ``p`` (None: as ``p`` is held) and
-        what :func:`check_arrays` must accept for its state arrays (``labels``); ``whole``:
-        the element count of the tensor ``p`` is a piece of (None: ``p``'s own)."""
-        if state_dtype is None:
-            return None, None
-        info = describe(p, name)
-        check_updatable(info, name)
-        storage = state_storage(state_dtype, info.dtype, name)
-        size = int(np.prod(info.shape, dtype=np.int64)) if whole is None else whole
-        slots = slot_storages(setup.rule, storage, size)
-        if slots is None:
-            return None, None
-        option = f"state_dtype={state_dtype!r}"
-        if slots[0].blockwise:  # the codes: uint8, shaped as p (split_state checks the pairs)
-            return slots, _Blockwise(frozenset(labels), (np.dtype(np.uint8),), option, info.shape)
-        return slots, Held(frozenset(labels), LOW_PRECISION_DTYPES, option)
-
     def _comps(self, state: dict, params: list, names: list[str], low: frozenset) -> list | None:
         """The Kahan compensation arrays of ``rounding="kahan"`` (else None), one per
         parameter, checked to be there for each bfloat16 one."""
@@ -271,39 +247,6 @@ class StepPlan:
             if comps[i] is None:
                 raise ValueError(f"{KAHAN_COMP} of {names[i]} is required by rounding='kahan'")
         return list(comps)
-
-    @staticmethod
-    def _bf16_storages(
-        setup: Setup,
-        p: Any,
-        name: str,
-        labels: tuple,
-        state_dtype: str | None,
-        comp: Any,
-        whole: int | None = None,
-    ) -> tuple[tuple, tuple]:
-        """As :meth:`_state_storages`, for a bfloat16 parameter: its state's storages, and
-        what :func:`check_arrays` accepts for its state (``state_dtype="int8"``: the codes of
-        a parameter of at least 4096 elements, float32 arrays for a smaller one; ``whole``,
-        where given, is the size of the tensor ``p`` is a piece of, which decides) and Kahan
-        compensation."""
-        info = describe(p, name)
-        check_updatable(info, name, allow_bf16=True, device_bf16=True)
-        storage = state_storage(state_dtype, BFLOAT16, name)
-        size = int(np.prod(info.shape, dtype=np.int64)) if whole is None else whole
-        slots = slot_storages(setup.rule, storage, size)
-        if slots is None:  # as a bfloat16 parameter's state is held by default: float32
-            slots = (STORAGES["float32"],) * len(SLOTS[setup.rule])
-        option = f"state_dtype={state_dtype!r}" if state_dtype else "bfloat16 parameters"
-        if slots[0].blockwise:
-            dtypes = (np.dtype(np.uint8),)
-        else:
-            dtypes = LOW_PRECISION_DTYPES if slots[0].codec else (np.dtype(slots[0].dtype),)
-        held = [Held(frozenset(labels), dtypes, option)]
-        if comp is not None:
-            label = f"{KAHAN_COMP} of {name}"
-            held.append(Held(frozenset([label]), LOW_PRECISION_DTYPES, "rounding='kahan'"))
-        return slots, tuple(held)
 
     def matches(self, setup: Setup, state: dict[str, list], backend: str) -> bool:
         """Whether this plan still serves ``setup`` over the same state arrays."""
@@ -469,15 +412,6 @@ class _AddressViews:
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         memory = (ctypes.c_char * size).from_address(int(self.addresses[i]))
         return np.frombuffer(memory, dtype).reshape(shape)
-
-
-class _Blockwise(NamedTuple):
-    """What the codes of int8 state must be (a :class:`Held`), and the parameter's shape."""
-
-    names: frozenset
-    dtypes: tuple
-    option: str
-    shape: tuple
 
 
 def _size_of(p: Any) -> int:
