@@ -180,18 +180,23 @@ def _check_layout(info: ArrayInfo, name: str, written: bool) -> None:
 
 
 def check_params(
-    params: list, names: list[str], one_side: bool = False, allow_bf16: bool = False
+    params: list,
+    names: list[str],
+    one_side: bool = False,
+    allow_bf16: bool = False,
+    device_bf16: bool = False,
 ) -> list[ArrayInfo]:
     """Check the parameters of an optimizer and return their descriptions.
 
     Each must pass :func:`check_updatable`, and none may overlap another (they are all
-    written). With ``one_side``, all must be host arrays or all device arrays. Raises
+    written). With ``one_side``, all must be host arrays or all device arrays; ``allow_bf16``
+    and ``device_bf16`` are :func:`check_updatable`'s. Raises
     ``TypeError``/``ValueError`` naming the parameter (``names``).
     """
     infos = []
     for p, name in zip(params, names):
         info = describe(p, name)
-        check_updatable(info, name, allow_bf16)
+        check_updatable(info, name, allow_bf16, device_bf16)
         if one_side and infos and info.kind != infos[0].kind:
             raise TypeError(f"{name} and {names[0]} must all be NumPy arrays or all CUDA arrays")
         infos.append(info)

@@ -24,9 +24,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import dispatch, specs
-from .arrays import DEVICE, check_params
+from .arrays import DEVICE, check_params, is_bf16_array
 from .grouped import StepPlan
-from .precision import KAHAN_COMP, check_rounding, is_bf16, state_storage
+from .lowprecision import BFLOAT16
+from .precision import KAHAN_COMP, check_rounding, state_storage
 from .state import StateStore, is_step_count, plain
 from .tree import Params, Tree
 
@@ -68,21 +69,24 @@ class Optimizer:
     unless it defines one.
 
     ``state_dtype`` says how the state is held, for every optimizer alike: None (default) as
-    the parameters are; ``"bfloat16"`` (float32 host parameters): ``ml_dtypes.bfloat16``
-    arrays, each element loaded into float32, updated in float32 and stored rounded to
-    nearest even, so the state takes half the memory and a step moves fewer bytes;
-    ``"int8"`` (float32 or bfloat16 host parameters): each state array of a parameter of at
-    least 4096 elements a :class:`fastrms.lowprecision.Quantized` pair (``uint8`` codes and
-    one float32 scale per 256 elements, about a quarter of the memory), float32 arrays for
-    smaller ones.
+    the parameters are; ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16``
+    arrays (on a CUDA device: ``uint16`` arrays of the patterns), each element loaded into
+    float32, updated in float32 and stored rounded to nearest even, so the state takes half
+    the memory and a step moves fewer bytes;
+    ``"int8"`` (float32 parameters, or bfloat16 host ones): each state array of a parameter
+    of at least 4096 elements a :class:`fastrms.lowprecision.Quantized` pair (``uint8`` codes
+    and one float32 scale per 256 elements, about a quarter of the memory; device arrays
+    beside CUDA parameters), float32 arrays for smaller ones.
 
-    Host parameters may be ``ml_dtypes.bfloat16`` (their gradients too): each step computes
+    Parameters may be bfloat16 (their gradients too): ``ml_dtypes.bfloat16`` host arrays, or
+    CUDA arrays of bfloat16 or of its ``uint16`` patterns. Each step computes
     them in float32, with float32 state (``state_dtype="bfloat16"``: bfloat16 state;
     ``"int8"``: 8-bit state as above), and
     stores them as ``rounding`` says: ``"stochastic"`` (default; random bits keyed by
     ``seed``, the step count and the parameter's position, see
     :func:`fastrms.functional.multi_tensor_step`), ``"nearest"``, or ``"kahan"`` (a bfloat16
-    compensation array per parameter, ``state["kahan_comp"]``, saved in the state dict).
+    compensation array per parameter, ``state["kahan_comp"]``, on the parameter's side,
+    saved in the state dict).
     ``rounding`` and ``seed`` are refused unless a parameter is bfloat16.
     """
 
@@ -120,11 +124,12 @@ class Optimizer:
         if not self._params:
             raise ValueError("params is empty")
         self._pnames, self._gnames = self._tree.labels("params"), self._tree.labels("grads")
-        infos = check_params(self._params, self._pnames, allow_bf16=True)
+        infos = check_params(self._params, self._pnames, allow_bf16=True, device_bf16=True)
         if backend not in dispatch.CHOICES:
             raise ValueError(f"backend must be one of {dispatch.CHOICES}, got {backend!r}")
-        storages = _state_storages(state_dtype, infos, self._pnames)
-        low = any(is_bf16(info.dtype) for info in infos)
+        bf16 = [is_bf16_array(p) for p in self._params]
+        storages = _state_storages(state_dtype, infos, self._pnames, bf16)
+        low = any(bf16)
         check_rounding(rounding, seed, low)
         self.backend = backend
         #: How the state is held (None: as the parameters are); fixed at construction.
@@ -284,19 +289,23 @@ class Optimizer:
         return f"{type(self).__name__}({len(self._params)} arrays, {hyper})"
 
 
-def _state_storages(state_dtype: str | None, infos: list, names: list[str]) -> list | None:
+def _state_storages(
+    state_dtype: str | None, infos: list, names: list[str], bf16: list[bool]
+) -> list | None:
     """The storage of each parameter's state under ``state_dtype`` (None: as the parameters
-    are; float32 beside bfloat16 parameters), refused with ``ValueError``/``TypeError`` naming
-    the argument where it cannot be."""
-    if state_dtype is None and not any(is_bf16(info.dtype) for info in infos):
+    are; float32 beside bfloat16 parameters, ``bf16`` says which), refused with
+    ``ValueError``/``TypeError`` naming the argument where it cannot be: bfloat16 CUDA
+    parameters with ``state_dtype="int8"`` (no CUDA kernel yet, see
+    :class:`fastrms.grouped.StepPlan`) whatever their size, so that it is said at once."""
+    if state_dtype is None and not any(bf16):
         return None
     storages = []
-    for info, name in zip(infos, names):
-        storage = state_storage(state_dtype, info.dtype, name)
-        if storage.codec is not None and info.kind == DEVICE:
+    for info, name, low in zip(infos, names, bf16):
+        storage = state_storage(state_dtype, BFLOAT16 if low else info.dtype, name)
+        if low and storage.name == "int8" and info.kind == DEVICE:
             raise TypeError(
-                f"state_dtype={state_dtype!r} is not supported for CUDA arrays yet ({name}); "
-                "host (NumPy) parameters only"
+                f"{name}: bfloat16 parameters with state_dtype={state_dtype!r} are not "
+                "supported for CUDA arrays yet (host parameters only)"
             )
         storages.append(storage)
     return storages

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import dispatch, lowprecision, specs
-from .arrays import DEVICE, describe
+from .arrays import DEVICE, describe, is_bf16_array
 from .blockwise_groups import check_pair
 from .precision import KAHAN_COMP, STORAGES, is_bf16, state_dtype_of
 from .tree import Tree
@@ -67,7 +67,7 @@ class StateStore:
         """State array ``name`` of parameter ``i``, made now if it is not there yet."""
         arrays = self.arrays.setdefault(name, [None] * len(self.params))
         if name == KAHAN_COMP:  # not a slot of the rule: a bfloat16 parameter's compensation
-            if arrays[i] is None and is_bf16(describe(self.params[i], "param").dtype):
+            if arrays[i] is None and is_bf16_array(self.params[i]):
                 slots = len(self.spec.layout.slots)
                 arrays[i] = _full_like(self.params[i], 0.0, slots + 1, STORAGES["bfloat16"])
             return arrays[i]
@@ -77,7 +77,7 @@ class StateStore:
             storage = self.storages[i]
             if storage is not None and storage.name == "int8":
                 whole = None if self.sizes is None else self.sizes[i]
-                arrays[i] = _int8_full_like(self.params[i], value, self._signed(name), whole)
+                arrays[i] = _int8_full_like(self.params[i], value, self._signed(name), whole, slot)
             else:
                 arrays[i] = _full_like(self.params[i], value, slot, storage)
         return arrays[i]
@@ -144,12 +144,13 @@ class StateStore:
                 if a is None:
                     continue
                 if isinstance(a, lowprecision.Quantized):
+                    host = lowprecision.Quantized(_host_copy(a.codes), _host_copy(a.scales))
                     if dequantize:
-                        out[key] = a.dequantize(self._signed(name))
+                        out[key] = host.dequantize(self._signed(name))
                     else:
-                        out[key + CODES], out[key + SCALES] = a.codes.copy(), a.scales.copy()
+                        out[key + CODES], out[key + SCALES] = host
                 else:
-                    out[key] = _backend_of(a).to_host(a)
+                    out[key] = _host_copy(a)
         return out
 
     def take_entries(self, sd: dict[str, Any], used: tuple[str, ...]) -> dict[tuple, np.ndarray]:
@@ -161,7 +162,7 @@ class StateStore:
         for s in self.spec.layout.slots + extra:
             for i, p in enumerate(self.params):
                 key = self.tree.state_key(s, i)
-                if s == KAHAN_COMP and not is_bf16(describe(p, "param").dtype):
+                if s == KAHAN_COMP and not is_bf16_array(p):
                     continue
                 if key not in sd and key + CODES in sd:
                     pair = (np.asarray(sd.pop(key + CODES)), np.asarray(sd.pop(key + SCALES, None)))
@@ -196,27 +197,44 @@ class StateStore:
                     if isinstance(a, tuple)
                     else lowprecision.Quantized.of(convert(a, np.float32), signed)
                 )
-                dst.codes[...] = src.codes
-                dst.scales[...] = src.scales
+                if isinstance(dst.codes, np.ndarray):
+                    dst.codes[...] = src.codes
+                    dst.scales[...] = src.scales
+                else:  # on a CUDA device
+                    for d, h in zip(dst, src):
+                        _backend_of(d).copy_from_host(d, np.asarray(h, describe(d, s).dtype))
                 continue
             if isinstance(a, tuple):  # int8 state into float state: dequantized
                 a = lowprecision.Quantized(*a).dequantize(self._signed(s))
-            _backend_of(dst).copy_from_host(dst, convert(a, describe(dst, s).dtype))
+            _copy_in(dst, a)
 
 
 #: The suffixes of the two state-dict entries of one state array held in 8 bits.
 CODES, SCALES = ":codes", ":scales"
 
 
-def _int8_full_like(p, value: float, signed: bool, whole: int | None = None):
-    """The state of a float32 host parameter ``p`` under ``state_dtype="int8"``, at ``value``:
+def _int8_full_like(p, value: float, signed: bool, whole: int | None = None, slot: int = 1):
+    """The state of a float32 parameter ``p`` under ``state_dtype="int8"``, at ``value``:
     a :class:`fastrms.lowprecision.Quantized` pair if ``p`` (or the whole tensor of ``whole``
     elements that ``p`` is a piece of) has at least ``MIN_8BIT_SIZE`` elements, else a
-    float32 array (as bitsandbytes keeps small tensors' state)."""
-    full = np.full(p.shape, value, np.float32)
-    if not lowprecision.uses_8bit(p.size if whole is None else whole):
-        return full
-    return lowprecision.Quantized.of(full, signed)
+    float32 array (as bitsandbytes keeps small tensors' state); on ``p``'s side (a CUDA
+    parameter's: both arrays of the pair on its device, quantized on the host)."""
+    info = describe(p, "param")
+    size = int(np.prod(info.shape, dtype=np.int64))
+    if not lowprecision.uses_8bit(size if whole is None else whole):
+        if info.kind == DEVICE:
+            return _full_like(p, value, slot, STORAGES["float32"])
+        return np.full(info.shape, value, np.float32)
+    pair = lowprecision.Quantized.of(np.full(info.shape, value, np.float32), signed)
+    if info.kind != DEVICE:
+        return pair
+    backend = _backend_of(p)
+    codes = backend.zeros_like(p, slot, np.dtype(np.uint8))
+    # zeros_like places an array like its argument: a slice of p's flat view for the scales
+    scales = backend.zeros_like(backend.view(p)[: pair.scales.size], slot, np.dtype(np.float32))
+    backend.copy_from_host(codes, pair.codes)
+    backend.copy_from_host(scales, pair.scales)
+    return lowprecision.Quantized(codes, scales)
 
 
 def checked_entry(key: str, value: Any, param: Any, convertible: bool = False) -> np.ndarray:
@@ -230,16 +248,17 @@ def checked_entry(key: str, value: Any, param: Any, convertible: bool = False) -
     """
     a = np.asarray(value)
     info = describe(param, "param")
+    dtype = lowprecision.BFLOAT16 if is_bf16_array(param) else info.dtype  # CUDA: uint16 too
     if convertible and a.dtype.kind == "V" and a.dtype.itemsize == 2 and a.dtype.names is None:
         a = a.view(lowprecision.BFLOAT16)
-    allowed = (info.dtype, lowprecision.BFLOAT16) if convertible else (info.dtype,)
-    if convertible and is_bf16(info.dtype):  # a bfloat16 parameter's state is float32
+    allowed = (dtype, lowprecision.BFLOAT16) if convertible else (dtype,)
+    if convertible and is_bf16(dtype):  # a bfloat16 parameter's state is float32
         allowed += (np.dtype(np.float32),)
     if a.shape != info.shape or a.dtype not in allowed:
         also = " (or bfloat16)" if convertible else ""
         raise ValueError(
             f"state_dict[{key!r}] has shape {a.shape} and dtype {a.dtype}, but the "
-            f"parameter has shape {info.shape} and dtype {info.dtype}{also}"
+            f"parameter has shape {info.shape} and dtype {dtype}{also}"
         )
     return a
 
@@ -269,15 +288,42 @@ def _backend_of(a):
     return dispatch.get("cuda" if describe(a, "array").kind == DEVICE else "numpy")
 
 
+#: The dtype of a CUDA array of bfloat16 patterns (CUDA's array interface has no bfloat16).
+_PATTERNS = np.dtype(np.uint16)
+
+
+def _held_dtype(a) -> np.dtype:
+    """The dtype state array ``a`` holds: bfloat16 for a CUDA array of its ``uint16``
+    patterns (only bfloat16 state and Kahan compensations are held so)."""
+    info = describe(a, "state")
+    return lowprecision.BFLOAT16 if info.kind == DEVICE and info.dtype == _PATTERNS else info.dtype
+
+
+def _host_copy(a) -> np.ndarray:
+    """A host copy of state array ``a``: bfloat16 patterns from a CUDA device as bfloat16,
+    as the same state on the host is held."""
+    host = _backend_of(a).to_host(a)
+    return host.view(lowprecision.BFLOAT16) if _held_dtype(a) != host.dtype else host
+
+
+def _copy_in(dst, src: np.ndarray) -> None:
+    """Copy host array ``src`` into state array ``dst`` (host or device), converted to the
+    dtype ``dst`` holds (:func:`convert`)."""
+    held = convert(src, _held_dtype(dst))
+    _backend_of(dst).copy_from_host(dst, held.view(describe(dst, "state").dtype))
+
+
 def _full_like(p, value: float, slot: int, storage=None):
     """A state array like ``p`` on ``p``'s side (host or device), filled with ``value``, held
-    as ``storage`` says (None: in ``p``'s dtype; bfloat16: ``value`` rounded to nearest)."""
+    as ``storage`` says (None: in ``p``'s dtype; bfloat16: ``value`` rounded to nearest, on
+    a CUDA device as ``uint16`` patterns)."""
     backend = _backend_of(p)
     dtype = None if storage is None else state_dtype_of(storage)
+    if dtype == lowprecision.BFLOAT16 and backend.kind == DEVICE:
+        dtype = _PATTERNS
     a = backend.zeros_like(p, slot, dtype)
     if value:
         info = describe(p, "param")
-        wide = np.float32 if is_bf16(info.dtype) else info.dtype  # a bfloat16 param's: float32
-        full = np.full(info.shape, value, wide)
-        backend.copy_from_host(a, convert(full, describe(a, "state").dtype))
+        wide = np.float32 if is_bf16_array(p) else info.dtype  # a bfloat16 param's: float32
+        _copy_in(a, np.full(info.shape, value, wide))
     return a

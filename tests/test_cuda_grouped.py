@@ -477,7 +477,8 @@ def test_optimizer_class_steps_many_device_arrays_as_one_group(algo):
 def test_int8_state_on_cuda_is_refused_with_host_pairs_and_by_the_classes():
     """8-bit blockwise state (state_dtype="int8") on CUDA needs CUDA codes and scales
     (tests/test_cuda_int8.py steps them); host pairs beside CUDA parameters are refused with a
-    clear error before anything runs, and the classes do not allocate it on CUDA yet."""
+    clear error before anything runs. The classes allocate it on CUDA beside float32
+    parameters (tests/test_cuda_classes_lowprecision.py), not beside bfloat16 ones yet."""
     from numba import cuda
 
     from fastrms.lowprecision import MIN_8BIT_SIZE, Quantized
@@ -491,7 +492,8 @@ def test_int8_state_on_cuda_is_refused_with_host_pairs_and_by_the_classes():
                                         "but params"):  # fmt: skip
         functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]},
                                      state_dtype="int8")  # fmt: skip
-    with pytest.raises(TypeError, match=r"not supported for CUDA arrays yet \(params\[0\]\)"):
-        fastrms.Adam([p], state_dtype="int8")
+    bp = cuda.to_device(np.ones(MIN_8BIT_SIZE, np.uint16))  # bfloat16 patterns
+    with pytest.raises(TypeError, match=r"params\[0\]: bfloat16 parameters with state_dtype="):
+        fastrms.Adam([bp], state_dtype="int8")
     assert_same_bits(p.copy_to_host(), before)
     assert (m.codes == 0).all() and (v.scales == 0).all()

@@ -313,13 +313,14 @@ def test_bad_bf16_device_arrays_are_refused_and_nothing_is_written(ck, change, e
         assert_same_bits(a.copy_to_host(), b)
 
 
-def test_optimizer_classes_still_refuse_low_precision_cuda_arrays(ck):
-    """The NumPy classes make their own state, which has no CUDA bfloat16 form yet: bfloat16
-    state or parameters on CUDA are refused at construction (functional and StepPlan run
-    them)."""
-    p, g, m, v = _adam_device(p_dtype=F32, g_dtype=F32)
-    with pytest.raises(TypeError, match=r"not supported for CUDA arrays yet \(params\[0\]\)"):
-        fastrms.Adam([p], state_dtype="bfloat16")
+def test_optimizer_classes_refuse_bf16_cuda_params_with_int8_state(ck):
+    """The NumPy classes run bfloat16 state and parameters on CUDA
+    (tests/test_cuda_classes_lowprecision.py), but not bfloat16 parameters with 8-bit state
+    (no CUDA kernel for the two together): refused at construction. Integer parameters stay
+    refused."""
     bp = _adam_device()[0]
+    with pytest.raises(TypeError, match=r"params\[0\]: bfloat16 parameters with state_dtype="):
+        fastrms.Adam([bp], state_dtype="int8")
+    ip = _adam_device(p_dtype=np.int16)[0]
     with pytest.raises(TypeError, match="float32 or float64"):
-        fastrms.Adam([bp])
+        fastrms.Adam([ip])

@@ -363,12 +363,12 @@ class _FakeCudaArray:
         }  # fmt: skip
 
 
-def test_the_optimizer_classes_refuse_bf16_state_on_cuda():
-    # The functional step and StepPlan run bfloat16 state on the cuda backend
-    # (tests/test_cuda_lowprecision.py); the classes, which make their own state, do not yet.
-    p = _FakeCudaArray(4, "<f4")
-    with pytest.raises(TypeError, match=r"not supported for CUDA arrays yet \(params\[0\]\)"):
-        fastrms.Adam([p], state_dtype="bfloat16")
+def test_the_optimizer_classes_refuse_bf16_cuda_params_with_int8_state():
+    # The classes run bfloat16 and int8 state on CUDA (tests/test_cuda_classes_lowprecision.py),
+    # but not bfloat16 CUDA parameters (uint16 patterns) with int8 state: no kernel for both.
+    p = _FakeCudaArray(4, "<u2")
+    with pytest.raises(TypeError, match=r"params\[0\]: bfloat16 parameters with state_dtype="):
+        fastrms.Adam([p], state_dtype="int8")
 
 
 # -- the loop still vectorizes over the real codec -----------------------------------------------
