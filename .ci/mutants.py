@@ -96,8 +96,8 @@ MUTANTS: dict[str, list[Mutant]] = {
         m(SPECS_ADAM, "Adam second bias correction of step + 1",
           ("1 / math.sqrt(1 - beta2**step)", "1 / math.sqrt(1 - beta2 ** (step + 1))")),
         m(SPECS_ADAM, "AdamW keeps the L2 term too",
-          ("weight_decay=0.0 if decoupled_weight_decay else weight_decay,\n        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,\n        sign=maximize_sign(maximize),\n    )  # fmt: skip\n    state = (",
-           "weight_decay=weight_decay,\n        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,\n        sign=maximize_sign(maximize),\n    )  # fmt: skip\n    state = (")),
+          ("weight_decay=0.0 if decoupled_weight_decay else weight_decay,",
+           "weight_decay=weight_decay,")),
     ],
     SPECS_SGD: [
         m(SPECS_SGD, "AdaGrad decays lr by step, not step - 1",

@@ -28,15 +28,24 @@ from .spec_types import (
 )
 
 
+def _adam_family(lr, betas, eps, weight_decay, decoupled_weight_decay) -> dict[str, float]:
+    """The scalars Adam, RAdam and NAdam share: the moments' betas and ``1 - beta``, eps, and
+    the weight decay as L2 (added to the gradient) or decoupled (``decay`` scales ``p``)."""
+    beta1, beta2 = betas
+    return dict(
+        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+        eps=eps,
+        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+    )  # fmt: skip
+
+
 def _adam(step, *, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize):
     beta1, beta2 = betas
     scalars = dict(
         step_size=lr / (1 - beta1**step),
         inv_bias_correction2_sqrt=1 / math.sqrt(1 - beta2**step),
-        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-        eps=eps,
-        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        **_adam_family(lr, betas, eps, weight_decay, decoupled_weight_decay),
         sign=maximize_sign(maximize),
     )  # fmt: skip
     state = ("exp_avg", "exp_avg_sq") + ("max_exp_avg_sq",) * amsgrad
@@ -171,10 +180,7 @@ def _radam(step, *, lr, betas, eps, weight_decay, decoupled_weight_decay, maximi
         ) ** 0.5
     scalars = dict(
         step_size=lr * rect / bias_correction1, bias_correction2_sqrt=bias_correction2**0.5,
-        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-        eps=eps,
-        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        **_adam_family(lr, betas, eps, weight_decay, decoupled_weight_decay),
         sign=maximize_sign(maximize),
     )  # fmt: skip
     return scalars, dict(rectify=rectify), ("exp_avg", "exp_avg_sq")
@@ -261,10 +267,7 @@ def _nadam(step, *, lr, betas, eps, weight_decay, momentum_decay, decoupled_weig
         grad_step=lr * (1.0 - mu) / (1.0 - mu_product),
         exp_avg_step=lr * mu_next / (1.0 - mu_product_next),
         bias_correction2=1 - beta2**step,
-        beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-        eps=eps,
-        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
-        decay=1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        **_adam_family(lr, betas, eps, weight_decay, decoupled_weight_decay),
     )  # fmt: skip
     return scalars, dict(maximize=maximize), ("exp_avg", "exp_avg_sq")
 
