@@ -7,6 +7,7 @@ import importlib
 import io
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NoReturn
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastrms
-from fastrms import functional
+from fastrms import functional, lowprecision
 from fastrms.optim import OPTIMIZERS
 from fastrms.specs import SPECS
 
@@ -172,6 +173,34 @@ class Snapshot:
     def assert_unchanged(self) -> None:
         for k, a in self.arrays.items():
             assert_same_bits(a, self.copies[k], k)
+
+
+def patterns(a: np.ndarray) -> np.ndarray:
+    """A bfloat16 array as its ``uint16`` patterns (for bit comparisons and CUDA arrays, whose
+    interface has no bfloat16); any other array as it is."""
+    return a.view(np.uint16) if a.dtype == lowprecision.BFLOAT16 else a
+
+
+def to_device(a: np.ndarray):
+    """A Numba device copy of host array ``a`` (bfloat16 as its patterns)."""
+    from numba import cuda
+
+    return cuda.to_device(patterns(a))
+
+
+def from_device(d, like: np.ndarray) -> np.ndarray:
+    """Device array ``d`` copied to the host, as bfloat16 where ``like`` is."""
+    h = d.copy_to_host()
+    return h.view(lowprecision.BFLOAT16) if like.dtype == lowprecision.BFLOAT16 else h
+
+
+def quiet(call, *args, **kwargs):
+    """``call(*args, **kwargs)`` without NumPy's overflow warnings: the CUDA simulator computes
+    the codecs on NumPy scalars, which warn when uint32 products wrap (the stochastic-rounding
+    hash wraps on purpose)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return call(*args, **kwargs)
 
 
 def npz_round_trip(state_dict: dict) -> dict:

@@ -34,6 +34,7 @@ from conftest import (
     assert_same_bits,
     npz_round_trip,
     options_id,
+    patterns,
 )
 from numba import njit, types
 
@@ -76,10 +77,6 @@ def _fresh_state(name, options, params, state_dtype=None, rounding=None) -> dict
     return state
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint16) if a.dtype == BF16 else a
-
-
 def reference_steps(name, options, params, grads, rounding="stochastic", seed=0,
                     state_dtype=None, streams=None, first_step=1):  # fmt: skip
     """Parameters (bfloat16) and state after ``len(grads)`` steps, by the NumPy reference on
@@ -120,10 +117,10 @@ def reference_steps(name, options, params, grads, rounding="stochastic", seed=0,
 def _check(what, params, state, want_params, want_state) -> None:
     for i, (p, w) in enumerate(zip(params, want_params)):
         assert p.dtype == BF16
-        assert_same_bits(_bits(p), _bits(w), f"{what} params[{i}]")
+        assert_same_bits(patterns(p), patterns(w), f"{what} params[{i}]")
     for s, arrays in want_state.items():
         for i, w in enumerate(arrays):
-            assert_same_bits(_bits(state[s][i]), _bits(w), f"{what} {s}[{i}]")
+            assert_same_bits(patterns(state[s][i]), patterns(w), f"{what} {s}[{i}]")
 
 
 def _step_options(name: str, options: dict) -> dict:
@@ -250,7 +247,7 @@ def test_classes_count_steps_for_rules_that_count_none():
     for g in grads:
         opt.step(g)
     assert opt.step_count == 2
-    assert_same_bits(_bits(opt._params[0]), _bits(want_params[0]), "Lion")
+    assert_same_bits(patterns(opt._params[0]), patterns(want_params[0]), "Lion")
 
 
 # -- what stochastic rounding promises ----------------------------------------------------------
@@ -328,7 +325,7 @@ def test_same_seed_same_bits_other_seed_other_bits():
         opt = fastrms.Adam([params[0].copy()], seed=seed)
         for g in grads:
             opt.step(g)
-        results.append(_bits(opt._params[0]).copy())
+        results.append(patterns(opt._params[0]).copy())
     assert np.array_equal(results[0], results[1])
     assert not np.array_equal(results[0], results[2])
     # Many elements round the other way under another seed, but not all.
@@ -350,13 +347,13 @@ def test_one_and_two_threads_give_the_same_bits(rounding):
                             team=None, rounding=rounding)  # fmt: skip
             for step in range(1, STEPS + 1):
                 plan.run(grads[step - 1], SPECS["adam"].setup(step), step)
-            results.append([_bits(p).copy() for p in ps])
+            results.append([patterns(p).copy() for p in ps])
     finally:
         numba.set_num_threads(before)
     want, _ = reference_steps("adam", {}, params, grads, rounding)
     for got in results:
         for g, w in zip(got, want):
-            assert_same_bits(g, _bits(w))
+            assert_same_bits(g, patterns(w))
 
 
 def test_grouping_does_not_change_the_bits():
@@ -372,7 +369,7 @@ def test_grouping_does_not_change_the_bits():
             functional.adam(single[i], grads[step - 1][i], ss["exp_avg"][i],
                             ss["exp_avg_sq"][i], step=step, seed=4, stream=i)  # fmt: skip
     for a, b in zip(grouped, single):
-        assert_same_bits(_bits(a), _bits(b))
+        assert_same_bits(patterns(a), patterns(b))
 
 
 def test_step_keys_is_step_key_for_many_streams():
@@ -396,9 +393,9 @@ def test_bf16_and_float32_parameters_in_one_optimizer():
         alone.step([g32[step]])
     assert_same_bits(opt._params[0], alone._params[0])
     want, want_state = reference_steps("adam", {}, params, grads, "kahan", 1, streams=[1])
-    assert_same_bits(_bits(opt._params[1]), _bits(want[0]))
+    assert_same_bits(patterns(opt._params[1]), patterns(want[0]))
     assert opt.state[KAHAN][0] is None
-    assert_same_bits(_bits(opt.state[KAHAN][1]), _bits(want_state[KAHAN][0]))
+    assert_same_bits(patterns(opt.state[KAHAN][1]), patterns(want_state[KAHAN][0]))
 
 
 # -- state dicts ----------------------------------------------------------------------------------
@@ -414,7 +411,7 @@ def test_state_dict_round_trips_with_the_kahan_buffer_and_step(rounding):
     assert int(sd["step"]) == 2
     assert (f"state.{KAHAN}.1" in sd) == (rounding == "kahan")
     if rounding == "kahan":
-        assert np.any(_bits(opt.state[KAHAN][1]) != 0)  # it holds something to restore
+        assert np.any(patterns(opt.state[KAHAN][1]) != 0)  # it holds something to restore
     other = fastrms.Adam([p.copy() for p in opt._params], rounding=rounding, seed=3)
     other.load_state_dict(sd)
     assert other.step_count == 2
@@ -422,10 +419,10 @@ def test_state_dict_round_trips_with_the_kahan_buffer_and_step(rounding):
         opt.step(g)
         other.step(g)
     for a, b in zip(opt._params, other._params):
-        assert_same_bits(_bits(a), _bits(b))
+        assert_same_bits(patterns(a), patterns(b))
     for s in opt.state:
         for a, b in zip(opt.state[s], other.state[s]):
-            assert_same_bits(_bits(a), _bits(b), s)
+            assert_same_bits(patterns(a), patterns(b), s)
 
 
 # -- refusals: nothing written ----------------------------------------------------------------

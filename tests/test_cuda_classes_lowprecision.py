@@ -13,12 +13,20 @@ last block ragged) beside one of 100 (float32 state under int8) and one of 1.
 from __future__ import annotations
 
 import os
-import warnings
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import ALGOS, FULL_STATE, assert_same_bits, randn
+from conftest import (
+    ALGOS,
+    FULL_STATE,
+    assert_same_bits,
+    from_device,
+    patterns,
+    quiet,
+    randn,
+    to_device,
+)
 
 import fastrms
 from fastrms import lowprecision
@@ -51,29 +59,6 @@ CASES = [
 ]
 
 
-def _device(a: np.ndarray):
-    from numba import cuda
-
-    return cuda.to_device(a.view(np.uint16) if a.dtype == BF16 else a)
-
-
-def _host(d, like: np.ndarray) -> np.ndarray:
-    h = d.copy_to_host()
-    return h.view(BF16) if like.dtype == BF16 else h
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint16) if a.dtype == BF16 else a
-
-
-def _quiet(call, *args, **kwargs):
-    # The simulator computes the codecs on NumPy scalars, which warn when uint32 products wrap
-    # (the stochastic-rounding hash wraps on purpose).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return call(*args, **kwargs)
-
-
 def _make(name: str, variant: str, params: list):
     dtype, low = VARIANTS[variant]
     cls = ALGOS[name].cls
@@ -87,7 +72,7 @@ def _pair(name: str, variant: str, seed: int = 0):
     rng = np.random.default_rng(seed + sum(map(ord, name + variant)))
     sizes = BF16_SIZES if dtype == BF16 else SIZES
     params = [randn(rng, n, F32).astype(dtype) for n in sizes]
-    device = [_device(p) for p in params]
+    device = [to_device(p) for p in params]
     host_opt = _make(name, variant, params)
     host_opt.backend = "numpy"
     device_opt = _make(name, variant, device)
@@ -99,8 +84,8 @@ def _pair(name: str, variant: str, seed: int = 0):
 
 
 def _step_both(host_opt, device_opt, grads: list[np.ndarray]) -> None:
-    _quiet(host_opt.step, grads)
-    _quiet(device_opt.step, [_device(g) for g in grads])
+    quiet(host_opt.step, grads)
+    quiet(device_opt.step, [to_device(g) for g in grads])
 
 
 def _assert_same_dicts(got: dict, want: dict) -> None:
@@ -108,7 +93,7 @@ def _assert_same_dicts(got: dict, want: dict) -> None:
     for key, value in want.items():
         if isinstance(value, np.ndarray):
             assert isinstance(got[key], np.ndarray), key
-            assert_same_bits(_bits(got[key]), _bits(value), key)
+            assert_same_bits(patterns(got[key]), patterns(value), key)
         else:
             assert got[key] == value, key
 
@@ -120,7 +105,7 @@ def test_device_class_matches_the_host_class(name, variant):
     for _ in range(2):
         _step_both(host_opt, device_opt, grads())
     for i, (d, p) in enumerate(zip(device, params)):
-        assert_same_bits(_bits(_host(d, p)), _bits(p), f"params[{i}]")
+        assert_same_bits(patterns(from_device(d, p)), patterns(p), f"params[{i}]")
     # The state stays on the device, held as the variant says ...
     big = device_opt.state[next(iter(device_opt.state))][0]
     if variant == "int8-state":
@@ -139,7 +124,7 @@ def test_device_class_matches_the_host_class(name, variant):
     _assert_same_dicts(device_opt.state_dict(dequantize=True), host_opt.state_dict(dequantize=True))
     assert device_opt.state_dict(dequantize=True)["step"] == 2
     # The test means something only if the steps moved the parameters.
-    assert not np.array_equal(_bits(params[0]), _bits(start[0]))
+    assert not np.array_equal(patterns(params[0]), patterns(start[0]))
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -153,7 +138,7 @@ def test_state_dict_round_trips_bit_for_bit_on_the_device(variant, tmp_path):
     np.savez(tmp_path / "sd.npz", **sd)
     loaded = dict(np.load(tmp_path / "sd.npz"))
     # A fresh device optimizer on copies of the device parameters takes the state back ...
-    copies = [_device(_host(d, p)) for d, p in zip(device, params)]
+    copies = [to_device(from_device(d, p)) for d, p in zip(device, params)]
     again = _make("adam", variant, copies)
     again.load_state_dict(loaded)
     _assert_same_dicts(again.state_dict(), sd)
@@ -164,7 +149,7 @@ def test_state_dict_round_trips_bit_for_bit_on_the_device(variant, tmp_path):
     g = grads()
     _step_both(host_opt, again, g)
     for i, (d, p) in enumerate(zip(copies, params)):
-        assert_same_bits(_bits(_host(d, p)), _bits(p), f"params[{i}]")
+        assert_same_bits(patterns(from_device(d, p)), patterns(p), f"params[{i}]")
     _assert_same_dicts(again.state_dict(), host_opt.state_dict())
     # A float32 (dequantized) host state dict loads too: int8 quantizes it on load, on the
     # device as on the host.
@@ -178,22 +163,22 @@ def test_state_dict_round_trips_bit_for_bit_on_the_device(variant, tmp_path):
 
 
 def test_bf16_device_params_with_int8_state_are_refused():
-    p = _device(np.ones(MIN_8BIT_SIZE, BF16))
+    p = to_device(np.ones(MIN_8BIT_SIZE, BF16))
     with pytest.raises(TypeError, match=r"params\[0\]: bfloat16 parameters with state_dtype="):
         fastrms.Adam([p], state_dtype="int8")
-    small = _device(np.ones(10, BF16))  # refused at any size: said at construction
+    small = to_device(np.ones(10, BF16))  # refused at any size: said at construction
     with pytest.raises(TypeError, match="not supported for CUDA arrays yet"):
         fastrms.Adam([small], state_dtype="int8")
-    assert_same_bits(_host(p, np.ones(1, BF16)), np.ones(MIN_8BIT_SIZE, BF16))
+    assert_same_bits(from_device(p, np.ones(1, BF16)), np.ones(MIN_8BIT_SIZE, BF16))
 
 
 @pytest.mark.parametrize("variant", ["bf16-state", "int8-state", "bf16-params-kahan"])
 def test_a_host_state_array_beside_a_device_param_is_refused(variant):
     _, device_opt, params, device, grads = _pair("adam", variant, seed=3)
-    g = [_device(x) for x in grads()]
-    _quiet(device_opt.step, g)
+    g = [to_device(x) for x in grads()]
+    quiet(device_opt.step, g)
     before = device_opt.state_dict()
-    stepped = [_host(d, p) for d, p in zip(device, params)]
+    stepped = [from_device(d, p) for d, p in zip(device, params)]
     name = KAHAN_COMP if variant == "bf16-params-kahan" else "exp_avg"
     held = device_opt.state[name][0]
     if isinstance(held, Quantized):
@@ -201,16 +186,16 @@ def test_a_host_state_array_beside_a_device_param_is_refused(variant):
     else:
         device_opt.state[name][0] = held.copy_to_host()
     with pytest.raises(TypeError, match="in host memory"):
-        _quiet(device_opt.step, g)
+        quiet(device_opt.step, g)
     device_opt.state[name][0] = held
     _assert_same_dicts(device_opt.state_dict(), before)
     for i, (d, p) in enumerate(zip(device, stepped)):
-        assert_same_bits(_bits(_host(d, p)), _bits(p), f"params[{i}]")
+        assert_same_bits(patterns(from_device(d, p)), patterns(p), f"params[{i}]")
 
 
 def test_a_bad_state_dict_is_refused_and_nothing_is_written():
     _, device_opt, _, _, grads = _pair("adam", "bf16-state", seed=4)
-    _quiet(device_opt.step, [_device(x) for x in grads()])
+    quiet(device_opt.step, [to_device(x) for x in grads()])
     before = device_opt.state_dict()
     bad = dict(before)
     bad["state.exp_avg.1"] = np.zeros(3, BF16)

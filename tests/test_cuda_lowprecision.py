@@ -18,12 +18,21 @@ chunks: stochastic rounding must then draw by the element's index in its whole t
 from __future__ import annotations
 
 import os
-import warnings
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import ALGOS, FULL_STATE, assert_same_bits, options_id, randn
+from conftest import (
+    ALGOS,
+    FULL_STATE,
+    assert_same_bits,
+    from_device,
+    options_id,
+    patterns,
+    quiet,
+    randn,
+    to_device,
+)
 
 import fastrms
 from fastrms import functional, lowprecision, precision, reference
@@ -56,28 +65,13 @@ def ck(monkeypatch):
     return kernels
 
 
-def _device(a: np.ndarray):
-    from numba import cuda
-
-    return cuda.to_device(a.view(np.uint16) if a.dtype == BF16 else a)
-
-
-def _host(d, like: np.ndarray) -> np.ndarray:
-    h = d.copy_to_host()
-    return h.view(BF16) if like.dtype == BF16 else h
-
-
-def _bits(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint16) if a.dtype == BF16 else a
-
-
 def _check(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
     """The same bits under the simulator (which computes with NumPy scalars, as the
     reference does). On a GPU the compiler contracts ``a*b + c`` into one fused multiply-add
     (see test_cuda_grouped.py), so a float32 result may differ by an ulp and then round to
     the neighbouring bfloat16, which later steps carry on: there, within two bfloat16 ulps."""
     if SIMULATOR:
-        assert_same_bits(_bits(actual), _bits(expected), what)
+        assert_same_bits(patterns(actual), patterns(expected), what)
         return
     wide = [
         lowprecision.bf16_to_float32(a.view(np.uint16)) if a.dtype == BF16 else a
@@ -85,14 +79,6 @@ def _check(actual: np.ndarray, expected: np.ndarray, what: str = "") -> None:
     ]
     scale = float(np.max(np.abs(wide[1]), initial=1.0))
     np.testing.assert_allclose(*wide, rtol=2**-6, atol=2**-6 * scale, err_msg=what)
-
-
-def _quiet(call, *args, **kwargs):
-    # The simulator computes the codecs on NumPy scalars, which warn when uint32 products wrap
-    # (the hash wraps on purpose).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return call(*args, **kwargs)
 
 
 def _initial(name, slot, n, options, state_dtype) -> np.ndarray:
@@ -114,22 +100,22 @@ def _compare(name, options, *, param_dtype, state_dtype=None, rounding=None, see
     if rounding == "kahan":
         state[KAHAN] = [np.zeros(n, BF16) for n in SIZES]
     start = [p.copy() for p in params]
-    device = [_device(p) for p in params]
-    device_state = {s: [_device(a) for a in arrays] for s, arrays in state.items()}
+    device = [to_device(p) for p in params]
+    device_state = {s: [to_device(a) for a in arrays] for s, arrays in state.items()}
     low = dict(state_dtype=state_dtype, rounding=rounding, seed=seed, lr=ALGOS[name].lr)
     for step in range(1, STEPS + 1):
         grads = [randn(rng, n, F32).astype(param_dtype) for n in SIZES]
         functional.multi_tensor_step(name, params, grads, state, step=step, backend="numpy",
                                      **low, **step_options)  # fmt: skip
-        _quiet(functional.multi_tensor_step, name, device, [_device(g) for g in grads],
+        quiet(functional.multi_tensor_step, name, device, [to_device(g) for g in grads],
                device_state, step=step, backend="cuda", **low, **step_options)  # fmt: skip
     for i, (d, p) in enumerate(zip(device, params)):
-        _check(_host(d, p), p, f"params[{i}]")
+        _check(from_device(d, p), p, f"params[{i}]")
     for s, arrays in state.items():
         for i, (d, a) in enumerate(zip(device_state[s], arrays)):
-            _check(_host(d, a), a, f"{s}[{i}]")
+            _check(from_device(d, a), a, f"{s}[{i}]")
     # The test means something only if the step moved the parameters.
-    assert not np.array_equal(_bits(params[3]), _bits(start[3]))
+    assert not np.array_equal(patterns(params[3]), patterns(start[3]))
 
 
 # -- float32 parameters, bfloat16 state -------------------------------------------------------
@@ -182,10 +168,10 @@ def test_stochastic_rounding_draws_by_index_in_the_whole_tensor(ck):
     sig = precision.signature("sgd", BF16, None, rounding="stochastic")
     setup = SPECS["sgd"].setup(1, lr=1e-3)
     hyper = functional._cast(setup.rule, setup.scalars, F32)
-    dp, dg = _device(p), _device(g)
+    dp, dg = to_device(p), to_device(g)
     words = np.array([key | offset << 32], np.uint64).view(np.int64)
     table = np.array([[n, extent(dp)[0], extent(dg)[0], extent(dp)[0], -1]], np.int64)
-    _quiet(ck.launch_grouped, rules.RULES["sgd"], setup.flags, table, hyper, 0, sig, words)
+    quiet(ck.launch_grouped, rules.RULES["sgd"], setup.flags, table, hyper, 0, sig, words)
 
     p32, g32 = lowprecision.bf16_to_float32(p), lowprecision.bf16_to_float32(g)
     reference.RULES["sgd"]((p32, g32, p32), hyper, setup.flags)
@@ -231,9 +217,9 @@ def test_stochastic_steps_reuse_the_table_on_the_device(ck, monkeypatch):
     from fastrms.grouped import StepPlan
 
     rng = np.random.default_rng(6)
-    params = [_device(rng.standard_normal(n).astype(BF16)) for n in (70, 5)]
-    grads = [_device(rng.standard_normal(n).astype(BF16)) for n in (70, 5)]
-    state = {"momentum_buffer": [_device(np.zeros(n, F32)) for n in (70, 5)]}
+    params = [to_device(rng.standard_normal(n).astype(BF16)) for n in (70, 5)]
+    grads = [to_device(rng.standard_normal(n).astype(BF16)) for n in (70, 5)]
+    state = {"momentum_buffer": [to_device(np.zeros(n, F32)) for n in (70, 5)]}
     setup = SPECS["sgd"].setup(1, lr=0.1, momentum=0.9)
     plan = StepPlan(setup, params, state, ["params[0]", "params[1]"], "cuda", seed=1)
     monkeypatch.setattr(ck, "_copies", OrderedDict())
@@ -244,7 +230,7 @@ def test_stochastic_steps_reuse_the_table_on_the_device(ck, monkeypatch):
     )
     before = [p.copy_to_host() for p in params]
     for step in (1, 2, 3):
-        _quiet(plan.run, grads, SPECS["sgd"].setup(step, lr=0.1, momentum=0.9), step)
+        quiet(plan.run, grads, SPECS["sgd"].setup(step, lr=0.1, momentum=0.9), step)
     assert len(uploads) == 1 and len(ck._copies) == 1 and len(ck._words) == 1
     assert all(not np.array_equal(p.copy_to_host(), b) for p, b in zip(params, before))
 
@@ -258,9 +244,9 @@ def test_one_array_functions_take_uint16_device_params(ck):
     rng = np.random.default_rng(2)
     p, g = (rng.standard_normal(200).astype(BF16) for _ in range(2))
     m, v = np.zeros(200, F32), np.zeros(200, F32)
-    dp, dg, dm, dv = map(_device, (p, g, m, v))
+    dp, dg, dm, dv = map(to_device, (p, g, m, v))
     functional.adam(p, g, m, v, step=2, lr=0.01, seed=3, stream=4, backend="numpy")
-    _quiet(functional.adam, dp, dg, dm, dv, step=2, lr=0.01, seed=3, stream=4)
+    quiet(functional.adam, dp, dg, dm, dv, step=2, lr=0.01, seed=3, stream=4)
     _check(dp.copy_to_host().view(BF16), p)
     _check(dm.copy_to_host(), m)
     _check(dv.copy_to_host(), v)
@@ -279,7 +265,7 @@ def test_simulator_bf16_device_arrays_work_too(ck):
     arrays = {"exp_avg": [m], "exp_avg_sq": [v]}
     functional.multi_tensor_step("adam", [p], [g], arrays, state_dtype="bfloat16",
                                  rounding="nearest", backend="numpy")  # fmt: skip
-    _quiet(functional.multi_tensor_step, "adam", [dp], [dg], {"exp_avg": [dm], "exp_avg_sq": [dv]},
+    quiet(functional.multi_tensor_step, "adam", [dp], [dg], {"exp_avg": [dm], "exp_avg_sq": [dv]},
            state_dtype="bfloat16", rounding="nearest")  # fmt: skip
     for d, h in zip((dp, dm, dv), (p, m, v)):
         _check(d.copy_to_host().view(BF16), h)
@@ -292,7 +278,7 @@ def _adam_device(n=8, p_dtype=BF16, g_dtype=BF16, state_dtype=F32):
     rng = np.random.default_rng(0)
     p = rng.standard_normal(n).astype(p_dtype)
     g = rng.standard_normal(n).astype(g_dtype)
-    return [_device(a) for a in (p, g, np.zeros(n, state_dtype), np.zeros(n, state_dtype))]
+    return [to_device(a) for a in (p, g, np.zeros(n, state_dtype), np.zeros(n, state_dtype))]
 
 
 @pytest.mark.parametrize(
