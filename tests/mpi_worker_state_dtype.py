@@ -60,20 +60,29 @@ def state_keys(sd: dict) -> list[str]:
     return [k for k in sd if k.startswith("state.")]
 
 
-def run_case(name: str, options: dict) -> None:
+def stepped_twins(name: str, options: dict, shapes: dict, state_dtype: str):
+    """A sharded optimizer and the single-process class, each over its own copy of the same
+    float32 parameters, after STEPS steps (the reference on the reduced gradients); their
+    results are checked equal, bit for bit. Returns ``(cls, p0, params, ref_params, opt,
+    ref)``."""
     cls = getattr(fastrms, name)
-    what = f"{name} {options} bf16"
-    p0 = initial(SHAPES, np.float32)
+    p0 = initial(shapes, np.float32)
     params = {k: v.copy() for k, v in p0.items()}
     ref_params = {k: v.copy() for k, v in p0.items()}
     lr = lr_of(name)
-    opt = ShardedOptimizer(cls, params, lr=lr, state_dtype="bfloat16", **options)
-    ref = cls(ref_params, lr=lr, state_dtype="bfloat16", **options)
+    opt = ShardedOptimizer(cls, params, lr=lr, state_dtype=state_dtype, **options)
+    ref = cls(ref_params, lr=lr, state_dtype=state_dtype, **options)
     for k in range(STEPS):
-        all_grads = grads_of(SHAPES, np.float32, k, exact=True)
+        all_grads = grads_of(shapes, np.float32, k, exact=True)
         opt.step(all_grads[RANK])
         ref.step(reduced(all_grads, True))
-    bits_equal(params, ref_params, what)
+    bits_equal(params, ref_params, f"{name} {options} {state_dtype}")
+    return cls, p0, params, ref_params, opt, ref
+
+
+def run_case(name: str, options: dict) -> None:
+    what = f"{name} {options} bf16"
+    cls, p0, params, ref_params, opt, ref = stepped_twins(name, options, SHAPES, "bfloat16")
 
     # The shards hold bfloat16: 2 bytes per element per state array, 1/N of them per rank.
     ref_bytes = sum(a.nbytes for arrays in ref.state.values() for a in arrays)
@@ -159,22 +168,11 @@ def int8_bytes(opt: ShardedOptimizer, params: dict) -> int:
 
 
 def run_int8_case(name: str, options: dict) -> None:
-    cls = getattr(fastrms, name)
     what = f"{name} {options} int8"
-    p0 = initial(INT8_SHAPES, np.float32)
-    params = {k: v.copy() for k, v in p0.items()}
-    ref_params = {k: v.copy() for k, v in p0.items()}
-    lr = lr_of(name)
-    opt = ShardedOptimizer(cls, params, lr=lr, state_dtype="int8", **options)
-    ref = cls(ref_params, lr=lr, state_dtype="int8", **options)
+    cls, p0, params, ref_params, opt, ref = stepped_twins(name, options, INT8_SHAPES, "int8")
     for p in opt.pieces:  # cuts inside an 8-bit tensor are on blocks
         if p0[list(INT8_SHAPES)[p.index]].size >= 4096:
             assert p.start % 256 == 0, (what, p)
-    for k in range(STEPS):
-        all_grads = grads_of(INT8_SHAPES, np.float32, k, exact=True)
-        opt.step(all_grads[RANK])
-        ref.step(reduced(all_grads, True))
-    bits_equal(params, ref_params, what)
     held = [a for arrays in opt._inner.state.values() for a in arrays]
     assert any(isinstance(a, lowprecision.Quantized) for a in held), what
 
