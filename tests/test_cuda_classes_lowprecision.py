@@ -180,14 +180,16 @@ def test_a_host_state_array_beside_a_device_param_is_refused(variant):
     before = device_opt.state_dict()
     stepped = [from_device(d, p) for d, p in zip(device, params)]
     name = KAHAN_COMP if variant == "bf16-params-kahan" else "exp_avg"
-    held = device_opt.state[name][0]
-    if isinstance(held, Quantized):
-        device_opt.state[name][0] = Quantized(held.codes.copy_to_host(), held.scales.copy_to_host())
-    else:
-        device_opt.state[name][0] = held.copy_to_host()
-    with pytest.raises(TypeError, match="in host memory"):
-        quiet(device_opt.step, g)
-    device_opt.state[name][0] = held
+    for i in (0, -1):  # the first parameter's (an int8 pair), then the last's, checked last
+        held = device_opt.state[name][i]
+        if isinstance(held, Quantized):
+            codes, scales = held.codes.copy_to_host(), held.scales.copy_to_host()
+            device_opt.state[name][i] = Quantized(codes, scales)
+        else:
+            device_opt.state[name][i] = held.copy_to_host()
+        with pytest.raises(TypeError, match="in host memory"):
+            quiet(device_opt.step, g)
+        device_opt.state[name][i] = held
     _assert_same_dicts(device_opt.state_dict(), before)
     for i, (d, p) in enumerate(zip(device, stepped)):
         assert_same_bits(patterns(from_device(d, p)), patterns(p), f"params[{i}]")
