@@ -144,7 +144,7 @@ def block_table(signature, arrays: list) -> np.ndarray:
     device addresses, as the arrays are (the CPU and CUDA kernels read the same table)."""
     storages = signature.storages
     slots = len(storages) - 2
-    scales = 3 + slots + storages[0].words
+    scales = signature.extra_word(2)
     table = np.zeros((len(arrays), signature.table_width), np.int64)
     for r, row in enumerate(arrays):
         p = row[0]
@@ -155,7 +155,7 @@ def block_table(signature, arrays: list) -> np.ndarray:
                 table[r, 3 + k] = extent(a.codes)[0]
                 table[r, scales + k] = extent(a.scales)[0]
         if storages[0].codec == "bf16_kahan":
-            table[r, 3 + slots] = extent(row[-1])[0]
+            table[r, signature.extra_word(0)] = extent(row[-1])[0]
     return table
 
 

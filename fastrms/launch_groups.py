@@ -76,13 +76,18 @@ class Group:
         per step) and state; columns the rule does not use repeat the param's address. Then
         the param storage's extra word, if any: the Kahan compensation's address (the last of
         ``arrays``), or stochastic rounding's key (filled per step)."""
-        table = np.zeros((len(self.rows), self.signature.table_width), np.int64)
+        signature = self.signature
+        n_state = len(signature.storages) - 2
+        kahan = signature.storages[0].codec == "bf16_kahan"
+        table = np.zeros((len(self.rows), signature.table_width), np.int64)
         for r, arrays in enumerate(self.arrays):
             p = arrays[0]
             table[r, 0] = _size(p)
             table[r, 1:] = extent(p)[0]
-            for c, a in enumerate(arrays[2:], start=3):
+            for c, a in enumerate(arrays[2 : 2 + n_state], start=3):
                 table[r, c] = extent(a)[0]
+            if kahan:
+                table[r, signature.extra_word(0)] = extent(arrays[-1])[0]
         return table
 
     def prepare(self) -> Group:
@@ -167,8 +172,8 @@ class CpuGroup(Group):
 
     def set_keys(self, keys):
         super().set_keys(keys)
-        if self.signature.storages[0].codec == "bf16_stochastic":  # the row's first extra word
-            self.table[:, 1 + len(self.signature.storages)] = self.keys
+        if self.signature.storages[0].codec == "bf16_stochastic":
+            self.table[:, self.signature.extra_word(0)] = self.keys
 
     def cast(self, setup):
         # The last step's array while the scalars stay (RMSprop's do); a new one when they

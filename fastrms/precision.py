@@ -157,7 +157,14 @@ class Signature:
     def table_width(self) -> int:
         """Columns of a grouped step's table: the element count, then an address per array,
         then the storages' extra words (:attr:`Storage.words`), in the arrays' order."""
-        return 1 + len(self.storages) + sum(s.words for s in self.storages)
+        return self.extra_word(len(self.storages))
+
+    def extra_word(self, j: int) -> int:
+        """The table column of array ``j``'s first extra word (array ``j``'s address is
+        column ``1 + j``): a stochastically rounded parameter's key or a Kahan parameter's
+        compensation (``j = 0``), the first blockwise slot's scales (``j = 2``). Every table
+        and kernel of a signature places its extra words by this."""
+        return 1 + len(self.storages) + sum(s.words for s in self.storages[:j])
 
 
 def storage_of(dtype: np.dtype) -> Storage:

@@ -332,8 +332,8 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
 def _shape(signature, used):
     """What the kernels close over: the likes of the rule's columns (param and grad as their
     storages say, the state slots float32 scratch), the scalars' likes, the table's row stride,
-    each slot's signedness, whether the options use it, and the row word of the first slot's
-    scales (after the addresses and the param's and grad's extra words)."""
+    each slot's signedness, whether the options use it, and the word of the first slot's
+    scales counted from the row's first address (the kernels read rows from there)."""
     slots = signature.storages[2:]
     if not all(s.blockwise for s in slots):
         raise ValueError("a blockwise kernel needs every state slot held blockwise")
@@ -341,7 +341,7 @@ def _shape(signature, used):
     columns = (*_column_likes(signature.storages[:2]), *(BlockLike(s.signed) for s in slots))
     scalars = (compute,) * signature.scalars
     signs = tuple(s.signed for s in slots)
-    scales = 2 + len(slots) + sum(s.words for s in signature.storages[:2])
+    scales = signature.extra_word(2) - 1
     return columns, scalars, 8 * signature.table_width, signs, tuple(used), scales
 
 

@@ -325,7 +325,6 @@ def _codec_source(signature):
     array ``a{j}``, its local ``v{j}``, whether it is used (state slots), its extra word (a
     keyed codec's key and index base, a paired codec's second array), its loads and stores."""
     bindings, local_arrays, columns_, arrays, loads, stores = [], [], [], [], [], []
-    extra = 1 + len(signature.storages)  # the row's first word after the addresses
     keyed = _keyed(signature)
     for j, storage in enumerate(signature.storages):
         like = f"np.{np.dtype(storage.dtype).name}(0)"
@@ -348,11 +347,10 @@ def _codec_source(signature):
                              f"base{j} = word{j} >> 32"]  # fmt: skip
                 index = f"np.uint32((base{j} + i) & 0xFFFFFFFF)"
                 store = f"store{j}(a{j}, i, v{j}[0], key{j}, {index})"
-                extra += 1
             elif kind == "paired":  # the second held array, at the word's address
+                extra = signature.extra_word(j)
                 columns_.append(f"comp{j} = as_device_array(meta[row + {extra}], n, {like})")
                 store = f"store{j}(a{j}, comp{j}, i, v{j}[0])"
-                extra += 1
         if state:
             load, store = f"if used{j}:\n    {load}", f"if used{j}:\n    {store}"
         loads.append(load)

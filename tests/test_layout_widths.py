@@ -128,6 +128,26 @@ def test_the_policy_sizes_the_signature_from_the_layout(registered):
     assert precision.SLOTS["wide"] == SLOT_NAMES and len(precision.SCALARS["wide"]) == N_SCALARS
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest", "kahan"])
+@pytest.mark.parametrize("state", ["float32", "int8"])
+def test_extra_words_follow_the_addresses_in_the_arrays_order(rounding, state):
+    """A table row: the count, one address per array, then each storage's extra words
+    (a bfloat16 parameter's key or Kahan compensation, then each int8 slot's scales)."""
+    s, u = precision.STORAGES["int8_signed"], precision.STORAGES["int8_unsigned"]
+    slots = (s, u, u) if state == "int8" else None
+    bf16 = precision.signature("adam", precision.BFLOAT16, slots, rounding=rounding)
+    n = len(bf16.storages)  # param, grad and Adam's three slots
+    param_words = 0 if rounding == "nearest" else 1
+    assert bf16.extra_word(0) == 1 + n
+    assert bf16.extra_word(1) == bf16.extra_word(2) == 1 + n + param_words  # grad: no words
+    slot_words = 3 if state == "int8" else 0
+    assert bf16.table_width == bf16.extra_word(n) == 1 + n + param_words + slot_words
+    # The CUDA blockwise kernel's fixed layout (float32 parameters): 3 + 2n words, the scales
+    # from 3 + n on (kernels.cuda_blockwise.kernel_source).
+    f32 = precision.signature("adam", np.dtype(np.float32), (s, u, u))
+    assert (f32.table_width, f32.extra_word(2)) == (3 + 2 * 3, 3 + 3)
+
+
 def test_the_policy_refuses_storages_it_cannot_load():
     """Without a codec, a storage must hold the compute dtype: float64 state beside float32
     parameters, or a float32 step computed in float64, has no kernel yet."""
