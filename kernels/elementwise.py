@@ -232,11 +232,15 @@ def cuda_grid_stride(rule, flags):
 # Generated per k (arrays per tensor), so that the tuple of arrays has a static length. CUDA
 # kernels are compiled per process (no disk cache), so a kernel made by exec loses nothing;
 # the simulator runs it as Python, which an intrinsic like the CPU kernels' could not be.
+# Both grouped kernels, float and codec, are this chunk loop; the ``{...}`` fields are their
+# own: the codec kernel's codec bindings and key words (none for the float kernel), the
+# locals, the columns a chunk's arrays are made of, and the body that steps element ``i``.
 _CUDA_GROUPED_SOURCE = """
-def make(device_rule, as_device_array, flags, token):
-    def kernel(meta, first, count, chunk, hyper):
+def make(device_rule, as_device_array, codecs, flags, token):
+{bindings}
+    def kernel(meta, first, count, chunk, hyper{words}):
         token
-        like = hyper[0]
+{locals}
         c = cuda.blockIdx.x
         while c < count:
             at = first + 2 * c
@@ -244,15 +248,20 @@ def make(device_rule, as_device_array, flags, token):
             start = meta[at + 1]
             n = meta[row]
             stop = min(start + chunk, n)
-            arrays = ({arrays},)
+{columns}
             i = start + cuda.threadIdx.x
             while i < stop:
-                device_rule(i, arrays, hyper, flags)
+{body}
                 i += cuda.blockDim.x
             c += cuda.gridDim.x
 
     return kernel
 """
+
+
+def _block(lines, depth):
+    """``lines`` indented by ``depth`` spaces (a line's own newlines too), for the template."""
+    return "\n".join(" " * depth + line.replace("\n", "\n" + " " * depth) for line in lines)
 
 
 @cache
@@ -275,11 +284,18 @@ def cuda_grouped(rule, flags, k):
     token = TOKEN
     device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
     arrays = ", ".join(f"as_device_array(meta[row + {j}], n, like)" for j in range(1, k + 1))
-    source = _CUDA_GROUPED_SOURCE.format(width=k + 1, arrays=arrays)
+    source = _CUDA_GROUPED_SOURCE.format(
+        bindings=_block(["pass"], 4),
+        words="",
+        locals=_block(["like = hyper[0]"], 8),
+        width=k + 1,
+        columns=_block([f"arrays = ({arrays},)"], 12),
+        body=_block(["device_rule(i, arrays, hyper, flags)"], 16),
+    )
     namespace = {"cuda": cuda}
     exec(compile(source, f"<grouped kernel, k={k}>", "exec"), namespace)
     return cuda.jit(fastmath=FASTMATH)(
-        namespace["make"](device_rule, as_device_array, flags, token)
+        namespace["make"](device_rule, as_device_array, (), flags, token)
     )
 
 
@@ -292,36 +308,11 @@ def cuda_grouped(rule, flags, k):
 # nor stored, and the rule never touches its local (handing it the parameter's local instead,
 # as the CPU kernels hand it the parameter, would select between two locals and keep them in
 # local memory rather than registers: 9 local loads and stores in the PTX of an Adam step).
-# ``{...}`` fields are filled per signature by :func:`cuda_grouped_codecs`.
-_CUDA_CODEC_SOURCE = """
-def make(device_rule, as_device_array, codecs, flags, token):
-{bindings}
-    def kernel(meta, first, count, chunk, hyper{words}):
-        token
-{locals}
-        c = cuda.blockIdx.x
-        while c < count:
-            at = first + 2 * c
-            row = meta[at] * {width}
-            start = meta[at + 1]
-            n = meta[row]
-            stop = min(start + chunk, n)
-{columns}
-            arrays = ({arrays},)
-            i = start + cuda.threadIdx.x
-            while i < stop:
-{loads}
-                device_rule(0, arrays, hyper, flags)
-{stores}
-                i += cuda.blockDim.x
-            c += cuda.gridDim.x
-
-    return kernel
-"""
+# The template's fields are filled per signature by :func:`cuda_grouped_codecs`.
 
 
 def _codec_source(signature):
-    """The fields of :data:`_CUDA_CODEC_SOURCE` for ``signature``: per column ``j``, its held
+    """The fields of :data:`_CUDA_GROUPED_SOURCE` for ``signature``: per column ``j``, its held
     array ``a{j}``, its local ``v{j}``, whether it is used (state slots), its extra word (a
     keyed codec's key and index base, a paired codec's second array), its loads and stores."""
     bindings, local_arrays, columns_, arrays, loads, stores = [], [], [], [], [], []
@@ -356,19 +347,14 @@ def _codec_source(signature):
         loads.append(load)
         if j != 1:
             stores.append(store)
-
-    def block(lines, depth):
-        return "\n".join(" " * depth + line.replace("\n", "\n" + " " * depth) for line in lines)
-
+    columns_.append(f"arrays = ({', '.join(arrays)},)")
     return dict(
         words=", words" if keyed else "",
-        bindings=block(bindings or ["pass"], 4),
-        locals=block(local_arrays, 8),
+        bindings=_block(bindings or ["pass"], 4),
+        locals=_block(local_arrays, 8),
         width=signature.table_width,
-        columns=block(columns_, 12),
-        arrays=", ".join(arrays),
-        loads=block(loads, 16),
-        stores=block(stores, 16),
+        columns=_block(columns_, 12),
+        body=_block([*loads, "device_rule(0, arrays, hyper, flags)", *stores], 16),
     )
 
 
@@ -420,7 +406,7 @@ def cuda_grouped_codecs(rule, flags, signature):
     token = TOKEN
     device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
     codecs = tuple(columns.CODECS.get(s.codec) for s in signature.storages)
-    source = _CUDA_CODEC_SOURCE.format(**_codec_source(signature))
+    source = _CUDA_GROUPED_SOURCE.format(**_codec_source(signature))
     namespace = {"cuda": cuda, "np": np, "compute": from_dtype(np.dtype(signature.compute))}
     exec(compile(source, f"<grouped codec kernel, {signature}>", "exec"), namespace)
     return cuda.jit(fastmath=FASTMATH)(

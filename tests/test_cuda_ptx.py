@@ -124,6 +124,20 @@ def test_codec_grouped_kernels_are_float32_and_keep_their_locals_in_registers(ca
     assert not re.search(r"\b(ld|st)\.local\b", ptx), "an element's locals spilled to memory"
 
 
+def test_float_grouped_kernel_is_float32_with_no_local_memory():
+    """The grouped kernel of float32 arrays (the chunk loop it shares with the codec kernels
+    above, :data:`fastrms.kernels.elementwise._CUDA_GROUPED_SOURCE`): Adam with every slot."""
+    sig = precision.signature("adam", np.dtype(np.float32))
+    kernel = cuda_kernels.grouped_kernel(rules.adam, (True,) * N_FLAGS["adam"], 5, sig)
+    scalars = types.UniTuple(types.float32, N_HYPER["adam"])
+    args = (types.int64[::1], types.int64, types.int64, types.int64, scalars)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, args, cc=(9, 0))
+    assert not F64.findall(ptx), "float64 instruction in a float32 kernel"
+    assert re.search(r"\bdiv\.rn\.f32\b", ptx) and re.search(r"\bsqrt\.rn\.f32\b", ptx)
+    assert re.search(r"\bld\.global\.f32\b", ptx) and re.search(r"\bst\.global\.f32\b", ptx)
+    assert not re.search(r"\b(ld|st)\.local\b", ptx)
+
+
 # -- the int8 blockwise kernel (kernels/cuda_blockwise.py) ---------------------------------------
 
 
