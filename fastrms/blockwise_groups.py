@@ -240,19 +240,18 @@ class BlockwiseCudaGroup(CudaGroup):
         self.backend.grouped_launcher()  # imports numba.cuda, or says why it cannot
         from .kernels import cuda_blockwise, rules
 
-        signs = tuple(s.signed for s in self.signature.storages[2:])
         self._launch = functools.partial(
             cuda_blockwise.launch_blockwise,
             rules.RULES[self.setup.rule],
             self.setup.flags,
-            signs,
+            self.signature,
             _used(self),
         )
         return self
 
     def launch(self, hyper, grads):
         stream = self.backend.stream_of(self.arrays[0][0])
-        self._launch(self.table, hyper, stream)
+        self._launch(self.table, hyper, stream, self._words)
 
 
 #: The group class of each backend for blockwise signatures.

@@ -88,8 +88,8 @@ class StepPlan:
         How the state arrays are held (:func:`fastrms.precision.state_storage`). None: as
         each parameter is. ``"bfloat16"`` (float32 parameters): ``ml_dtypes.bfloat16`` arrays
         or their ``uint16`` patterns, computed in float32 and stored rounded to nearest even;
-        every backend (CUDA arrays as ``uint16`` patterns). ``"int8"`` (float32 parameters on
-        every backend, bfloat16 ones on ``cpu`` and ``numpy``):
+        every backend (CUDA arrays as ``uint16`` patterns). ``"int8"`` (float32 or bfloat16
+        parameters, every backend):
         :class:`fastrms.lowprecision.Quantized` pairs (NumPy or CUDA arrays) for parameters of
         at least 4096 elements, float32 arrays for smaller ones (:mod:`fastrms.blockwise_groups`).
     rounding : {None, "stochastic", "nearest", "kahan"}, optional
@@ -191,14 +191,6 @@ class StepPlan:
                 chosen, auto = dispatch.resolve(backend, info.kind)
             except TypeError as exc:
                 raise TypeError(f"{names[i]}: {exc}") from None
-            # bfloat16 state and parameters run on cuda (codec columns staged per element,
-            # kernels.elementwise.cuda_grouped_codecs), and so does 8-bit blockwise state beside
-            # float32 parameters (kernels.cuda_blockwise); the two together do not yet.
-            if chosen.name == "cuda" and i in low and slots[0].blockwise:
-                raise TypeError(
-                    f"{names[i]}: bfloat16 parameters with state_dtype={state_dtype!r} are not "
-                    "supported on the cuda backend yet (cpu and numpy only)"
-                )
             rounding_i = self.rounding if i in low else None
             dtype = BFLOAT16 if i in low else info.dtype  # a CUDA one may be uint16 patterns
             key = (chosen.name, auto, signature(setup.rule, dtype, slots, rounding=rounding_i))

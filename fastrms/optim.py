@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import dispatch, specs
-from .arrays import DEVICE, check_params, is_bf16_array
+from .arrays import check_params, is_bf16_array
 from .grouped import StepPlan
 from .lowprecision import BFLOAT16
 from .precision import KAHAN_COMP, check_rounding, state_storage
@@ -294,21 +294,13 @@ def _state_storages(
 ) -> list | None:
     """The storage of each parameter's state under ``state_dtype`` (None: as the parameters
     are; float32 beside bfloat16 parameters, ``bf16`` says which), refused with
-    ``ValueError``/``TypeError`` naming the argument where it cannot be: bfloat16 CUDA
-    parameters with ``state_dtype="int8"`` (no CUDA kernel yet, see
-    :class:`fastrms.grouped.StepPlan`) whatever their size, so that it is said at once."""
+    ``ValueError``/``TypeError`` naming the argument where it cannot be."""
     if state_dtype is None and not any(bf16):
         return None
-    storages = []
-    for info, name, low in zip(infos, names, bf16):
-        storage = state_storage(state_dtype, BFLOAT16 if low else info.dtype, name)
-        if low and storage.name == "int8" and info.kind == DEVICE:
-            raise TypeError(
-                f"{name}: bfloat16 parameters with state_dtype={state_dtype!r} are not "
-                "supported for CUDA arrays yet (host parameters only)"
-            )
-        storages.append(storage)
-    return storages
+    return [
+        state_storage(state_dtype, BFLOAT16 if low else info.dtype, name)
+        for info, name, low in zip(infos, names, bf16)
+    ]
 
 
 # -- the optimizers: one class per spec, named spec.title, documented from the spec -------------

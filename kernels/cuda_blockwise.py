@@ -1,9 +1,11 @@
 """The CUDA kernel of steps whose state is held blockwise in 8 bits (``state_dtype="int8"``).
 
 The CUDA twin of :func:`fastrms.kernels.blockwise.grouped_block_loops`, over the same table
-(one int64 row per array: element count, the addresses of param, grad, each slot's ``uint8``
-codes, then each slot's float32 scales) and with the same results, bit for bit
-(:mod:`fastrms.lowprecision` is the reference).
+(one int64 row per array of :attr:`~fastrms.precision.Signature.table_width` words: element
+count, the addresses of param, grad, each slot's ``uint8`` codes, a bfloat16 parameter's
+extra word, then each slot's float32 scales) and with the same results, bit for bit
+(:mod:`fastrms.lowprecision` is the reference). Parameters are float32, or bfloat16 held as
+``uint16`` patterns under every rounding (nearest, stochastic, Kahan).
 
 One thread block of :data:`BLOCK` threads steps one quantization block of :data:`BLOCK`
 elements at a time; a host-built table of ``(table row, first element)`` per quantization
@@ -24,6 +26,12 @@ caches its tables, lists them, and a launch of at most a full wave of thread blo
    or subnormals, NaN for one holding NaN or Inf, both with zero codes), and thread 0 writes
    the scale.
 
+A bfloat16 parameter and its gradient are loaded through their codec into two more scratch
+rows, so the rule sees float32 arrays at index ``t`` as it does the slots', and the
+parameter is stored back through its codec (:mod:`fastrms.kernels.columns`: to nearest,
+stochastically with the row's key word and the element's index in its tensor, or with its
+Kahan compensation array), as the CPU kernel stores it.
+
 Threads past the end of a ragged last block do nothing but reach every ``syncthreads``.
 Importing this module imports ``numba.cuda``; fastrms imports it only when the ``cuda``
 backend steps int8 state.
@@ -35,6 +43,7 @@ import numpy as np
 from numba import cuda, types
 from numba.extending import register_jitable
 
+from . import columns
 from . import cuda as cuda_kernels
 from ._options import FASTMATH
 from .blockwise import (
@@ -48,9 +57,6 @@ from .blockwise import (
     encode_unsigned,
 )
 from .cuda_pointers import as_device_array
-
-#: Bytes per element of the parameter and gradient: int8 state is for float32 parameters.
-_ITEMSIZE = 4
 
 
 @register_jitable
@@ -83,10 +89,11 @@ def block_scale(bits):
 # next written after this barrier. (A tree reduction took nine barriers, each costing the
 # simulator a poll of every thread.)
 _SOURCE = """
-def make(device_rule, as_device_array, flags, codes_like, {codecs}):
-    def kernel(meta, first, count, hyper):
+def make(device_rule, as_device_array, flags, codes_like, load_p, store_p, {codecs}):
+    def kernel(meta, first, count, hyper{words}):
         like = hyper[0]
-        scratch = cuda.shared.array(({slots}, {block}), float32)
+        half_like = uint16(0)
+        scratch = cuda.shared.array(({rows}, {block}), float32)
         peaks = cuda.shared.array((3, {slots}), uint32)
         t = cuda.threadIdx.x
         if t == 0:
@@ -106,13 +113,11 @@ def make(device_rule, as_device_array, flags, codes_like, {codecs}):
                 for s in range({slots}):
                     peaks[(turn + 1) % 3, s] = uint32(0)
 {load}
+{heads}
             if inside:
-                arrays = (
-                    as_device_array(meta[row + 1] + {itemsize} * start, k, like),
-                    as_device_array(meta[row + 2] + {itemsize} * start, k, like),
-                    {rows}
-                )
+                arrays = ({arrays})
                 device_rule(t, arrays, hyper, flags)
+{store_param}
 {peak}
             cuda.syncthreads()
 {store}
@@ -143,77 +148,147 @@ _STORE = """\
 """
 
 
-def kernel_source(signs: tuple, used: tuple) -> str:
-    """The Python source of the kernel for slots of ``signs`` (True: the signed map), of which
-    ``used`` are stepped (a slot the options leave unused is never read or written)."""
-    n = len(signs)
+# A float32 parameter and its gradient: the rule steps the block's piece of them in place.
+_FLOAT_HEADS = """\
+            pa = as_device_array(meta[row + 1] + 4 * start, k, like)
+            ga = as_device_array(meta[row + 2] + 4 * start, k, like)"""
+
+# A bfloat16 one: both loaded into the scratch rows after the slots'.
+_BF16_HEADS = """\
+            pa = as_device_array(meta[row + 1] + 2 * start, k, half_like)
+            ga = as_device_array(meta[row + 2] + 2 * start, k, half_like)
+            if inside:
+                scratch[{p}, t] = load_p(pa, t)
+                scratch[{g}, t] = load_p(ga, t)"""
+
+# Its store, by the codec's kind (kernels.columns.KINDS).
+_PARAM_STORES = {
+    "plain": "store_p(pa, t, scratch[{p}, t])",
+    "keyed": "store_p(pa, t, scratch[{p}, t], key, uint32((base + start + t) & 0xFFFFFFFF))",
+    "paired": "store_p(pa, comp, t, scratch[{p}, t])",
+}
+# What the kind needs from the row: a stochastically rounded parameter's key word (the key in
+# the low 32 bits, the index of the array's element 0 in its tensor above) comes from
+# ``words``, one per table row, so the table on the device stays the same from step to step.
+_PARAM_WORDS = {
+    "plain": "",
+    "keyed": """
+            word = words[meta[at]]
+            key = uint32(word & 0xFFFFFFFF)
+            base = word >> 32""",
+    "paired": """
+            comp = as_device_array(meta[row + {comp}] + 2 * start, k, half_like)""",
+}
+
+
+def kernel_source(signature, used: tuple) -> str:
+    """The Python source of the kernel for ``signature`` (float32 or bfloat16 parameters,
+    every state slot held blockwise), of whose slots ``used`` are stepped (a slot the options
+    leave unused is never read or written)."""
+    slots = signature.storages[2:]
+    n = len(slots)
     live = [s for s in range(n) if used[s]]
+    codec = signature.storages[0].codec
+    scales = signature.extra_word(2)
+    rows = [f"scratch[{s}]" for s in range(n)]
+    if codec is None:
+        heads, store_param, kind = _FLOAT_HEADS, "", None
+        rows = ["pa", "ga", *rows]
+    else:
+        kind = columns.KINDS.get(codec, "plain")
+        heads = _BF16_HEADS.format(p=n, g=n + 1)
+        heads += _PARAM_WORDS[kind].format(comp=signature.extra_word(0))
+        store_param = " " * 16 + _PARAM_STORES[kind].format(p=n)
+        rows = [f"scratch[{n}]", f"scratch[{n + 1}]", *rows]
     return _SOURCE.format(
         codecs=", ".join(f"decode{s}, encode{s}" for s in range(n)),
+        words=", words" if kind == "keyed" else "",
         slots=n,
+        rows=n if codec is None else n + 2,
         block=BLOCK,
-        width=3 + 2 * n,
-        itemsize=_ITEMSIZE,
-        rows=" ".join(f"scratch[{s}]," for s in range(n)),
-        load="".join(_LOAD.format(s=s, codes=3 + s, scales=3 + n + s) for s in live),
+        width=signature.table_width,
+        heads=heads,
+        arrays=", ".join(rows) + ",",
+        store_param=store_param,
+        load="".join(_LOAD.format(s=s, codes=3 + s, scales=scales + s) for s in live),
         peak="".join(_PEAK.format(s=s) for s in live),
         store="".join(_STORE.format(s=s) for s in live),
     )
 
 
 @cache
-def block_kernel(rule, flags: tuple, signs: tuple, used: tuple):
+def block_kernel(rule, flags: tuple, signature, used: tuple):
     """The kernel ``kernel[blocks, BLOCK, stream](meta, first, count, hyper)`` stepping the
-    ``count`` quantization blocks listed from ``meta[first]``, for a rule whose state slots
-    are held blockwise with the maps of ``signs`` (True: signed), ``used`` saying which the
-    options step.
+    ``count`` quantization blocks listed from ``meta[first]``, for a rule of ``signature``
+    (a :class:`fastrms.precision.Signature` whose state slots are held blockwise), ``used``
+    saying which slots the options step. A stochastically rounded bfloat16 parameter's kernel
+    takes its key words too, ``kernel[...](meta, first, count, hyper, words)``.
 
-    ``meta`` is one int64 device array: the table (``n`` rows of ``3 + 2 * len(signs)``
-    words, see :func:`launch_blockwise`), flattened, then the block table (pairs of table row
-    and first element). ``hyper`` is the rule's scalars, float32. Launch it with exactly
-    :data:`BLOCK` threads per block.
+    ``meta`` is one int64 device array: the table (``n`` rows of the signature's
+    ``table_width`` words, see :func:`launch_blockwise`), flattened, then the block table
+    (pairs of table row and first element). ``hyper`` is the rule's scalars, float32. Launch
+    it with exactly :data:`BLOCK` threads per block.
     """
-    if len(signs) != len(used) or not signs:
-        raise ValueError("a blockwise kernel needs one sign and one used flag per state slot")
+    slots = signature.storages[2:]
+    if len(slots) != len(used) or not slots or not all(s.blockwise for s in slots):
+        raise ValueError("a blockwise kernel needs every state slot held blockwise, and one "
+                         "used flag per slot")  # fmt: skip
+    codec = signature.storages[0].codec
+    if codec is not None and codec not in columns.CODECS:
+        raise ValueError(f"no codec {codec!r} has CUDA kernels (kernels.columns)")
     device_rule = cuda.jit(device=True, fastmath=FASTMATH)(rule)
     codecs = []
-    for signed in signs:
+    for slot in slots:
+        signed = slot.signed
         codecs += [decode_signed, encode_signed] if signed else [decode_unsigned, encode_unsigned]
     namespace = {
         "cuda": cuda,
         "float32": types.float32,
         "uint32": np.uint32,
+        "uint16": np.uint16,
         "uint8": np.uint8,
         "magnitude_bits": magnitude_bits,
         "block_scale": block_scale,
     }
-    source = kernel_source(tuple(signs), tuple(used))
-    exec(compile(source, f"<blockwise kernel, signs={signs}, used={used}>", "exec"), namespace)
+    source = kernel_source(signature, tuple(used))
+    exec(compile(source, f"<blockwise kernel, {signature}, used={used}>", "exec"), namespace)
+    load_p, store_p = columns.CODECS[codec] if codec is not None else (None, None)
     make = namespace["make"]
     return cuda.jit(fastmath=FASTMATH)(
-        make(device_rule, as_device_array, flags, np.uint8(0), *codecs)
+        make(device_rule, as_device_array, flags, np.uint8(0), load_p, store_p, *codecs)
     )
 
 
-def launch_blockwise(rule, flags, signs, used, table, hyper, stream=0) -> None:
+def launch_blockwise(rule, flags, signature, used, table, hyper, stream=0, words=None) -> None:
     """Run one step of ``rule`` over the arrays of ``table``, whose state is held blockwise.
 
     Parameters
     ----------
     rule, flags
         As for :func:`fastrms.kernels.cuda.launch`.
-    signs, used : tuple of bool
-        Per state slot: whether its map is the signed one, and whether the options use it.
-    table : numpy.ndarray of int64, shape (n_arrays, 3 + 2 * len(signs))
-        Per array: its element count, then the device addresses of its float32 param and
-        grad, of each slot's ``uint8`` codes (as many as elements), then of each slot's
-        float32 scales (one per block of :data:`BLOCK`). An unused slot's columns may hold
-        any address (the param's): they are never read. The arrays must stay alive until the
-        step has run on the device.
+    signature : fastrms.precision.Signature
+        The storages: float32 or bfloat16 (``uint16`` patterns) parameters, under any of the
+        roundings of :data:`fastrms.precision.PARAM_STORAGES`, and every state slot held
+        blockwise (its map signed or not).
+    used : tuple of bool
+        Per state slot: whether the options use it.
+    table : numpy.ndarray of int64, shape (n_arrays, signature.table_width)
+        Per array (:func:`fastrms.blockwise_groups.block_table`): its element count, then the
+        device addresses of its param and grad, of each slot's ``uint8`` codes (as many as
+        elements), a Kahan parameter's compensation array (its extra word; a stochastically
+        rounded one's is not read: ``words`` holds it), then of each slot's float32 scales
+        (one per block of :data:`BLOCK`). An unused slot's columns may hold any address (the
+        param's): they are never read. The arrays must stay alive until the step has run on
+        the device.
     hyper : tuple of numpy.float32
         The rule's scalars.
     stream : numba.cuda stream or 0
         Every upload and launch is queued on it.
+    words : numpy.ndarray of int64, optional
+        A stochastically rounded parameter's key words, one per table row (the key in the low
+        32 bits, the index of the array's element 0 in its tensor in the high 32, as
+        :func:`fastrms.kernels.cuda.launch_grouped` takes them); copied to the device per
+        step, so the table's own copy is reused.
 
     Notes
     -----
@@ -224,8 +299,10 @@ def launch_blockwise(rule, flags, signs, used, table, hyper, stream=0) -> None:
     (:func:`fastrms.kernels.cuda.max_blocks`), each stepping every ``gridDim``-th block.
     """
     cuda_kernels._check_table(table)
-    if table.shape[1] != 3 + 2 * len(signs):
-        raise ValueError(f"table must have {3 + 2 * len(signs)} columns, got {table.shape[1]}")
+    if table.shape[1] != signature.table_width:
+        raise ValueError(f"table must have {signature.table_width} columns, got {table.shape[1]}")
+    keyed = signature.storages[0].codec == "bf16_stochastic"
+    words = cuda_kernels._key_words(words, signature, table.shape[0])
     if not table.shape[0]:
         return
     key = ("blockwise", table.shape[1], BLOCK, cuda_kernels.MAX_CHUNKS_PER_LAUNCH,
@@ -234,7 +311,8 @@ def launch_blockwise(rule, flags, signs, used, table, hyper, stream=0) -> None:
     if not plan.launches:
         return
     meta = cuda_kernels._device_copy(key, plan, stream)
-    kernel = block_kernel(rule, tuple(flags), tuple(signs), tuple(used))
+    extra = (cuda_kernels._device_words(key, words, stream),) if keyed else ()
+    kernel = block_kernel(rule, tuple(flags), signature, tuple(used))
     wave = cuda_kernels.max_blocks()
     for first, count in plan.launches:
-        kernel[min(count, wave), BLOCK, stream](meta, first, count, hyper)
+        kernel[min(count, wave), BLOCK, stream](meta, first, count, hyper, *extra)

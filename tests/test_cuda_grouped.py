@@ -474,11 +474,10 @@ def test_optimizer_class_steps_many_device_arrays_as_one_group(algo):
 
 
 @runs_kernels
-def test_int8_state_on_cuda_is_refused_with_host_pairs_and_by_the_classes():
+def test_int8_state_on_cuda_is_refused_with_host_pairs():
     """8-bit blockwise state (state_dtype="int8") on CUDA needs CUDA codes and scales
     (tests/test_cuda_int8.py steps them); host pairs beside CUDA parameters are refused with a
-    clear error before anything runs. The classes allocate it on CUDA beside float32
-    parameters (tests/test_cuda_classes_lowprecision.py), not beside bfloat16 ones yet."""
+    clear error before anything runs."""
     from numba import cuda
 
     from fastrms.lowprecision import MIN_8BIT_SIZE, Quantized
@@ -492,8 +491,5 @@ def test_int8_state_on_cuda_is_refused_with_host_pairs_and_by_the_classes():
                                         "but params"):  # fmt: skip
         functional.multi_tensor_step("adam", [p], [g], {"exp_avg": [m], "exp_avg_sq": [v]},
                                      state_dtype="int8")  # fmt: skip
-    bp = cuda.to_device(np.ones(MIN_8BIT_SIZE, np.uint16))  # bfloat16 patterns
-    with pytest.raises(TypeError, match=r"params\[0\]: bfloat16 parameters with state_dtype="):
-        fastrms.Adam([bp], state_dtype="int8")
     assert_same_bits(p.copy_to_host(), before)
     assert (m.codes == 0).all() and (v.scales == 0).all()

@@ -13,10 +13,9 @@ calls the kernel directly. The PTX of the kernel is checked in ``tests/test_cuda
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FULL_STATE, assert_same_bits, options_id, randn
+from conftest import FULL_STATE, assert_same_bits, options_id, quiet, randn
 
 import fastrms
 from fastrms import functional, lowprecision, precision, reference
@@ -220,11 +219,12 @@ def _launch(setup, params, grads, state, signs, used):
     dg = [_to_device(g) for g in grads]
     ds = [[_to_device(q) for q in pairs] for pairs in state]
     sig = precision.signature(setup.rule, np.dtype(np.float32), _storages(setup.rule))
+    assert tuple(s.signed for s in sig.storages[2:]) == signs
     table = block_table(sig, [[p, None, *pairs] for p, pairs in zip(dp, ds)])
     table[:, 2] = [extent(g)[0] for g in dg]
     hyper = precision.cast(setup.rule, setup.scalars, np.dtype(np.float32))
     rule = rules.RULES[setup.rule]
-    cuda_blockwise.launch_blockwise(rule, setup.flags, signs, used, table, hyper)
+    cuda_blockwise.launch_blockwise(rule, setup.flags, sig, used, table, hyper)
     return [p.copy_to_host() for p in dp], [[_to_host(q) for q in pairs] for pairs in ds]
 
 
@@ -282,8 +282,6 @@ def _adam_on_device(change: str):
         m = Quantized(m.codes, cuda.to_device(np.zeros(lowprecision.n_blocks(n), np.float64)))
     elif change == "codes shape":
         m = Quantized(cuda.to_device(np.zeros(n - 1, np.uint8)), m.scales)
-    elif change == "bfloat16 params":
-        p, g = p.astype(ml_dtypes.bfloat16), g.astype(ml_dtypes.bfloat16)
     return cuda.to_device(p), cuda.to_device(g), m, v
 
 
@@ -302,7 +300,6 @@ def _host_copies(*arrays) -> list:
         ("pair on the host", TypeError, r"exp_avg of param is in host memory .* but param is"),
         ("scales dtype", TypeError, r"scales of exp_avg of param has dtype float64"),
         ("codes shape", ValueError, r"codes of exp_avg of param has shape \(4139,\)"),
-        ("bfloat16 params", (TypeError, ValueError), r"bfloat16"),
     ],
 )
 @runs_kernels
@@ -313,6 +310,46 @@ def test_bad_int8_state_on_cuda_is_refused_and_nothing_is_written(change, error,
         functional.adam(p, g, m, v, step=1, state_dtype="int8", backend="cuda")
     for a, b in zip(_host_copies(p, m, v), before):
         assert_same_bits(a, b)
+
+
+# -- bfloat16 parameters (uint16 device arrays of their patterns) -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "rounding"),
+    [("adam", "stochastic"), ("adam", "nearest"), ("adam", "kahan"), ("sgd", "kahan")],
+)
+@runs_kernels
+def test_bf16_params_match_the_reference(name, rounding):
+    """bfloat16 parameters and gradients with int8 state, bit for bit against the NumPy
+    reference of ``test_bf16_int8`` (every slot of Adam in use, with amsgrad; SGD's one slot,
+    set to the gradient on the first step): the parameter and its gradient are loaded through
+    the bfloat16 codec, and the parameter is stored as ``rounding`` says (stochastically with
+    its key and the element's index, to nearest, or with its Kahan compensation array)."""
+    from test_bf16_int8 import KAHAN, _fresh_state, _options, _problem, reference_steps
+
+    options = _options(name)
+    params, grads = _problem(4, shapes=((SIZES[0],), (SIZES[1],)), steps=2)
+    want_params, want_state = reference_steps(name, options, params, grads, rounding, seed=3)
+    device = [_to_device(p.view(np.uint16)) for p in params]
+    state = {
+        s: [_to_device(a.view(np.uint16) if s == KAHAN else a) for a in arrays]
+        for s, arrays in _fresh_state(name, options, params, rounding).items()
+    }
+    step_options = {k: v for k, v in options.items() if k in SPECS[name].step_options}
+    for step, gs in enumerate(grads, start=1):
+        quiet(functional.multi_tensor_step, name, device,
+              [_to_device(g.view(np.uint16)) for g in gs], state, step=step, backend="cuda",
+              state_dtype="int8", rounding=rounding, seed=3, **step_options)  # fmt: skip
+    for i, (d, w) in enumerate(zip(device, want_params)):
+        assert_same_bits(d.copy_to_host(), w.view(np.uint16), f"params[{i}]")
+    for s, arrays in want_state.items():
+        for i, w in enumerate(arrays):
+            got = _to_host(state[s][i])
+            _assert_same(got, w.view(np.uint16) if s == KAHAN else w, f"{s}[{i}]")
+    assert isinstance(want_state[next(iter(want_state))][0], Quantized)
+    moved = want_params[0].view(np.uint16) != params[0].view(np.uint16)
+    assert moved.mean() > 0.1  # the steps moved the parameters: the comparison means something
 
 
 # -- the cpu and numpy backends take plain (codes, scales) tuples too --------------------------

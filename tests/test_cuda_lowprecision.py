@@ -299,14 +299,9 @@ def test_bad_bf16_device_arrays_are_refused_and_nothing_is_written(ck, change, e
         assert_same_bits(a.copy_to_host(), b)
 
 
-def test_optimizer_classes_refuse_bf16_cuda_params_with_int8_state(ck):
-    """The NumPy classes run bfloat16 state and parameters on CUDA
-    (tests/test_cuda_classes_lowprecision.py), but not bfloat16 parameters with 8-bit state
-    (no CUDA kernel for the two together): refused at construction. Integer parameters stay
-    refused."""
-    bp = _adam_device()[0]
-    with pytest.raises(TypeError, match=r"params\[0\]: bfloat16 parameters with state_dtype="):
-        fastrms.Adam([bp], state_dtype="int8")
+def test_optimizer_classes_refuse_integer_cuda_params(ck):
+    """The NumPy classes take ``uint16`` CUDA arrays as bfloat16 patterns
+    (tests/test_cuda_classes_lowprecision.py); other integer parameters stay refused."""
     ip = _adam_device(p_dtype=np.int16)[0]
     with pytest.raises(TypeError, match="float32 or float64"):
         fastrms.Adam([ip])

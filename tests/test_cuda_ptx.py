@@ -141,31 +141,38 @@ def test_float_grouped_kernel_is_float32_with_no_local_memory():
 # -- the int8 blockwise kernel (kernels/cuda_blockwise.py) ---------------------------------------
 
 
-def _blockwise_ptx(name, options):
-    from fastrms import precision
+def _blockwise_ptx(name, options, rounding=None):
     from fastrms.kernels import cuda_blockwise
     from fastrms.lowprecision import MIN_8BIT_SIZE
     from fastrms.specs import SPECS
 
     setup = SPECS[name].setup(1, **options)
     storages = precision.slot_storages(setup.rule, precision.STORAGES["int8"], MIN_8BIT_SIZE)
-    signs = tuple(s.signed for s in storages)
+    param = np.dtype(np.float32) if rounding is None else BFLOAT16
+    sig = precision.signature(setup.rule, param, storages, rounding=rounding)
     used = tuple(s in setup.state for s in LAYOUTS[setup.rule].slots)
-    kernel = cuda_blockwise.block_kernel(rules.RULES[setup.rule], setup.flags, signs, used)
+    kernel = cuda_blockwise.block_kernel(rules.RULES[setup.rule], setup.flags, sig, used)
     hyper = types.UniTuple(types.float32, N_HYPER[setup.rule])
-    ptx, _ = cuda.compile_ptx(kernel.py_func, (types.int64[::1], types.int64, types.int64, hyper),
-                              cc=(9, 0))  # fmt: skip
+    args = (types.int64[::1], types.int64, types.int64, hyper)
+    if rounding == "stochastic":  # the key words
+        args += (types.int64[::1],)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, args, cc=(9, 0))
     return ptx
 
 
 @pytest.mark.parametrize(
-    ("name", "options"),
-    [("adam", {}), ("rmsprop", {"momentum": 0.9})],
-    ids=["adam", "rmsprop-momentum"],
+    ("name", "options", "rounding"),
+    [
+        ("adam", {}, None),
+        ("rmsprop", {"momentum": 0.9}, None),
+        ("adam", {}, "stochastic"),
+        ("adam", {}, "kahan"),
+    ],
+    ids=["adam", "rmsprop-momentum", "adam-bf16-stochastic", "adam-bf16-kahan"],
 )
-def test_int8_blockwise_kernel_compiles_to_float32_ptx(name, options):
+def test_int8_blockwise_kernel_compiles_to_float32_ptx(name, options, rounding):
     try:
-        ptx = _blockwise_ptx(name, options)
+        ptx = _blockwise_ptx(name, options, rounding)
     except Exception as exc:  # noqa: BLE001 - name what is missing instead of a traceback
         pytest.fail(f"cannot compile PTX here ({type(exc).__name__}: {exc}); "
                     "install the test extra, which brings NVRTC and NVVM")  # fmt: skip
@@ -175,3 +182,7 @@ def test_int8_blockwise_kernel_compiles_to_float32_ptx(name, options):
     assert re.search(r"\b(bar|barrier)\.sync\b", ptx), "no barrier"
     assert re.search(r"\bst(\.global)?\.u8\b", ptx), "no codes stored"
     assert re.search(r"\bst\.shared\.f32\b", ptx), "no shared scratch"
+    if rounding is not None:  # a bfloat16 parameter: loaded and stored as 16-bit patterns
+        assert re.search(r"\bld(\.global)?\.u16\b", ptx), "no 16-bit load"
+        assert re.search(r"\bst(\.global)?\.u16\b", ptx), "no 16-bit store"
+    assert not re.search(r"\b(ld|st)\.local\b", ptx), "local memory in the blockwise kernel"

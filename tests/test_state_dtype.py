@@ -352,25 +352,6 @@ def test_a_bf16_state_dict_entry_of_the_wrong_shape_is_refused():
     _unchanged(before, _snapshot(opt._params, opt.state))
 
 
-class _FakeCudaArray:
-    """Just enough of a CUDA array for fastrms to describe it (nothing runs on it)."""
-
-    def __init__(self, n: int, typestr: str) -> None:
-        self._host = np.zeros(n, np.dtype(typestr))
-        self.__cuda_array_interface__ = {
-            "shape": (n,), "typestr": typestr, "data": (self._host.ctypes.data, False),
-            "strides": None, "version": 3,
-        }  # fmt: skip
-
-
-def test_the_optimizer_classes_refuse_bf16_cuda_params_with_int8_state():
-    # The classes run bfloat16 and int8 state on CUDA (tests/test_cuda_classes_lowprecision.py),
-    # but not bfloat16 CUDA parameters (uint16 patterns) with int8 state: no kernel for both.
-    p = _FakeCudaArray(4, "<u2")
-    with pytest.raises(TypeError, match=r"params\[0\]: bfloat16 parameters with state_dtype="):
-        fastrms.Adam([p], state_dtype="int8")
-
-
 # -- the loop still vectorizes over the real codec -----------------------------------------------
 
 
