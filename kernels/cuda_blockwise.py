@@ -190,16 +190,16 @@ def kernel_source(signature, used: tuple) -> str:
     live = [s for s in range(n) if used[s]]
     codec = signature.storages[0].codec
     scales = signature.extra_word(2)
-    rows = [f"scratch[{s}]" for s in range(n)]
+    arrays = [f"scratch[{s}]" for s in range(n)]  # the rule's columns: param, grad, slots
     if codec is None:
         heads, store_param, kind = _FLOAT_HEADS, "", None
-        rows = ["pa", "ga", *rows]
+        arrays = ["pa", "ga", *arrays]
     else:
         kind = columns.KINDS.get(codec, "plain")
         heads = _BF16_HEADS.format(p=n, g=n + 1)
         heads += _PARAM_WORDS[kind].format(comp=signature.extra_word(0))
         store_param = " " * 16 + _PARAM_STORES[kind].format(p=n)
-        rows = [f"scratch[{n}]", f"scratch[{n + 1}]", *rows]
+        arrays = [f"scratch[{n}]", f"scratch[{n + 1}]", *arrays]
     return _SOURCE.format(
         codecs=", ".join(f"decode{s}, encode{s}" for s in range(n)),
         words=", words" if kind == "keyed" else "",
@@ -208,7 +208,7 @@ def kernel_source(signature, used: tuple) -> str:
         block=BLOCK,
         width=signature.table_width,
         heads=heads,
-        arrays=", ".join(rows) + ",",
+        arrays=", ".join(arrays) + ",",
         store_param=store_param,
         load="".join(_LOAD.format(s=s, codes=3 + s, scales=scales + s) for s in live),
         peak="".join(_PEAK.format(s=s) for s in live),

@@ -142,8 +142,7 @@ def test_extra_words_follow_the_addresses_in_the_arrays_order(rounding, state):
     assert bf16.extra_word(1) == bf16.extra_word(2) == 1 + n + param_words  # grad: no words
     slot_words = 3 if state == "int8" else 0
     assert bf16.table_width == bf16.extra_word(n) == 1 + n + param_words + slot_words
-    # The CUDA blockwise kernel's fixed layout (float32 parameters): 3 + 2n words, the scales
-    # from 3 + n on (kernels.cuda_blockwise.kernel_source).
+    # float32 parameters with int8 state: no extra word before the scales
     f32 = precision.signature("adam", np.dtype(np.float32), (s, u, u))
     assert (f32.table_width, f32.extra_word(2)) == (3 + 2 * 3, 3 + 3)
 
