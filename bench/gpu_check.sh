@@ -118,7 +118,7 @@ GPU_ARGS=(--out "$OUT" --repo "$REPO" "${SMOKE_FLAG[@]}")
 log "repo $REPO, out $OUT, python $PYTHON, smoke $SMOKE, total ${TOTAL_S}s"
 install
 
-phase versions 45 "${GPU[@]}" versions "${GPU_ARGS[@]}"
+phase versions 40 "${GPU[@]}" versions "${GPU_ARGS[@]}"
 
 if [ "$SMOKE" = 1 ]; then
     # The simulator runs the CUDA tests slowly (CI runs them); here: that they collect.
@@ -127,17 +127,17 @@ if [ "$SMOKE" = 1 ]; then
 else
     # Every test, failing or not (issue 21 asks what fails); a module that fails to import
     # costs its own tests, not the phase.
-    phase tests 140 "$PYTHON" -m pytest -q -m "cudasim or gpu" -p no:cacheprovider \
+    phase tests 110 "$PYTHON" -m pytest -q -m "cudasim or gpu" -p no:cacheprovider \
         --continue-on-collection-errors --rootdir "$REPO" -c "$REPO/pyproject.toml" \
         --junitxml "$OUT/tests.xml" "$REPO/tests"
 fi
 
-phase sweep 100 "$PYTHON" -m fastrms bench --algo rmsprop,adam,adagrad --sizes "$SIZES" \
+phase sweep 140 "$PYTHON" -m fastrms bench --algo rmsprop,adam,adagrad --sizes "$SIZES" \
     --backends cuda,torch-cuda-foreach,torch-cuda-fused --model none --repeat "$REPEAT" \
     --json "$OUT/sweep.json" "${ALLOW[@]}"
 
-phase models 80 "${GPU[@]}" models "${GPU_ARGS[@]}" --repeat "$REPEAT"
-phase precision 50 "${GPU[@]}" precision "${GPU_ARGS[@]}" --repeat "$REPEAT"
+phase models 75 "${GPU[@]}" models "${GPU_ARGS[@]}" --repeat "$REPEAT"
+phase precision 45 "${GPU[@]}" precision "${GPU_ARGS[@]}" --repeat "$REPEAT"
 phase torch-loop 40 "${GPU[@]}" torch-loop "${GPU_ARGS[@]}" --repeat "$REPEAT"
 
 # The summary: status, seconds and key figures per phase, printed last (the device tool's

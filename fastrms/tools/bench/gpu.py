@@ -58,7 +58,7 @@ from .variants import (
     simulated,
     torch_cuda_problem,
     torch_cuda_time,
-    torch_why_not,
+    torch_cuda_why_not,
 )
 
 PHASES = ("versions", "models", "precision", "torch-loop", "summary")
@@ -314,7 +314,7 @@ def _torch_cuda_model(mode: str) -> Callable[[cases.Algo, M.Tensors], Runner]:
 
 def torch_cuda_why_not_model(mode: str, algo: cases.Algo) -> str | None:
     """Why ``torch.optim`` cannot step ``algo`` in ``mode`` on CUDA here, or None."""
-    return torch_cuda_problem() or torch_why_not(mode)(algo)
+    return torch_cuda_why_not(mode)(algo)
 
 
 def _model_variants(algo: cases.Algo) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
@@ -542,6 +542,9 @@ def measure_precision_cuda(model: str, shapes: M.Shapes, repeat: int) -> dict:
             runner.step()  # the first step allocates the state
         except (TypeError, ValueError) as error:
             skipped[name] = f"{type(error).__name__}: {error}"
+            continue
+        except Exception as error:  # a failure on the device: reported, the rest still run
+            skipped[name] = "FAILED: " + _error(error)
             continue
         errors[name] = first_step_error(v, values, runner.result())
         runners[name] = runner
@@ -817,6 +820,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _error(error: BaseException) -> str:
+    """An exception and where it was raised, on a few lines (the log has the rest)."""
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    where = traceback.extract_tb(error.__traceback__)[-3:]
+    return (
+        f"{type(error).__name__}: {error} (at "
+        + "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in where)
+        + ")"
+    )
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.integer, np.floating)):
         return x.item()
@@ -831,7 +847,10 @@ def _run_models(args) -> dict:
     for model, algo in todo:
         shapes = SMOKE_SHAPES if args.smoke else M.MODELS[model]()
         print(f"models: {model} {algo}", file=sys.stderr, flush=True)
-        runs.append(measure_model_cuda(model, shapes, algo, 1 if args.smoke else args.repeat))
+        try:
+            runs.append(measure_model_cuda(model, shapes, algo, 1 if args.smoke else args.repeat))
+        except Exception as error:  # reported, and the next run still goes
+            runs.append({"model": model, "algo": algo, "error": _error(error)})
         args.save({"runs": runs})
     return {"runs": runs}
 

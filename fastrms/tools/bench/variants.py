@@ -228,13 +228,38 @@ def torch_cuda_problem() -> str | None:
 
 
 def torch_cuda_why_not(mode: str) -> Callable[[Algo], str | None]:
-    """As :func:`torch_why_not`, for torch.optim on CUDA tensors."""
+    """As :func:`torch_why_not`, for torch.optim on CUDA tensors: also one step of the
+    optimizer on a small CUDA tensor, since torch refuses some modes there (fused Adagrad is
+    CPU-only in some versions), and the reason is better reported than raised mid-sweep."""
     on_host = torch_why_not(mode)
 
     def why_not(algo: Algo) -> str | None:
-        return torch_cuda_problem() or on_host(algo)
+        return torch_cuda_problem() or on_host(algo) or _torch_cuda_probe(mode, algo)
 
     return why_not
+
+
+_probed: dict[tuple[str, str], str | None] = {}
+
+
+def _torch_cuda_probe(mode: str, algo: Algo) -> str | None:
+    key = (mode, algo.name)
+    if key not in _probed:
+        _probed[key] = _probe_torch_cuda(mode, algo)
+    return _probed[key]
+
+
+def _probe_torch_cuda(mode: str, algo: Algo) -> str | None:
+    torch = import_torch()
+    try:
+        p = torch.ones(64, device="cuda")
+        p.grad = torch.full_like(p, 0.5)
+        getattr(torch.optim, algo.torch_class)([p], **algo.options, **{mode: True}).step()
+        torch.cuda.synchronize()
+    except Exception as error:  # whatever torch raises, the sweep goes on without it
+        first = " ".join(str(error).split())[:200]
+        return f"torch {torch.__version__} {mode} {algo.torch_class} on CUDA: {first}"
+    return None
 
 
 def torch_cuda_time(step: Callable[[], None], k: int) -> float:
