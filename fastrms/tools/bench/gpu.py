@@ -363,9 +363,12 @@ def measure_model_cuda(model: str, shapes: M.Shapes, algo_name: str, repeat: int
     the step's bytes."""
     algo = cases.ALGOS[algo_name]
     size = M.model_size(shapes)
+    chosen, skipped = _model_variants(algo)
+    if not chosen:  # nothing to run here: no arrays, no reference
+        return {"model": model, "algo": algo_name, "tensors": len(shapes), "parameters": size,
+                "skipped": skipped}  # fmt: skip
     tensors = M.model_arrays(shapes)
     expected = M.model_reference(algo, tensors)
-    chosen, skipped = _model_variants(algo)
     checks, launches = {}, None
     for name, (_, build) in chosen.items():
         runner = build(algo, M.fresh_copies(tensors))
@@ -530,12 +533,14 @@ def measure_precision_cuda(model: str, shapes: M.Shapes, repeat: int) -> dict:
     torch's fused Adam on float32 and on bfloat16 CUDA tensors, its state's bytes per parameter
     and its first step's error (:func:`fastrms.tools.bench.precision.first_step_error`)."""
     size = M.model_size(shapes)
-    values = values_for(shapes)
     runners, errors, skipped = {}, {}, {}
     for name, v in CUDA_PRECISION_VARIANTS.items():
         why = v.why_not()
         if why:
             skipped[name] = why
+    values = values_for(shapes) if len(skipped) < len(CUDA_PRECISION_VARIANTS) else {}
+    for name, v in CUDA_PRECISION_VARIANTS.items():
+        if name in skipped:
             continue
         try:  # what fastrms does not support on CUDA yet, it refuses before writing anything
             runner = v.build(shapes, values)
