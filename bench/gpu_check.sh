@@ -107,7 +107,9 @@ phase() {
     [ "$left" -lt "$limit" ] && limit="$left"
     log "$name: start (limit ${limit}s)"
     local t0=$SECONDS rc=0
-    (cd "$RUNDIR" && timeout -k 5 "$limit" "$@") >>"$LOG" 2>&1 || rc=$?
+    # SIGINT first: pytest then still reports what ran (and writes its junit XML), and the
+    # Python phases have saved what they measured; SIGKILL 10 s later if that hangs too.
+    (cd "$RUNDIR" && timeout -s INT -k 10 "$limit" "$@") >>"$LOG" 2>&1 || rc=$?
     log "$name: exit $rc after $(( SECONDS - t0 ))s"
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - t0 ))" "$limit" >>"$STATUS"
 }
@@ -128,8 +130,11 @@ if [ "$SMOKE" = 1 ]; then
 else
     # Every test, failing or not (issue 21 asks what fails); a module that fails to import
     # costs its own tests, not the phase.
-    # (Not the smoke run of this script, which runs the simulator for a minute.)
-    phase tests 110 "$PYTHON" -m pytest -q -m "cudasim or gpu" -p no:cacheprovider \
+    # (Not the smoke run of this script, which runs the simulator for a minute.) One line per
+    # test in the log; with pytest-timeout (in the image), no test may hang the phase.
+    PER_TEST=()
+    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 60)
+    phase tests 110 "$PYTHON" -m pytest -v -m "cudasim or gpu" -p no:cacheprovider "${PER_TEST[@]}" \
         --continue-on-collection-errors --rootdir "$REPO" -c "$REPO/pyproject.toml" \
         -k "not test_smoke_run_writes_every_phase" \
         --junitxml "$OUT/tests.xml" "$REPO/tests"

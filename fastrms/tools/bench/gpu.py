@@ -626,6 +626,7 @@ def _statuses(path: Path | None) -> list[dict]:
         parts = line.split("\t")
         if len(parts) == 4:
             phase, rc, seconds, limit = parts
+            # timeout's 124 (137 after its SIGKILL); the script stops phases by SIGINT
             status = {"0": "ok", "124": "timed out", "137": "killed", "skip": "skipped"}
             rows.append({"phase": phase, "rc": rc, "status": status.get(rc, f"failed ({rc})"),
                          "seconds": float(seconds), "limit_s": int(limit)})  # fmt: skip
@@ -654,10 +655,12 @@ def key_figures(out: Path) -> dict[str, str]:
                 for r in precision["result"]["rows"]
                 if r["variant"].startswith("fastrms")
             )
-            or "no fastrms row"
+            or f"no fastrms row ({len(precision['result']['skipped'])} variants not run)"
         )
     loop = _load(out, "torch_loop.json")
-    if loop:
+    if loop and loop["result"].get("unavailable"):
+        figures["torch-loop"] = "not run: " + loop["result"]["unavailable"]
+    elif loop:
         figures["torch-loop"] = "; ".join(
             f"{r['model']} {r['algo']}: "
             + ", ".join(f"{v} {_fmt(x, '.2f', 'x')}" for v, x in r["x_fastrms"].items())
