@@ -144,9 +144,9 @@ phase sweep 140 "$PYTHON" -m fastrms bench --algo rmsprop,adam,adagrad --sizes "
     --backends cuda,torch-cuda-foreach,torch-cuda-fused --model none --repeat "$REPEAT" \
     --json "$OUT/sweep.json" "${ALLOW[@]}"
 
-phase models 75 "${GPU[@]}" models "${GPU_ARGS[@]}" --repeat "$REPEAT"
-phase precision 45 "${GPU[@]}" precision "${GPU_ARGS[@]}" --repeat "$REPEAT"
-phase torch-loop 40 "${GPU[@]}" torch-loop "${GPU_ARGS[@]}" --repeat "$REPEAT"
+phase models 70 "${GPU[@]}" models "${GPU_ARGS[@]}" --repeat "$REPEAT"
+phase precision 55 "${GPU[@]}" precision "${GPU_ARGS[@]}" --repeat "$REPEAT"
+phase torch-loop 35 "${GPU[@]}" torch-loop "${GPU_ARGS[@]}" --repeat "$REPEAT"
 
 # The summary: status, seconds and key figures per phase, printed last (the device tool's
 # reply carries the end of the output).
