@@ -240,3 +240,38 @@ def test_smoke_run_writes_every_phase(tmp_path):
     assert "launches/group 1" in summary["figures"]["models"]
     # The summary is the last thing printed (the device tool's reply carries the end).
     assert "GPU check summary (SIMULATOR: no figure is a timing)" in done.stdout
+
+
+# -- the summary -------------------------------------------------------------------------------
+
+
+def _cell(algo: str, n: int, variant: str, median_s: float, best_s: float) -> dict:
+    return {"algo": algo, "n": n, "variant": variant, "median_s": median_s, "best_s": best_s,
+            "gbps": 20 * n / (best_s if "ceiling" in variant else median_s) / 1e9}  # fmt: skip
+
+
+def test_summary_reads_the_sweep_at_its_largest_size():
+    cells = [
+        _cell("rmsprop", 10**6, "cuda", 1.0, 0.5),  # a smaller size: not the one reported
+        _cell("rmsprop", 10**8, "cuda", 2.0, 1.5),
+        _cell("rmsprop", 10**8, ceilings.COPY, 2.5, 1.8),
+        _cell("rmsprop", 10**8, "torch-cuda-foreach", 7.0, 6.0),
+    ]
+    (row,) = gpu.sweep_rows({"cells": cells})
+    assert row["n"] == 10**8
+    assert row["pct_copy"] == pytest.approx(1.8 / 2.0)  # the copy's best over our median
+    assert row["x_torch-cuda-foreach"] == pytest.approx(3.5)
+    assert row["x_torch-cuda-fused"] is None  # not measured: no figure
+    assert row["cuda_gbps"] == pytest.approx(20 * 10**8 / 2.0 / 1e9)
+
+
+def test_summary_reads_the_scripts_phase_log(tmp_path):
+    status = tmp_path / "status.tsv"
+    status.write_text("versions\t0\t12\t40\ntests\t124\t110\t110\nsweep\tskip\t0\t140\n")
+    rows = gpu._statuses(status)
+    assert [(r["phase"], r["status"]) for r in rows] == [
+        ("versions", "ok"), ("tests", "timed out"), ("sweep", "skipped")
+    ]  # fmt: skip
+    result = gpu.summary(tmp_path, status)
+    assert result["simulator"] is False and result["figures"]["tests"] == "no junit report"
+    assert "tests       timed out" in gpu.format_summary(result)
