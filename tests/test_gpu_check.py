@@ -220,7 +220,10 @@ def test_smoke_run_writes_every_phase(tmp_path):
         doc = docs[name + ".json"]
         assert doc["cuda_timing"] == "simulator" and doc["smoke"] and doc["complete"], name
     assert docs["versions.json"]["result"]["launch_counter"]["ok"] is True
-    assert docs["sweep.json"]["settings"]["cuda_timing"] == "simulator"
+    assert docs["sweep.json"]["cuda_timing"] == "simulator"
+    assert [s["algos"] for s in docs["sweep.json"]["settings"]] == [["rmsprop"], ["adam"],
+                                                                    ["adagrad"]]  # fmt: skip
+    assert all(s["cuda_timing"] == "simulator" for s in docs["sweep.json"]["settings"])
     sweep = {(c["algo"], c["variant"]) for c in docs["sweep.json"]["cells"]}
     for algo in ("rmsprop", "adam", "adagrad"):
         assert {(algo, "cuda"), (algo, "cuda-ceiling"), (algo, ceilings.COPY)} <= sweep
@@ -275,3 +278,19 @@ def test_summary_reads_the_scripts_phase_log(tmp_path):
     result = gpu.summary(tmp_path, status)
     assert result["simulator"] is False and result["figures"]["tests"] == "no junit report"
     assert "tests       timed out" in gpu.format_summary(result)
+
+
+def test_sweep_parts_merge_into_one_document(tmp_path):
+    for algo in ("adam", "rmsprop"):
+        part = {"schema": 3, "machine": {"cores": 16}, "settings": {"algos": [algo],
+                "cuda_timing": "device"}, "cells": [_cell(algo, 10, "cuda", 1.0, 1.0)],
+                "skipped": {"torch-cuda-fused": {"no fused RMSprop": [algo]}},
+                "targets": [{"algo": algo}]}  # fmt: skip
+        (tmp_path / f"sweep-{algo}.json").write_text(json.dumps(part))
+    (tmp_path / "sweep-adagrad.json").write_text('{"cells": [')  # cut short by a timeout
+    merged = gpu.merge_sweeps(sorted(tmp_path.glob("sweep-*.json")))
+    assert [c["algo"] for c in merged["cells"]] == ["adam", "rmsprop"]
+    assert merged["skipped"] == {"torch-cuda-fused": {"no fused RMSprop": ["adam", "rmsprop"]}}
+    assert merged["unreadable"] == ["sweep-adagrad.json"]
+    assert merged["cuda_timing"] == "device" and merged["machine"] == {"cores": 16}
+    assert len(merged["settings"]) == len(merged["targets"]) == 2

@@ -61,7 +61,7 @@ from .variants import (
     torch_cuda_why_not,
 )
 
-PHASES = ("versions", "models", "precision", "torch-loop", "summary")
+PHASES = ("versions", "models", "precision", "torch-loop", "merge-sweep", "summary")
 #: Every phase's JSON says which clock its CUDA figures are from.
 TIMING_KEY = "cuda_timing"
 
@@ -722,6 +722,30 @@ def sweep_rows(sweep: dict) -> list[dict]:
     return rows
 
 
+def merge_sweeps(paths: list[Path]) -> dict:
+    """One ``fastrms bench --json`` document from several (one per algorithm): their cells,
+    skipped variants and targets together, each part's settings in a list, the first's
+    machine; a part that is not valid JSON is named under ``"unreadable"``."""
+    merged: dict[str, Any] = {"machine": None, "settings": [], "cells": [], "skipped": {},
+                              "targets": [], "unreadable": []}  # fmt: skip
+    for path in paths:
+        try:
+            part = json.loads(path.read_text())
+        except (OSError, ValueError):
+            merged["unreadable"].append(path.name)
+            continue
+        merged["machine"] = merged["machine"] or part.get("machine")
+        merged["schema"] = part.get("schema")
+        merged["settings"].append(part.get("settings"))
+        merged["cells"] += part.get("cells", [])
+        merged["targets"] += part.get("targets", [])
+        for variant, reasons in part.get("skipped", {}).items():
+            for why, algos in reasons.items():
+                merged["skipped"].setdefault(variant, {}).setdefault(why, []).extend(algos)
+    merged[TIMING_KEY] = next((s.get(TIMING_KEY) for s in merged["settings"] if s), "unknown")
+    return merged
+
+
 def _sweep_figure(sweep: dict) -> str:
     parts = []
     for r in sweep_rows(sweep):
@@ -795,6 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_positive_int, default=5, help="timed repetitions")
     p.add_argument("--repo", default=".", help="the source tree (bench/ is read from it)")
     p.add_argument("--status", type=Path, help="summary: the script's phase log")
+    p.add_argument("--parts", type=Path, help="merge-sweep: the folder of sweep-*.json")
     return p
 
 
@@ -811,6 +836,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _SMOKE[0] = args.smoke
     allow_simulator(args.smoke)
+    if args.phase == "merge-sweep":
+        if args.parts is None or not args.parts.is_dir():
+            print(f"merge-sweep needs --parts, a folder (got {args.parts})", file=sys.stderr)
+            return 2
+        merged = merge_sweeps(sorted(args.parts.glob("sweep-*.json")))
+        (args.out / "sweep.json").write_text(json.dumps(merged, indent=1) + "\n")
+        print(f"merge-sweep: {len(merged['settings'])} parts", file=sys.stderr)
+        return 0
     if args.phase == "summary":
         result = summary(args.out, args.status)
         (args.out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
