@@ -32,7 +32,7 @@ for arg in "$@"; do
     case "$arg" in
         --smoke) SMOKE=1; INSTALL=0 ;;
         --no-install) INSTALL=0 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $arg (use --smoke, --no-install)" >&2; exit 2 ;;
     esac
 done

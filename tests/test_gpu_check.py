@@ -153,7 +153,7 @@ def test_copy_bytes_refuses_odd_or_empty(moved):
 
 def _simulate(code: str, timeout: int = 300) -> str:
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
