@@ -21,8 +21,9 @@
 # triples every limit.
 #
 # Environment: OUT (default: a new temporary folder), PYTHON (default python3), TOTAL_S,
-# SWEEP_SIZES (default 1e6,1e7,1e8). Options: --smoke; --no-install (use the fastrms that
-# PYTHON already imports).
+# SWEEP_SIZES (default 1e6,1e7,1e8), ONLY (phases to run, e.g. ONLY="sweep models" for a
+# second call with the minutes left; default all). Options: --smoke; --no-install (use the
+# fastrms that PYTHON already imports).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,7 +33,7 @@ for arg in "$@"; do
     case "$arg" in
         --smoke) SMOKE=1; INSTALL=0 ;;
         --no-install) INSTALL=0 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $arg (use --smoke, --no-install)" >&2; exit 2 ;;
     esac
 done
@@ -96,11 +97,17 @@ install() {
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 }
 
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 # phase NAME LIMIT_S COMMAND...: run COMMAND in $RUNDIR under timeout, log its output, record
 # its status; skip it when less than 10 s of the total is left.
 phase() {
     local name="$1" limit=$(( $2 * SCALE ))
     shift 2
+    if ! wanted "$name"; then
+        log "$name: not asked for (ONLY=$ONLY)"
+        return
+    fi
     local left=$(( TOTAL_S - ($(date +%s) - START) - 15 ))   # 15 s kept for the summary
     if [ "$left" -lt 10 ]; then
         log "$name: skipped, ${left}s left"
@@ -152,8 +159,8 @@ phase sweep 140 bash -c 'for algo in rmsprop adam adagrad; do
             --backends cuda,torch-cuda-foreach,torch-cuda-fused --json "$3/sweep-$algo.json" \
             ${4:+"$4"} || exit
     done' "$PYTHON" "$SIZES" "$REPEAT" "$PARTS" "${ALLOW[@]}"
-(cd "$RUNDIR" && timeout -k 5 30 "${GPU[@]}" merge-sweep "${GPU_ARGS[@]}" --parts "$PARTS") \
-    >>"$LOG" 2>&1
+wanted sweep && (cd "$RUNDIR" &&
+    timeout -k 5 30 "${GPU[@]}" merge-sweep "${GPU_ARGS[@]}" --parts "$PARTS") >>"$LOG" 2>&1
 
 phase models 70 "${GPU[@]}" models "${GPU_ARGS[@]}" --repeat "$REPEAT"
 phase precision 55 "${GPU[@]}" precision "${GPU_ARGS[@]}" --repeat "$REPEAT"
