@@ -204,7 +204,7 @@ def _smoke(tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
     return done, out
 
 
-@pytest.mark.slow  # about 70 s on 2 busy cores: not on CI's simulator line (see .ci/run)
+@pytest.mark.slow  # 75-200 s on 2 busy cores: in the main run, not on the simulator line
 @pytest.mark.cudasim
 def test_smoke_run_writes_every_phase(tmp_path):
     pytest.importorskip("numba.cuda")
