@@ -20,6 +20,10 @@ Variants (:data:`VARIANTS`): ``fastrms.torch`` optimizers (also on Numba's threa
 torch's), ``torch.optim``'s, and the floor (:class:`Floor`): torch's step wrapper around the
 bare kernel call, the least any ``torch.optim``-compatible step with fastrms's kernels costs.
 
+``device="cuda"`` (``--device cuda``) runs the loop on CUDA tensors instead, timing each step
+by CUDA events on torch's current stream (the step only queues work there); the floor
+variants are CPU-only.
+
 Example::
 
     from bench.torch_loop import step_times
@@ -114,12 +118,15 @@ class _MlpLoop:
     """One variant's model, optimizer and data. ``prepare()`` runs the forward and backward
     pass, ``opt.step()`` the step; ``run()`` is one training step, timing the step."""
 
-    def __init__(self, make: Callable, seed: int, sizes: tuple[int, ...]) -> None:
-        self.model = mlp(seed, sizes)
+    def __init__(
+        self, make: Callable, seed: int, sizes: tuple[int, ...], device: str = "cpu"
+    ) -> None:
+        self.model = mlp(seed, sizes).to(device)
         self.opt = make(list(self.model.parameters()))
         gen = torch.Generator().manual_seed(seed + 1)
-        self.x = torch.randn(BATCH, sizes[0], generator=gen)
-        self.y = torch.randint(0, sizes[-1], (BATCH,), generator=gen)
+        self.x = torch.randn(BATCH, sizes[0], generator=gen).to(device)
+        self.y = torch.randint(0, sizes[-1], (BATCH,), generator=gen).to(device)
+        self.device = device
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -132,31 +139,67 @@ class _MlpLoop:
 
     def run(self) -> float:
         self.prepare()
-        t0 = time.perf_counter()
-        self.opt.step()
-        return time.perf_counter() - t0
+        return timed_step(self.opt, self.device)
 
 
 class _ShapesLoop:
     """Parameters of the given shapes with fixed random gradients; ``run()`` times one step
     (``prepare()`` has nothing to do)."""
 
-    def __init__(self, make: Callable, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
+    def __init__(
+        self, make: Callable, shapes: dict[str, tuple[int, ...]], seed: int, device: str = "cpu"
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.params = []
         for shape in shapes.values():
-            p = torch.randn(shape, generator=gen).requires_grad_()
-            p.grad = torch.randn(shape, generator=gen)
+            p = torch.randn(shape, generator=gen).to(device).requires_grad_()
+            p.grad = torch.randn(shape, generator=gen).to(device)
             self.params.append(p)
         self.opt = make(self.params)
+        self.device = device
 
     def prepare(self) -> None:
         pass
 
     def run(self) -> float:
+        return timed_step(self.opt, self.device)
+
+
+def timed_step(opt: torch.optim.Optimizer, device: str) -> float:
+    """Seconds of one ``opt.step()``: by the host clock on the CPU; on CUDA by CUDA events on
+    torch's current stream, after the work queued before it (forward, backward) has run."""
+    if torch.device(device).type != "cuda":
         t0 = time.perf_counter()
-        self.opt.step()
+        opt.step()
         return time.perf_counter() - t0
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    opt.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def check_device(device: str, variants: Iterable[str] = ()) -> str:
+    """``device`` ("cpu" or "cuda", or "cuda:N") if this loop can run there, else ValueError
+    naming what is wrong: an unknown device, torch without CUDA, or a CPU-only variant."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r} ({error})") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: torch {torch.__version__} sees no CUDA device"
+                + ("" if torch.version.cuda else " (built without CUDA)")
+            )
+        host_only = [v for v in variants if isinstance(v, str) and v.startswith("floor-")]
+        if host_only:
+            raise ValueError(f"variants {host_only} run on the CPU only, not on {device!r}")
+    return device
 
 
 def mlp_sizes(model: str) -> tuple[int, ...] | None:
@@ -175,19 +218,20 @@ def mlp_sizes(model: str) -> tuple[int, ...] | None:
     return None
 
 
-def make_loop(model: str, variant: str | Callable, seed: int = 0):
+def make_loop(model: str, variant: str | Callable, seed: int = 0, device: str = "cpu"):
     """One training loop: ``model`` ("mlp", "mlp:W0-W1-...", "gpt2-tiny", "gpt2") stepped by
     ``variant`` (a name from :data:`VARIANTS`, or a function of the parameter list making an
-    optimizer). It has ``params``, ``opt``, ``prepare()`` and ``run()`` (which returns the
-    step's time)."""
+    optimizer), on ``device`` ("cpu" or "cuda"). It has ``params``, ``opt``, ``prepare()`` and
+    ``run()`` (which returns the step's time)."""
+    check_device(device, [variant])
     make = VARIANTS[variant] if isinstance(variant, str) else variant
     sizes = mlp_sizes(model)
     if sizes is not None:
-        return _MlpLoop(make, seed, sizes)
+        return _MlpLoop(make, seed, sizes, device)
     if model not in GPT2:
         raise ValueError(f"model must be 'mlp', 'mlp:W0-W1-...' or one of {list(GPT2)}, "
                          f"got {model!r}")  # fmt: skip
-    return _ShapesLoop(make, gpt2_shapes(**GPT2[model]), seed)
+    return _ShapesLoop(make, gpt2_shapes(**GPT2[model]), seed, device)
 
 
 def model_size(model: str) -> tuple[int, int]:
@@ -209,6 +253,7 @@ def step_times(
     warmup: int = 3,
     threads: int | None = None,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Median seconds of one ``opt.step()`` per variant, measured interleaved in this process.
 
@@ -220,6 +265,7 @@ def step_times(
         median is over all ``repeats * steps`` steps of a variant.
     warmup : untimed steps of each variant first (compilation, first-touch allocation).
     threads : torch's and Numba's thread count (default: Numba's, all cores).
+    device : "cpu" or "cuda" (CUDA tensors, each step timed by CUDA events).
     """
     import numba
 
@@ -227,8 +273,9 @@ def step_times(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    check_device(device, variants)
     with thread_count(threads or numba.config.NUMBA_NUM_THREADS):
-        loops = {v: make_loop(model, v, seed) for v in variants}
+        loops = {v: make_loop(model, v, seed, device) for v in variants}
         for loop in loops.values():
             for _ in range(warmup):
                 loop.run()
@@ -358,7 +405,14 @@ def main() -> None:  # pragma: no cover - a manual measurement
         help="time Adam on one parameter of N elements in each layout (LAYOUTS) instead",
     )
     parser.add_argument("--threads", type=int, help="with --layouts: the thread count")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda: where the model and its optimizer run"
+    )
     args = parser.parse_args()  # fmt: skip
+    try:
+        check_device(args.device, args.variants.split(","))
+    except ValueError as error:
+        parser.error(f"--device: {error}")
     if args.layouts:
         t = layout_times(args.layouts, repeats=args.repeats * args.steps, threads=args.threads)
         base = t["contiguous / fastrms"]
@@ -376,14 +430,14 @@ def main() -> None:  # pragma: no cover - a manual measurement
             _write_json(args, {"sweep": rows})
         return
     names = args.variants.split(",")
-    t = step_times(args.model, names, repeats=args.repeats, steps=args.steps)
+    t = step_times(args.model, names, repeats=args.repeats, steps=args.steps, device=args.device)
     tensors, size = model_size(args.model)
     print(f"{args.model}: {tensors} tensors, {size:,} parameters; median opt.step():")
     for v in names:
         print(f"  {v:30s} {t[v] * 1e6:10.1f} us   ({t[v] / t[names[0]]:.2f}x {names[0]})")
     if args.json:
         _write_json(args, {"model": args.model, "tensors": tensors, "parameters": size,
-                           "median_step_seconds": t})  # fmt: skip
+                           "device": args.device, "median_step_seconds": t})  # fmt: skip
 
 
 def _write_json(args, result: dict) -> None:  # pragma: no cover - a manual measurement

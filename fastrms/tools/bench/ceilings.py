@@ -121,3 +121,47 @@ def _cuda_pattern(reads: int, writes: int):
 def ceiling_for(variant: Variant, algo: Algo, arrays: Arrays) -> Runner:
     """The ceiling ``variant`` is measured against: host or device."""
     return cuda_ceiling(algo, arrays) if variant.device == "cuda" else ceiling(algo, arrays)
+
+
+#: The device-to-device copy, measured beside the CUDA variants: the card's plain bandwidth.
+COPY = "cuda-copy-ceiling"
+COPY_LABEL = "device-to-device copy (bytes read + written)"
+
+
+def copy_bytes(moved: int) -> int:
+    """Bytes a copy must copy to move ``moved`` bytes in all: each byte copied is read once
+    and written once, so half (``moved`` must be even)."""
+    if moved < 2 or moved % 2:
+        raise ValueError(f"a copy moves an even number of bytes >= 2, got {moved}")
+    return moved // 2
+
+
+def cuda_copy_ceiling(moved: int) -> Runner:
+    """A device-to-device copy (``cuMemcpyDtoD``, numba-cuda's ``copy_to_device`` between
+    device arrays) that moves ``moved`` bytes, read plus written, timed by CUDA events.
+
+    Given a step's bytes (bytes per element x n), its time is the time the card's copy engine
+    path takes to move as many bytes: the plain bandwidth the issue's ">= 90% of device-to-
+    device bandwidth" target is against. The buffers hold arbitrary bytes, not zeros (a copy's
+    speed does not depend on them, but nothing here is timed on zeros)."""
+    import numpy as np
+    from numba import cuda
+
+    count = copy_bytes(moved)
+    pattern = np.frombuffer(np.random.default_rng(0).bytes(min(count, 1 << 20)), np.uint8)
+    src = cuda.to_device(np.resize(pattern, count))
+    dst = cuda.device_array(count, np.uint8)
+
+    def launch() -> None:
+        dst.copy_to_device(src)
+
+    def step() -> None:
+        launch()
+        cuda.synchronize()
+
+    return Runner(
+        step,
+        lambda: {"copy": dst.copy_to_host()},
+        timer=functools.partial(cuda_time, launch),
+        keep=(src, dst),
+    )

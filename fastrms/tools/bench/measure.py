@@ -23,7 +23,15 @@ import numpy as np
 
 from . import cases, ceilings
 from . import models as M
-from .variants import TORCH_VARIANTS, VARIANTS, Runner, Variant, WrongResult, build_checked
+from .variants import (
+    TORCH_CUDA_VARIANTS,
+    TORCH_VARIANTS,
+    VARIANTS,
+    Runner,
+    Variant,
+    WrongResult,
+    build_checked,
+)
 
 #: Target duration of one timing sample; small steps are repeated within a sample to reach it.
 SAMPLE_S = 2e-3
@@ -78,6 +86,8 @@ def warm_up(algos: tuple[str, ...], variants: tuple[str, ...], threads: int) -> 
             start = cases.make_arrays(algo, n)
             expected = cases.reference_result(algo, start)
             for v in _available(algo, variants, {}):
+                if v.device == "cuda" and n > 64:
+                    continue  # CUDA has no serial/parallel switch: one small step compiles it
                 build_checked(v, algo, cases.copy_arrays(start), expected, threads)
                 ceilings.ceiling_for(v, algo, start).step()
     return time.perf_counter() - t0
@@ -138,6 +148,11 @@ def measure_group(
             ceilings.cuda_ceiling(algo, start),
             "n/a",
         )
+        runners[ceilings.COPY] = (
+            ceilings.COPY_LABEL,
+            ceilings.cuda_copy_ceiling(algo.bytes_per_element() * n),
+            "n/a",
+        )
     times = _interleave({k: r for k, (_, r, _) in runners.items()}, repeat)
     cells = [
         Cell(algo.name, n, k, label, bpe, inner, ts, check=status)
@@ -183,9 +198,12 @@ def summarize(
         q1, q3 = np.percentile(c.times_s, [25, 75])
         c.spread = float((q3 - q1) / c.median_s)
         c.gbps = c.bytes_per_element * c.n / (c.best_s if is_ceiling(c) else c.median_s) / 1e9
-    torch = [by_name[t] for t in TORCH_VARIANTS if t in by_name]
-    fastest_torch = min(torch, key=lambda c: c.median_s) if torch else None
+    fastest = {}
+    for device, names in (("host", TORCH_VARIANTS), ("cuda", TORCH_CUDA_VARIANTS)):
+        torch = [by_name[t] for t in names if t in by_name]
+        fastest[device] = min(torch, key=lambda c: c.median_s) if torch else None
     for c in cells:
+        fastest_torch = fastest["cuda" if devices.get(c.variant) == "cuda" else "host"]
         ceiling_name = "cuda-ceiling" if devices.get(c.variant) == "cuda" else ceiling
         ceil = by_name.get(ceiling_name)
         if ceil is not None and not is_ceiling(c):

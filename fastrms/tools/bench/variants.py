@@ -103,6 +103,7 @@ class Variant:
     exact: bool = False
     device: str = "host"  # which ceiling it is measured against
     why_not: Callable[[Algo], str | None] = field(default=lambda algo: None)
+    default: bool = True  # timed by ``fastrms bench`` when no --backends is given
 
     def title(self, threads: int | None = None) -> str:
         """The label, with the thread count where it has one ("all threads" if None)."""
@@ -191,10 +192,116 @@ def _torch_build(mode: str):
     return build
 
 
+#: Whether the CUDA variants may run under Numba's simulator (``fastrms bench
+#: --allow-simulator``, the GPU check's smoke run): only to exercise the plumbing, as the
+#: simulator's times are not timings of anything. Set it with :func:`allow_simulator`.
+_SIMULATOR_ALLOWED = False
+
+
+def allow_simulator(allowed: bool = True) -> None:
+    """Let (or stop letting) the CUDA variants run under Numba's CUDA simulator."""
+    global _SIMULATOR_ALLOWED
+    _SIMULATOR_ALLOWED = allowed
+
+
+def simulated() -> bool:
+    """Whether CUDA variants here run under the simulator (their figures are no timings)."""
+    return dispatch._is_simulator()
+
+
 def _cuda_why_not(algo: Algo) -> str | None:
-    if dispatch._is_simulator():
+    if simulated() and not _SIMULATOR_ALLOWED:
         return "the CUDA simulator is not benchmarked (NUMBA_ENABLE_CUDASIM=1)"
     return _backend_problem("cuda")
+
+
+def torch_cuda_problem() -> str | None:
+    """Why torch cannot run on a CUDA device here (on one line), or None if it can."""
+    torch = import_torch()
+    if torch is None:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        built = torch.version.cuda
+        how = f"built for CUDA {built}" if built else "built without CUDA"
+        return f"torch {torch.__version__} ({how}) sees no CUDA device"
+    return None
+
+
+def torch_cuda_why_not(mode: str) -> Callable[[Algo], str | None]:
+    """As :func:`torch_why_not`, for torch.optim on CUDA tensors: also one step of the
+    optimizer on a small CUDA tensor, since torch refuses some modes there (fused Adagrad is
+    CPU-only in some versions), and the reason is better reported than raised mid-sweep."""
+    on_host = torch_why_not(mode)
+
+    def why_not(algo: Algo) -> str | None:
+        return torch_cuda_problem() or on_host(algo) or _torch_cuda_probe(mode, algo)
+
+    return why_not
+
+
+_probed: dict[tuple[str, str], str | None] = {}
+
+
+def _torch_cuda_probe(mode: str, algo: Algo) -> str | None:
+    key = (mode, algo.name)
+    if key not in _probed:
+        _probed[key] = _probe_torch_cuda(mode, algo)
+    return _probed[key]
+
+
+def _probe_torch_cuda(mode: str, algo: Algo) -> str | None:
+    torch = import_torch()
+    try:
+        p = torch.ones(64, device="cuda")
+        p.grad = torch.full_like(p, 0.5)
+        getattr(torch.optim, algo.torch_class)([p], **algo.options, **{mode: True}).step()
+        torch.cuda.synchronize()
+    except Exception as error:  # whatever torch raises, the sweep goes on without it
+        first = " ".join(str(error).split())[:200]
+        return f"torch {torch.__version__} {mode} {algo.torch_class} on CUDA: {first}"
+    return None
+
+
+def torch_cuda_time(step: Callable[[], None], k: int) -> float:
+    """Seconds for ``k`` calls of ``step`` by torch's CUDA events on its current stream."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(k):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def _torch_cuda_build(mode: str):
+    """torch.optim on CUDA copies of ``arrays`` (timed by CUDA events)."""
+
+    def build(algo: Algo, arrays: Arrays, threads: int) -> Runner:
+        torch = import_torch()
+        device = {k: torch.from_numpy(a).to("cuda") for k, a in arrays.items()}
+        p = device["param"]
+        p.grad = device["grad"]
+        opt = getattr(torch.optim, algo.torch_class)([p], **algo.options, **{mode: True})
+        state = {TORCH_STATE.get(s, s): device[s] for s in algo.state}
+        if algo.torch_class != "SGD":
+            # fused steps keep the count on the parameter's device; foreach on the host.
+            where = p.device if mode == "fused" else "cpu"
+            state["step"] = torch.tensor(float(STEP - 1), dtype=torch.float32, device=where)
+        opt.state[p] = state
+
+        def step() -> None:
+            opt.step()
+            torch.cuda.synchronize()
+
+        def result() -> Arrays:
+            return {k: t.cpu().numpy() for k, t in device.items()}
+
+        timer = functools.partial(torch_cuda_time, opt.step)
+        return Runner(step, result, timer=timer, keep=(opt, device))
+
+    return build
 
 
 def _cuda_build(algo: Algo, arrays: Arrays, threads: int) -> Runner:
@@ -216,9 +323,19 @@ def _cuda_build(algo: Algo, arrays: Arrays, threads: int) -> Runner:
 
 
 def cuda_time(launch: Callable[[], None], k: int) -> float:
-    """Seconds for ``k`` launches by CUDA events (the host does not wait between them)."""
+    """Seconds for ``k`` launches by CUDA events (the host does not wait between them).
+
+    Under the simulator (where events measure nothing) by the host clock: the launches run
+    there before they return."""
     from numba import cuda
 
+    if simulated():
+        from time import perf_counter
+
+        t0 = perf_counter()
+        for _ in range(k):
+            launch()
+        return perf_counter() - t0
     start, end = cuda.event(), cuda.event()
     start.record()
     for _ in range(k):
@@ -257,10 +374,31 @@ VARIANTS: dict[str, Variant] = {
             "torch-fused", "torch fused", _torch_build("fused"), why_not=torch_why_not("fused")
         ),
         Variant("cuda", "fastrms cuda", _cuda_build, device="cuda", why_not=_cuda_why_not),
+        Variant(
+            "torch-cuda-foreach",
+            "torch foreach, CUDA",
+            _torch_cuda_build("foreach"),
+            device="cuda",
+            why_not=torch_cuda_why_not("foreach"),
+            default=False,
+        ),
+        Variant(
+            "torch-cuda-fused",
+            "torch fused, CUDA",
+            _torch_cuda_build("fused"),
+            device="cuda",
+            why_not=torch_cuda_why_not("fused"),
+            default=False,
+        ),
     )
 }
+#: The variants ``fastrms bench`` times when no --backends is given (the CUDA torch ones
+#: only on request: the GPU check names them).
+DEFAULT_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.default)
 
+#: The torch variants a cell's "x torch" compares with, by the device the cell ran on.
 TORCH_VARIANTS = ("torch-foreach", "torch-fused")
+TORCH_CUDA_VARIANTS = ("torch-cuda-foreach", "torch-cuda-fused")
 
 
 def is_exact(variant: Variant) -> bool:
