@@ -39,6 +39,8 @@ for arg in "$@"; do
 done
 
 PYTHON="${PYTHON:-python3}"
+# The phases run in a folder of their own: a relative path to the interpreter must be made whole.
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac
 # The simulator's speed is not the point of a smoke run: it gets three times the limits.
 if [ "$SMOKE" = 1 ]; then SCALE=3; else SCALE=1; fi
 TOTAL_S="${TOTAL_S:-$(( 450 * SCALE ))}"
@@ -172,4 +174,7 @@ phase torch-loop 35 "${GPU[@]}" torch-loop "${GPU_ARGS[@]}" --repeat "$REPEAT"
     2>>"$LOG" | tee -a "$LOG"
 log "done in $(( $(date +%s) - START ))s; files in $OUT:"
 ls -l "$OUT" | tee -a "$LOG" >&2
+# Exit 1 if a phase failed or was stopped (the summary above says which), 0 if all ran.
+failed=$(awk -F'\t' '$2 != "0" && $2 != "skip"' "$STATUS" | wc -l)
 rm -rf "$WORK"
+[ "$failed" -eq 0 ]

@@ -20,6 +20,8 @@ import pytest
 
 from fastrms.cli import build_parser
 from fastrms.tools.bench import cases, ceilings, command, gpu, variants
+from fastrms.tools.bench import gpu_summary as summary_
+from fastrms.tools.bench import gpu_workloads as workloads
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
@@ -101,10 +103,10 @@ def test_torch_cuda_variants_say_why_not_without_cuda():
     for name in variants.TORCH_CUDA_VARIANTS:
         why = variants.VARIANTS[name].unavailable(algo)
         assert why is not None and "sees no CUDA device" in why and torch.__version__ in why
-    assert "sees no CUDA device" in gpu.torch_cuda_why_not_model("fused", algo)
-    chosen, skipped = gpu._model_variants(algo)
-    assert not set(chosen) & set(gpu.TORCH_CUDA_MODES)
-    assert set(gpu.TORCH_CUDA_MODES) <= set(skipped)
+    assert "sees no CUDA device" in workloads.torch_cuda_why_not_model("fused", algo)
+    chosen, skipped = workloads._model_variants(algo)
+    assert not set(chosen) & set(workloads.TORCH_CUDA_MODES)
+    assert set(workloads.TORCH_CUDA_MODES) <= set(skipped)
 
 
 @pytest.mark.skipif(_torch_has_cuda(), reason="torch sees a CUDA device here")
@@ -123,9 +125,9 @@ def test_torch_loop_refuses_cuda_without_it():
 
 
 def test_precision_variants_on_cuda_cover_what_cuda_supports():
-    names = set(gpu.CUDA_PRECISION_VARIANTS)
+    names = set(workloads.CUDA_PRECISION_VARIANTS)
     assert {"fastrms-f32-bf16state", "fastrms-f32-int8state", "fastrms-bf16-bf16state"} <= names
-    assert set(gpu.PRECISION_BASELINES.values()) <= names
+    assert set(workloads.PRECISION_BASELINES.values()) <= names
 
 
 # -- the copy ceiling's bytes ------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_launch_counter_and_copy_ceiling_in_the_simulator():
         from numba import cuda
         import fastrms
         from fastrms import functional
-        from fastrms.tools.bench import ceilings, gpu
+        from fastrms.tools.bench import ceilings, gpu_device as gpu
         probe = gpu.probe_launches(5)
         assert probe == dict(probe, launched=5, counted=5, ran=True, ok=True), probe
         rng = np.random.default_rng(0)
@@ -260,7 +262,7 @@ def test_summary_reads_the_sweep_at_its_largest_size():
         _cell("rmsprop", 10**8, ceilings.COPY, 2.5, 1.8),
         _cell("rmsprop", 10**8, "torch-cuda-foreach", 7.0, 6.0),
     ]
-    (row,) = gpu.sweep_rows({"cells": cells})
+    (row,) = summary_.sweep_rows({"cells": cells})
     assert row["n"] == 10**8
     assert row["pct_copy"] == pytest.approx(1.8 / 2.0)  # the copy's best over our median
     assert row["x_torch-cuda-foreach"] == pytest.approx(3.5)
@@ -271,13 +273,13 @@ def test_summary_reads_the_sweep_at_its_largest_size():
 def test_summary_reads_the_scripts_phase_log(tmp_path):
     status = tmp_path / "status.tsv"
     status.write_text("versions\t0\t12\t40\ntests\t124\t110\t110\nsweep\tskip\t0\t140\n")
-    rows = gpu._statuses(status)
+    rows = summary_._statuses(status)
     assert [(r["phase"], r["status"]) for r in rows] == [
         ("versions", "ok"), ("tests", "timed out"), ("sweep", "skipped")
     ]  # fmt: skip
-    result = gpu.summary(tmp_path, status)
+    result = summary_.summary(tmp_path, status)
     assert result["simulator"] is False and result["figures"]["tests"] == "no junit report"
-    assert "tests       timed out" in gpu.format_summary(result)
+    assert "tests       timed out" in summary_.format_summary(result)
 
 
 def test_sweep_parts_merge_into_one_document(tmp_path):
@@ -288,7 +290,7 @@ def test_sweep_parts_merge_into_one_document(tmp_path):
                 "targets": [{"algo": algo}]}  # fmt: skip
         (tmp_path / f"sweep-{algo}.json").write_text(json.dumps(part))
     (tmp_path / "sweep-adagrad.json").write_text('{"cells": [')  # cut short by a timeout
-    merged = gpu.merge_sweeps(sorted(tmp_path.glob("sweep-*.json")))
+    merged = summary_.merge_sweeps(sorted(tmp_path.glob("sweep-*.json")))
     assert [c["algo"] for c in merged["cells"]] == ["adam", "rmsprop"]
     assert merged["skipped"] == {"torch-cuda-fused": {"no fused RMSprop": ["adam", "rmsprop"]}}
     assert merged["unreadable"] == ["sweep-adagrad.json"]
