@@ -352,6 +352,59 @@ def test_bf16_params_match_the_reference(name, rounding):
     assert moved.mean() > 0.1  # the steps moved the parameters: the comparison means something
 
 
+@pytest.mark.parametrize("change", ["scales on the host", "scales dtype", "float32 grad"])
+@runs_kernels
+def test_a_bad_call_after_good_bf16_int8_steps_writes_nothing(change):
+    """After a good step of bfloat16 parameters with int8 state, a call whose last parameter
+    brings a bad array is refused (before any kernel runs), and the next good step gives the
+    bits of a twin that never saw the bad call."""
+    from test_bf16_int8 import _fresh_state, _problem
+
+    params, grads = _problem(6, shapes=((SIZES[0],), (SIZES[0],)), steps=2)
+    twins = []
+    for _ in range(2):
+        device = [_to_device(p.view(np.uint16)) for p in params]
+        fresh = _fresh_state("adam", {}, params, "stochastic")
+        state = {s: [_to_device(a) for a in arrays] for s, arrays in fresh.items()}
+        twins.append((device, state))
+
+    def step(twin, gs, step):
+        device, state = twin
+        quiet(functional.multi_tensor_step, "adam", device, gs, state, step=step,
+              state_dtype="int8", seed=1)  # fmt: skip
+
+    def host(twin):
+        device, state = twin
+        return [d.copy_to_host() for d in device] + [
+            x for arrays in state.values() for a in arrays for x in _to_host(a)
+        ]
+
+    first = [_to_device(g.view(np.uint16)) for g in grads[0]]
+    for twin in twins:
+        step(twin, first, 1)
+    before = host(twins[1])
+    bad_state = twins[1][1]
+    good_exp_avg = bad_state["exp_avg"][-1]
+    bad_grads = list(first)
+    if change == "scales on the host":
+        bad_state["exp_avg"][-1] = Quantized(good_exp_avg.codes, _to_host(good_exp_avg).scales)
+    elif change == "scales dtype":
+        wide = _cuda().to_device(_to_host(good_exp_avg).scales.astype(np.float64))
+        bad_state["exp_avg"][-1] = Quantized(good_exp_avg.codes, wide)
+    else:
+        bad_grads[-1] = _to_device(grads[1][-1].astype(np.float32))
+    with pytest.raises((TypeError, ValueError), match=r"params\[1\]|exp_avg of params\[1\]"):
+        step(twins[1], bad_grads, 2)
+    bad_state["exp_avg"][-1] = good_exp_avg
+    for a, b in zip(host(twins[1]), before):
+        assert_same_bits(a, b, "written by the refused call")
+    second = [_to_device(g.view(np.uint16)) for g in grads[1]]
+    for twin in twins:
+        step(twin, second, 2)
+    for a, b in zip(host(twins[1]), host(twins[0])):
+        assert_same_bits(a, b, "after the refusal")
+
+
 # -- the cpu and numpy backends take plain (codes, scales) tuples too --------------------------
 
 
