@@ -43,6 +43,7 @@ import numpy as np
 
 from . import gpu_workloads
 from . import models as M
+from .command import _positive_int
 from .gpu_device import versions
 from .gpu_summary import TIMING_KEY, format_summary, merge_sweeps, summary
 from .gpu_workloads import (
@@ -63,16 +64,6 @@ from .variants import (
 PHASES = ("versions", "models", "precision", "torch-loop", "merge-sweep", "summary")
 
 # -- the command line ---------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return k
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,18 +134,6 @@ def _cuda_problem() -> str | None:
 _SMOKE = [False]
 
 
-def _check_model(result: M.Tensors, expected: M.Tensors, exact: bool) -> str | None:
-    from .variants import check
-
-    for name, want in expected.items():
-        flat = {k: a.reshape(-1) for k, a in want.items()}
-        got = {k: a.reshape(-1) for k, a in result[name].items()}
-        problem = check(got, flat, exact)
-        if problem:
-            return f"tensor {name}: {problem}"
-    return None
-
-
 def measure_model_cuda(model: str, shapes: M.Shapes, algo_name: str, repeat: int) -> dict:
     """One step of ``algo_name`` over ``shapes`` on CUDA: each variant checked against the NumPy
     reference after one step from zero state, fastrms's launches counted over a step, then all
@@ -164,10 +152,10 @@ def measure_model_cuda(model: str, shapes: M.Shapes, algo_name: str, repeat: int
         runner = build(algo, M.fresh_copies(tensors))
         runner.step()
         result = runner.result()
-        problem = _check_model(result, expected, exact=False)
+        problem = M.check_tensors(result, expected, exact=False)
         checks[name] = {"within_tolerance": problem is None, "problem": problem}
         if name == FASTRMS_CUDA:
-            exact = _check_model(result, expected, exact=True)
+            exact = M.check_tensors(result, expected, exact=True)
             checks[name]["bit_exact_with_numpy"] = exact is None
             checks[name]["first_difference"] = exact
             launches = count_step_launches(runner, tensors)

@@ -259,7 +259,12 @@ def model_ceiling(algo: cases.Algo, tensors: Tensors, flat: bool = False) -> Run
 def model_check(variant: ModelVariant, result: Tensors, expected: Tensors) -> str | None:
     """As :func:`fastrms.tools.bench.variants.check`, tensor by tensor; names the first that
     differs."""
-    exact = variant.exact and not fastmath()
+    return check_tensors(result, expected, variant.exact and not fastmath())
+
+
+def check_tensors(result: Tensors, expected: Tensors, exact: bool) -> str | None:
+    """:func:`fastrms.tools.bench.variants.check` of each tensor's arrays (bit for bit if
+    ``exact``); None when all agree, else where the first tensor differs."""
     for name, want in expected.items():
         flat = {k: a.reshape(-1) for k, a in want.items()}
         got = {k: a.reshape(-1) for k, a in result[name].items()}
