@@ -43,7 +43,7 @@ import torch
 
 import fastrms.torch as ft
 from fastrms.tools.bench.models import gpt2_shapes
-from fastrms.tools.bench.variants import thread_count
+from fastrms.tools.bench.variants import thread_count, torch_cuda_time
 
 
 class Floor(torch.optim.Optimizer):
@@ -173,12 +173,7 @@ def timed_step(opt: torch.optim.Optimizer, device: str) -> float:
         opt.step()
         return time.perf_counter() - t0
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    opt.step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+    return torch_cuda_time(opt.step, 1)
 
 
 def check_device(device: str, variants: Iterable[str] = ()) -> str:

@@ -267,6 +267,12 @@ def torch_cuda_time(step: Callable[[], None], k: int) -> float:
     import torch
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    return events_time(start, end, step, k)
+
+
+def events_time(start, end, step: Callable[[], None], k: int) -> float:
+    """Seconds for ``k`` calls of ``step`` between the CUDA events ``start`` and ``end``
+    (numba-cuda's or torch's: both record, synchronize and give the elapsed milliseconds)."""
     start.record()
     for _ in range(k):
         step()
@@ -336,13 +342,7 @@ def cuda_time(launch: Callable[[], None], k: int) -> float:
         for _ in range(k):
             launch()
         return perf_counter() - t0
-    start, end = cuda.event(), cuda.event()
-    start.record()
-    for _ in range(k):
-        launch()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
+    return events_time(cuda.event(), cuda.event(), launch, k)
 
 
 def fastmath() -> bool:
