@@ -102,11 +102,6 @@ def _torch_cuda_model(mode: str) -> Callable[[cases.Algo, M.Tensors], Runner]:
     return build
 
 
-def torch_cuda_why_not_model(mode: str, algo: cases.Algo) -> str | None:
-    """Why ``torch.optim`` cannot step ``algo`` in ``mode`` on CUDA here, or None."""
-    return torch_cuda_why_not(mode)(algo)
-
-
 def _model_variants(algo: cases.Algo) -> tuple[dict[str, tuple[str, Callable]], dict[str, str]]:
     """``({name: (label, build)}, {name: why not})`` of the models phase for ``algo``."""
     chosen, skipped = {}, {}
@@ -116,7 +111,7 @@ def _model_variants(algo: cases.Algo) -> tuple[dict[str, tuple[str, Callable]], 
     else:
         chosen[FASTRMS_CUDA] = ("fastrms cuda (grouped launch)", _fastrms_cuda_model)
     for name, mode in TORCH_CUDA_MODES.items():
-        why = torch_cuda_why_not_model(mode, algo)
+        why = torch_cuda_why_not(mode)(algo)
         if why:
             skipped[name] = why
         else:
