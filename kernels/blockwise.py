@@ -17,10 +17,10 @@ Per block of 256 elements, the kernels here:
 2. find each slot's new absmax in the scratch block (an integer max over the float patterns);
 3. encode the scratch block back into codes and write the scale.
 
-The scratch is one array of ``slots * 256`` float32 per part of the work (a few per thread),
-so nothing is proportional to ``n``; each block is in L1 between the passes, so memory is read
-and written once. Work splits fall on multiples of 256 within each array (the last block of an
-array may be short).
+The scratch, ``slots * 256`` float32, is on the stack of the function that steps a piece
+(:func:`stack_scratch`), so nothing is proportional to ``n``; each block is in L1 between the
+passes, so memory is read and written once. Work splits fall on multiples of 256 within each
+array (the last block of an array may be short).
 
 Encoding is the nearest code by integer arithmetic on the float32 pattern: rounding the
 pattern to 3 mantissa bits is rounding the value to the map's nearest (a binade's carry moves
@@ -156,7 +156,9 @@ def absmax(values, k):
     return m
 
 
-@register_jitable
+# Inlined, so that each slot's loops are compiled for its own map, and no call per block and
+# slot spills and reloads the rule's vector constants.
+@register_jitable(inline="always")
 def quantize_block(scratch, codes, k, signed):
     """Encode ``scratch[:k]`` into ``codes[:k]``; return the block's scale (its absmax; 0 for a
     block of zeros or subnormals, NaN for one holding NaN or Inf, both with zero codes:
@@ -271,8 +273,10 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
     makes them (plain arrays, or codec columns: a bfloat16 parameter's, keyed or paired by
     the row's extra word after the codes' addresses, :func:`~fastrms.kernels.pointers.
     codec_extra`), then a :class:`BlockColumn` per slot over its codes, its block's scale and
-    its part of ``scratch`` (the address of ``BLOCK`` float32 per slot)."""
+    its part of ``scratch`` (``BLOCK`` float32 per slot, :func:`stack_scratch`)."""
     if not isinstance(likes, types.BaseTuple) or len(likes) < 2:
+        return None
+    if not isinstance(scratch, types.Array) or scratch.dtype != types.float32:
         return None
     heads = [_column_type(like) for like in likes[:2]]
     slots = list(likes[2:])
@@ -284,6 +288,7 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
 
     def codegen(context, builder, signature, args):
         entry, start, size, block, scratch, _ = args
+        scratch_data = make_array(signature.args[4])(context, builder, scratch).data
         word = ir.IntType(64)
         base = builder.inttoptr(entry, word.as_pointer())
 
@@ -314,8 +319,7 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
         for s, column_type in enumerate(column_types[2:]):
             codes = builder.gep(builder.inttoptr(word_at(2 + s), ir.IntType(8).as_pointer()),
                                 [start])  # fmt: skip
-            at = builder.add(scratch, ir.Constant(word, 4 * BLOCK * s))
-            out = builder.inttoptr(at, f32.as_pointer())
+            out = builder.gep(scratch_data, [ir.Constant(word, BLOCK * s)])
             scale_at = builder.gep(builder.inttoptr(word_at(extra_word + s), f32.as_pointer()),
                                    [block])  # fmt: skip
             proxy = cgutils.create_struct_proxy(column_type)(context, builder)
@@ -325,8 +329,32 @@ def block_columns(typingctx, entry, start, size, block, scratch, likes):
             values.append(proxy._getvalue())
         return context.make_tuple(builder, tuple_type, values)
 
-    sig = tuple_type(types.int64, types.int64, types.int64, types.int64, types.int64, likes)
+    sig = tuple_type(types.int64, types.int64, types.int64, types.int64, scratch, likes)
     return sig, codegen
+
+
+@intrinsic
+def stack_scratch(typingctx, likes):
+    """``stack_scratch(likes)``: a float32 array of ``BLOCK`` elements per state slot of the
+    tuple of column likes ``likes``, on the calling function's stack, with no reference count.
+
+    On the stack, LLVM knows that no table address points into it, so the rule's loop checks
+    fewer pairs of arrays for overlap at run time; and its slices take no reference count
+    (a heap array's slices took four atomic operations per slot and block)."""
+    if not isinstance(likes, types.BaseTuple):
+        return None
+    slots = sum(isinstance(t, BlockLikeType) for t in likes)
+    array_type = types.Array(types.float32, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        f32 = context.get_data_type(types.float32)
+        size = BLOCK * max(slots, 1)
+        block = cgutils.alloca_once(builder, ir.ArrayType(f32, size))
+        block.align = 64
+        data = builder.bitcast(block, f32.as_pointer())
+        return _array_value(context, builder, array_type, data, ir.Constant(ir.IntType(64), size))
+
+    return array_type(likes), codegen
 
 
 def _shape(signature, used):
@@ -370,15 +398,15 @@ def grouped_block_loops(rule, flags, signature, used):
     # One compiled function, called per piece by both kernels (its loops vectorize inside
     # it): inlined into the parallel kernel, it tripled the compile time for the same code.
     @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-    def piece(rows, row, start, stop, hyper, scratch):
+    def piece(rows, row, start, stop, hyper):
         """Step elements ``start .. stop`` (``start`` a multiple of BLOCK) of table row ``row``."""
         entry = rows + stride * row  # the address of the row's param column
-        scratch_at = address_of(scratch)
+        scratch = stack_scratch(columns)
         for b0 in range(start, stop, BLOCK):
             k = min(BLOCK, stop - b0)
             block = b0 // BLOCK
             # The rule decodes each slot's codes as it reads them, and writes the scratch.
-            arrays = block_columns(entry, b0, k, block, scratch_at, columns)
+            arrays = block_columns(entry, b0, k, block, scratch, columns)
             for i in range(k):
                 rule(i, arrays, hyper, flags)
             for s in range(n_slots):
@@ -396,17 +424,15 @@ def grouped_block_loops(rule, flags, signature, used):
         hyper = scalars_at(address_of(scalars), scalar_likes)
         rows = address_of(table) + 8  # the param column of row 0
         for p in prange(part_ptr.size - 1):
-            scratch = np.empty(BLOCK * max(n_slots, 1), np.float32)
             for j in range(part_ptr[p], part_ptr[p + 1]):
-                piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper, scratch)
+                piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper)
 
     @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
     def serial(table, part_ptr, items, scalars):
         token  # noqa: B018
         hyper = scalars_at(address_of(scalars), scalar_likes)
         rows = address_of(table) + 8
-        scratch = np.empty(BLOCK * max(n_slots, 1), np.float32)
         for j in range(part_ptr[0], part_ptr[part_ptr.size - 1]):
-            piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper, scratch)
+            piece(rows, items[j, 0], items[j, 1], items[j, 2], hyper)
 
     return parallel, serial

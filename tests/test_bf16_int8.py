@@ -265,7 +265,7 @@ def test_the_block_loops_stay_float32_and_vectorized():
     fresh = njit(cache=False, error_model="numpy")(piece)
     table = np.zeros((1, sig.table_width), np.int64)
     hyper = precision.cast("adam", SPECS["adam"].setup(1).scalars, F32)
-    fresh(table.ctypes.data + 8, 0, 0, 0, hyper, np.zeros(3 * blockwise.BLOCK, F32))  # no work
+    fresh(table.ctypes.data + 8, 0, 0, 0, hyper)  # no work
     llvm = next(iter(fresh.inspect_llvm().values()))
     assert re.search(r"llvm\.sqrt\.v\d+f32", llvm), "the rule's loop was not vectorized"
     assert re.search(r"store <\d+ x i16>", llvm), "the bf16 param was not stored as vectors"

@@ -490,8 +490,7 @@ def test_the_block_loops_are_float32_and_vectorized():
     fresh = njit(cache=False, error_model="numpy")(piece.py_func)
     table = np.zeros((1, sig.table_width), np.int64)
     hyper = precision.cast("adam", SPECS["adam"].setup(1).scalars, np.dtype(np.float32))
-    scratch = np.zeros(3 * BLOCK, np.float32)
-    fresh(table.ctypes.data + 8, 0, 0, 0, hyper, scratch)  # nothing to step
+    fresh(table.ctypes.data + 8, 0, 0, 0, hyper)  # nothing to step
     llvm = next(iter(fresh.inspect_llvm().values()))
     import re
 
