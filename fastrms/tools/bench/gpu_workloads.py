@@ -20,7 +20,14 @@ from . import cases, ceilings
 from . import models as M
 from .gpu_device import counting_launches
 from .measure import Cell, _interleave, summarize
-from .precision import ADAM, PrecisionVariant, first_step_error, state_bytes, values_for
+from .precision import (
+    ADAM,
+    FASTRMS_PRECISIONS,
+    PrecisionVariant,
+    first_step_error,
+    state_bytes,
+    values_for,
+)
 from .variants import (
     TORCH_STATE,
     Runner,
@@ -267,7 +274,7 @@ def _torch_precision_cuda(dtype: str) -> Callable[[M.Shapes, dict], Runner]:
     return build
 
 
-def _ours(name: str, label: str, param_dtype: str, **options) -> PrecisionVariant:
+def _ours(name: str, label: str, param_dtype: str, options: dict) -> PrecisionVariant:
     build = _fastrms_precision_cuda(param_dtype, **options)
     return PrecisionVariant(name, label, build, _cuda_problem, param_dtype)
 
@@ -283,17 +290,8 @@ CUDA_PRECISION_VARIANTS: dict[str, PrecisionVariant] = {
     for v in (
         _theirs("torch-fused-f32", "torch fused Adam, float32, CUDA", "float32"),
         _theirs("torch-fused-bf16", "torch fused Adam, bf16 params, CUDA", "bfloat16"),
-        _ours("fastrms-f32", "fastrms cuda, float32 params and state", "float32"),
-        _ours("fastrms-f32-bf16state", "fastrms cuda, float32 params, bf16 state", "float32",
-              state_dtype="bfloat16"),
-        _ours("fastrms-f32-int8state", "fastrms cuda, float32 params, int8 state", "float32",
-              state_dtype="int8"),
-        _ours("fastrms-bf16-f32state", "fastrms cuda, bf16 params (stochastic), float32 state",
-              "bfloat16", rounding="stochastic"),
-        _ours("fastrms-bf16-bf16state", "fastrms cuda, bf16 params (stochastic), bf16 state",
-              "bfloat16", state_dtype="bfloat16", rounding="stochastic"),
-        _ours("fastrms-bf16-int8state", "fastrms cuda, bf16 params (stochastic), int8 state",
-              "bfloat16", state_dtype="int8", rounding="stochastic"),
+        *(_ours(name, f"fastrms cuda, {what}", *how) for name, (what, *how) in
+          FASTRMS_PRECISIONS.items()),
     )
 }  # fmt: skip
 PRECISION_BASELINES = {"float32": "torch-fused-f32", "bfloat16": "torch-fused-bf16"}

@@ -150,7 +150,7 @@ def _torch_why_not() -> str | None:
 BASELINE = "torch-fused-f32"
 
 
-def _ours(name: str, label: str, param_dtype: str, **options) -> PrecisionVariant:
+def _ours(name: str, label: str, param_dtype: str, options: dict) -> PrecisionVariant:
     """A fastrms variant: the NumPy Adam class on ``param_dtype`` parameters with ``options``."""
     build, why_not = _fastrms(param_dtype, **options), _fastrms_why_not(param_dtype, **options)
     return PrecisionVariant(name, label, build, why_not, param_dtype)
@@ -163,20 +163,31 @@ def _theirs(name: str, label: str, module: str, cls: str, param_dtype: str, **op
     return PrecisionVariant(name, label, build, why_not, param_dtype)
 
 
+#: fastrms's precisions, by variant name: what they are, the parameters' dtype and the Adam
+#: class's options. The host table and the GPU check's CUDA table are both made from it.
+FASTRMS_PRECISIONS: dict[str, tuple[str, str, dict]] = {
+    "fastrms-f32": ("float32 params and state", "float32", {}),
+    "fastrms-f32-bf16state": ("float32 params, bf16 state", "float32",
+                              {"state_dtype": "bfloat16"}),
+    "fastrms-f32-int8state": ("float32 params, int8 state", "float32", {"state_dtype": "int8"}),
+    "fastrms-bf16-f32state": ("bf16 params (stochastic), float32 state", "bfloat16",
+                              {"rounding": "stochastic"}),
+    "fastrms-bf16-bf16state": ("bf16 params (stochastic), bf16 state", "bfloat16",
+                               {"state_dtype": "bfloat16", "rounding": "stochastic"}),
+    "fastrms-bf16-int8state": ("bf16 params (stochastic), int8 state", "bfloat16",
+                               {"state_dtype": "int8", "rounding": "stochastic"}),
+}  # fmt: skip
+#: Those ``fastrms bench --precision`` times on the host.
+HOST_PRECISIONS = ("fastrms-f32", "fastrms-f32-bf16state", "fastrms-f32-int8state",
+                   "fastrms-bf16-bf16state", "fastrms-bf16-int8state")  # fmt: skip
+
 PRECISION_VARIANTS: dict[str, PrecisionVariant] = {
     v.name: v
     for v in (
         _theirs(BASELINE, "torch fused Adam, float32", "torch.optim", "Adam", "float32",
                 fused=True),
-        _ours("fastrms-f32", "fastrms, float32 params and state", "float32"),
-        _ours("fastrms-f32-bf16state", "fastrms, float32 params, bf16 state", "float32",
-              state_dtype="bfloat16"),
-        _ours("fastrms-f32-int8state", "fastrms, float32 params, int8 state", "float32",
-              state_dtype="int8"),
-        _ours("fastrms-bf16-bf16state", "fastrms, bf16 params (stochastic), bf16 state",
-              "bfloat16", state_dtype="bfloat16", rounding="stochastic"),
-        _ours("fastrms-bf16-int8state", "fastrms, bf16 params (stochastic), int8 state",
-              "bfloat16", state_dtype="int8", rounding="stochastic"),
+        *(_ours(name, f"fastrms, {what}", *how) for name, (what, *how) in FASTRMS_PRECISIONS.items()
+          if name in HOST_PRECISIONS),
         _theirs("torch-fused-bf16", "torch fused Adam, bf16 params (nearest)", "torch.optim",
                 "Adam", "bfloat16", fused=True),
         _theirs("torchao-adamw8bit", "torchao AdamW8bit", "torchao.optim", "AdamW8bit",
